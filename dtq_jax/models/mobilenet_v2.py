@@ -69,6 +69,7 @@ class MobileNetV2(nn.Module):
   conv: Callable = layers.QuantConv
   conv_kwargs: Optional[dict] = None
   dtype: Optional[Any] = None
+  classifier_name = 'classifier_1'  # the source classifier (frozen in DTQ).
 
   @nn.compact
   def __call__(self, x, train=False):

@@ -105,6 +105,7 @@ class ResNet(nn.Module):
   conv_kwargs: Optional[dict] = None
   dtype: Optional[Any] = None
   dropout_rate = 0.0
+  classifier_name = 'fc'  # the source classifier (frozen in DTQ).
 
   @nn.compact
   def __call__(self, x, train=False):

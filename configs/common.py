@@ -1,0 +1,140 @@
+"""Shared defaults of the paper settings (../shared/METHOD.md, training recipe).
+
+Each paper config calls ``paper_config`` with its dataset fields and the config
+argument (``configs/mit67.py:mobilenet_v2,5bit``), so the recipe is written
+once. Every field is documented where it is set.
+"""
+
+import ml_collections
+
+METHODS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq')
+NETWORKS = ('resnet50', 'mobilenet_v2')
+_BITS = {'4bit': 4, '5bit': 5, '32bit': 32}
+# Softmax temperature of the KL term per network (authors' defaults).
+TEMPERATURE = {'resnet50': 60.0, 'mobilenet_v2': 30.0}
+
+
+def parse_variant(arg, extra=()):
+  """Splits a config argument like 'mobilenet_v2,5bit,quick' into tokens.
+
+  Args:
+    arg: the text after ':' in ``--config=FILE:ARG`` (may be None or '').
+    extra: further tokens the calling config accepts.
+
+  Returns:
+    The set of tokens.
+
+  Raises:
+    ValueError: for an unknown token, naming the allowed ones.
+  """
+  tokens = {t.strip() for t in (arg or '').split(',') if t.strip()}
+  allowed = set(NETWORKS) | set(_BITS) | set(METHODS) | {'quick'} | set(extra)
+  unknown = sorted(tokens - allowed)
+  if unknown:
+    raise ValueError(f'unknown config variant {",".join(unknown)}; allowed: '
+                     f'{", ".join(sorted(allowed))}.')
+  return tokens
+
+
+def method_config():
+  """Loss weights of every method; only the selected method's are used."""
+  c = ml_collections.ConfigDict()
+  # DTQ: CE + kl_weight * KL + afa_weight * AFA.
+  c.dtq = ml_collections.ConfigDict(dict(
+      kl_weight=0.5,
+      afa_weight=0.01,
+      temperature=60.0,
+      attention='learned',  # 'learned' (paper) or 'uniform' (ablation).
+      afa_normalization='final',  # 'final' (authors' final code) or 'mean'.
+  ))
+  # Baselines: the DTQ authors did not publish their values; these are the
+  # original papers' defaults (L2-SP: Li et al. 2018; DELTA: Li et al. 2019).
+  c.l2 = ml_collections.ConfigDict(dict(alpha=0.01, beta=0.01))
+  c.l2sp = ml_collections.ConfigDict(dict(alpha=0.1, beta=0.01))
+  c.delta = ml_collections.ConfigDict(dict(alpha=0.01, beta=0.01))
+  return c
+
+
+def paper_config(dataset, arg=None):
+  """The authors' recipe for one target dataset.
+
+  Args:
+    dataset: dict of ``config.dataset`` fields.
+    arg: variant tokens (network, bits, method, 'quick').
+
+  Returns:
+    A ConfigDict.
+  """
+  tokens = parse_variant(arg)
+  c = ml_collections.ConfigDict()
+  c.model = 'mobilenet_v2' if 'mobilenet_v2' in tokens else 'resnet50'
+  bits = next((_BITS[t] for t in tokens if t in _BITS), 4)
+  c.bits_w = bits
+  c.bits_a = bits
+  c.method = next((t for t in tokens if t in METHODS), 'dtq')
+  # 'torchvision' downloads/caches torchvision's ImageNet weights; a path to a
+  # .pth/.safetensors file; or 'none' for random initialisation.
+  c.pretrained = 'torchvision'
+
+  c.dataset = ml_collections.ConfigDict(dict(
+      name='image_folder',
+      root='',  # image folder root (image_folder datasets).
+      data_dir='',  # TFDS data_dir ('' = TFDS default).
+      train_per_class=0,  # 0 = all (official split).
+      test_per_class=0,  # 0 = all remaining / official test split.
+      val_fraction=0.0,  # held-out validation from train (0 = paper).
+      data_seed=0,  # seed of the per-class split.
+      image_size=224,
+      resize_to=256,  # 0 = no resize (images already image_size).
+      mean=(0.485, 0.456, 0.406),  # ImageNet statistics, on a 0..1 scale.
+      std=(0.229, 0.224, 0.225),
+  ))
+  c.dataset.update(dataset)
+
+  c.batch_size = 64
+  c.eval_batch_size = 64
+  # The paper trains 9000 iterations at batch 64, expressed in whole epochs:
+  # epochs = round(total_steps * batch_size / N_train). num_epochs > 0
+  # overrides that.
+  c.total_steps = 9000
+  c.num_epochs = 0
+  c.steps_per_epoch = 0  # 0 = ceil(N_train / batch_size).
+  c.max_eval_batches = 0  # 0 = the whole test set.
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=0.01,
+      momentum=0.9,
+      head_weight_decay=1e-4,  # on the target classifier only.
+      lr_drop_epoch_fraction=0.67,  # lr x0.1 once at int(0.67 * epochs).
+      lr_drop_factor=0.1,
+  ))
+  c.update(method_config())
+  c.dtq.temperature = TEMPERATURE[c.model]
+
+  c.quant = ml_collections.ConfigDict(dict(
+      per_channel_weights=False,  # opt-in: one range per output channel.
+      range_grad=True,  # paper: gradient reaches the range ends.
+      pointwise_as_dot=False,  # opt-in speed-up for 1x1 convolutions.
+  ))
+  c.compute_dtype = 'float32'  # 'bfloat16' on accelerators (opt-in).
+
+  c.seed = 0  # repeat r (1-based) trains with seed + r.
+  c.repeats = 1
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 0  # 0 = at the end of every epoch.
+  c.keep_checkpoints = 2
+  c.on_nonfinite = 'stop'  # or 'skip' (skip the update, count it).
+  c.cache_dir = ''  # '' = $XDG_CACHE_HOME/dtq_jax or ~/.cache/dtq_jax.
+  c.compare_methods = ()  # non-empty: run each method, print one table.
+
+  if 'quick' in tokens:
+    # A few steps on tiny images: a smoke test of the whole pipeline.
+    c.pretrained = 'none'
+    c.dataset.image_size = 32
+    c.dataset.resize_to = 36
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.num_epochs = 2
+    c.steps_per_epoch = 3
+    c.max_eval_batches = 2
+    c.log_every_steps = 1
+  return c

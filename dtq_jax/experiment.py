@@ -1,0 +1,250 @@
+"""A whole experiment: teacher, repeats over seeds, summary, comparisons.
+
+``run(config, workdir)`` is what ``main.py`` calls. It never overwrites a
+finished run (it prints the stored summary instead), resumes an unfinished one,
+and refuses to resume a workdir with a different config.
+"""
+
+import hashlib
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from dtq_jax import config_validation
+from dtq_jax import datasets
+from dtq_jax import pretrained as pretrained_lib
+from dtq_jax import train
+from dtq_jax.models import create_model
+
+SUMMARY = 'summary.json'
+CONFIG = 'config.json'
+
+
+def cache_dir(config):
+  """Cache root: ``config.cache_dir`` or ``$XDG_CACHE_HOME/dtq_jax``."""
+  return config.cache_dir or os.path.dirname(
+      pretrained_lib.default_cache_dir())
+
+
+def _config_json(config):
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _check_same_config(config, workdir):
+  """Writes config.json, or checks that a resumed run keeps the same config."""
+  path = os.path.join(workdir, CONFIG)
+  current = _config_json(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != current:
+      diff = sorted(_diff(saved, current))
+      raise config_validation.ConfigError(
+          diff[0] if diff else 'config', None,
+          f'{workdir} holds an unfinished run with a different config '
+          f'(fields: {", ".join(diff[:5])}); use another --workdir.')
+  else:
+    train._write_json_atomic(path, current)  # pylint: disable=protected-access
+
+
+def _diff(a, b, prefix=''):
+  for key in sorted(set(a) | set(b)):
+    va, vb = a.get(key), b.get(key)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      yield from _diff(va, vb, f'{prefix}{key}.')
+    elif va != vb:
+      yield f'{prefix}{key}'
+
+
+def load_teacher(config, data):
+  """The frozen full-precision network's variables (the student's start).
+
+  Args:
+    config: the run config.
+    data: the loaded ``datasets.Data``.
+
+  Returns:
+    ``{'params', 'batch_stats'}`` for ``create_model(config.model)``.
+  """
+  if config.pretrained == 'source_task':
+    return train_source_teacher(config, data)
+  if config.pretrained == 'none':
+    model = create_model(config.model, **dict(config.get('model_kwargs', {})))
+    images = np.zeros((1,) + tuple(data.image_shape), np.float32)
+    return dict(model.init(jax.random.PRNGKey(config.seed), images))
+  spec = config.pretrained
+  return pretrained_lib.load_pretrained(
+      config.model, spec, cache_dir=os.path.join(cache_dir(config),
+                                                 'pretrained'))
+
+
+def _teacher_key(config, data):
+  """Hash of everything that determines the demo teacher."""
+  d = config.dataset
+  files = datasets.source_fingerprint(d)
+  payload = json.dumps(dict(
+      model=config.model, model_kwargs=dict(config.get('model_kwargs', {})),
+      source_classes=list(d.source_classes), image_size=d.image_size,
+      mean=list(d.mean), std=list(d.std), files=files,
+      pretrain=_config_json(config.pretrain),
+      version=1), sort_keys=True)
+  del data
+  return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def train_source_teacher(config, data):
+  """Trains (once, then cached) the demo teacher on the source classes.
+
+  The source task is trained by the same trainer as the students: method
+  'fp' with a fresh classifier, from random initialisation. Its classifier then
+  becomes the network's source classifier (``fc``), the role torchvision's
+  1000-way ImageNet layer plays in the paper.
+
+  Args:
+    config: the demo config (``config.pretrain`` holds the budget).
+    data: the demo data; ``data.source`` holds the source splits.
+
+  Returns:
+    ``{'params', 'batch_stats'}`` of the teacher.
+  """
+  key = _teacher_key(config, data)
+  root = os.path.join(cache_dir(config), 'teachers', f'{config.model}-{key}')
+  path = os.path.join(root, 'teacher' + pretrained_lib.CONVERTED_SUFFIX)
+  if os.path.exists(path):
+    logging.info('Using the cached teacher %s.', path)
+    variables = pretrained_lib.load_variables(None, path)
+  else:
+    p = config.pretrain
+    pre = ml_collections.ConfigDict(config.to_dict())
+    pre.method = 'fp'
+    pre.batch_size = p.batch_size
+    pre.eval_batch_size = config.eval_batch_size
+    pre.num_epochs = p.num_epochs
+    pre.steps_per_epoch = p.get('steps_per_epoch', 0)
+    pre.optim.update(p.optim)
+    source = data.source
+    num_source = source.num_classes
+    model = create_model(config.model, num_classes=num_source,
+                         **dict(config.get('model_kwargs', {})))
+    images = np.zeros((1,) + tuple(source.image_shape), np.float32)
+    init = dict(model.init(jax.random.PRNGKey(p.seed), images))
+    print(f'Training the teacher on source classes '
+          f'{tuple(config.dataset.source_classes)} (cached in {root}).')
+    run_dir = os.path.join(root, 'run')
+    train.train_and_evaluate(pre, run_dir, p.seed, source, init)
+    state = train.restore_params(run_dir)
+    params = dict(state['params']['backbone'])
+    params[model.classifier_name] = state['params']['head']['fc']
+    variables = {'params': params, 'batch_stats': state['batch_stats']}
+    pretrained_lib.save_variables(variables, path, name=config.model)
+    with open(os.path.join(run_dir, 'result.json')) as f:
+      accuracy = json.load(f)['final_test_accuracy']
+    with open(os.path.join(root, 'teacher.json'), 'w') as f:
+      json.dump({'source_test_accuracy': accuracy}, f)
+  with open(os.path.join(root, 'teacher.json')) as f:
+    accuracy = json.load(f)['source_test_accuracy']
+  print(f'Teacher: source-test accuracy {accuracy:.2f}% ({path}).')
+  return variables
+
+
+def summarize(results, config, wall_time_s):
+  """Mean and population std over repeats of final and best accuracy."""
+  summary = {'config': _config_json(config), 'wall_time_s': wall_time_s,
+             'method': config.method, 'repeats': len(results),
+             'bits_w': train.student_bits(config)[0],
+             'bits_a': train.student_bits(config)[1]}
+  for key in ('final_test_accuracy', 'best_test_accuracy'):
+    values = [r[key] for r in results]
+    summary[key] = float(np.mean(values))
+    summary[key.replace('accuracy', 'std')] = float(np.std(values))
+    summary[key + '_per_repeat'] = values
+  summary['seeds'] = [r['seed'] for r in results]
+  summary['run_wall_time_s'] = [r['wall_time_s'] for r in results]
+  return summary
+
+
+def format_table(rows):
+  """A Markdown table of summaries: method, bits, final/best accuracy, time."""
+  lines = ['| method | bits (w/a) | final test acc. (%) | best test acc. (%) '
+           '| wall time (s) |', '|---|---|---|---|---|']
+  for name, s in rows:
+    lines.append(
+        f'| {name} | {s["bits_w"]}/{s["bits_a"]} | '
+        f'{s["final_test_accuracy"]:.2f} ± {s["final_test_std"]:.2f} | '
+        f'{s["best_test_accuracy"]:.2f} ± {s["best_test_std"]:.2f} | '
+        f'{s["wall_time_s"]:.0f} |')
+  return '\n'.join(lines)
+
+
+def run_single(config, workdir, data=None, teacher=None):
+  """Runs ``config.repeats`` seeds of one method (or shows the finished run).
+
+  Args:
+    config: a validated config.
+    workdir: the run folder.
+    data: preloaded ``datasets.Data`` (loaded from the config if None).
+    teacher: preloaded teacher variables (loaded if None).
+
+  Returns:
+    The summary dict (written to ``workdir/summary.json``).
+  """
+  summary_path = os.path.join(workdir, SUMMARY)
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+    print(f'{workdir} is finished; not overwriting it. Its summary:')
+    print(format_table([(summary['method'], summary)]))
+    return summary
+  os.makedirs(workdir, exist_ok=True)
+  _check_same_config(config, workdir)
+  start = time.time()
+  data = data or datasets.load(config)
+  teacher = teacher or load_teacher(config, data)
+  results = []
+  for r in range(1, config.repeats + 1):
+    seed = config.seed + r
+    results.append(train.train_and_evaluate(
+        config, os.path.join(workdir, f'seed_{seed}'), seed, data, teacher))
+  summary = summarize(results, config, time.time() - start)
+  if jax.process_index() == 0:
+    train._write_json_atomic(summary_path, summary)  # pylint: disable=protected-access
+  print(format_table([(config.method, summary)]))
+  return summary
+
+
+def run(config, workdir):
+  """Runs the experiment a config describes; see the module docstring.
+
+  Args:
+    config: a validated config.
+    workdir: output folder.
+
+  Returns:
+    The summary dict; with ``config.compare_methods``, a dict of them.
+  """
+  methods = tuple(config.get('compare_methods') or ())
+  if not methods:
+    return run_single(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  data = datasets.load(config)
+  teacher = load_teacher(config, data)
+  summaries = {}
+  for method in methods:
+    sub = ml_collections.ConfigDict(config.to_dict())
+    sub.method = method
+    sub.compare_methods = ()
+    summaries[method] = run_single(sub, os.path.join(workdir, method), data,
+                                   teacher)
+  table = format_table(list(summaries.items()))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'comparison.md.tmp'), 'w') as f:
+      f.write(table + '\n')
+    os.replace(os.path.join(workdir, 'comparison.md.tmp'),
+               os.path.join(workdir, 'comparison.md'))
+  print(table)
+  return summaries

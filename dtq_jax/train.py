@@ -1,0 +1,627 @@
+"""Training: the DTQ train step on a device mesh, evaluation, the loop.
+
+One run trains one student for one seed. The student is the quantized network
+(BatchNorm in training mode) plus a new target classifier and, for DTQ, the
+attention modules; the teacher is the frozen full-precision network, passed to
+the step as an argument and never checkpointed (METHOD.md, "Networks").
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from dtq_jax import losses
+from dtq_jax import quant
+from dtq_jax import transfer
+from dtq_jax.models import create_model
+from dtq_jax.models.head import TargetHead
+
+# Methods whose loss needs the teacher's forward pass.
+_TEACHER_METHODS = ('dtq', 'delta')
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly where it stopped.
+
+  Attributes:
+    step: number of updates done.
+    params: ``{'backbone', 'head'[, 'attention']}`` trainable parameters (the
+      backbone's source classifier is inside but never updated).
+    batch_stats: the student's BatchNorm statistics.
+    opt_state: optax state.
+    rng: PRNG key (raw uint32) for dropout.
+    nonfinite_steps: updates skipped because a loss or gradient was not finite.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  nonfinite_steps: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+  """The Flax modules of one run.
+
+  Attributes:
+    student: quantized backbone (returns source logits and features).
+    teacher: the same network at full precision.
+    head: the target classifier.
+    attention: the AFA attention modules (None unless the method is DTQ).
+  """
+  student: Any
+  teacher: Any
+  head: Any
+  attention: Optional[Any]
+
+
+def student_bits(config):
+  """(bits_w, bits_a) of the student; 'fp' fine-tunes at full precision."""
+  if config.method == 'fp':
+    return quant.FULL_PRECISION, quant.FULL_PRECISION
+  return config.bits_w, config.bits_a
+
+
+def build_networks(config, num_classes, num_source_classes):
+  """Creates the student, teacher, target head and attention modules.
+
+  Args:
+    config: the run config.
+    num_classes: target classes.
+    num_source_classes: outputs of the pretrained (source) classifier.
+
+  Returns:
+    A ``Networks``.
+  """
+  dtype = jnp.dtype(config.compute_dtype)
+  conv_kwargs = dict(pointwise_as_dot=config.quant.pointwise_as_dot)
+  kwargs = dict(config.get('model_kwargs', {}) or {})
+  bits_w, bits_a = student_bits(config)
+  student = create_model(
+      config.model, num_classes=num_source_classes, bits_w=bits_w,
+      bits_a=bits_a, dtype=dtype,
+      conv_kwargs=dict(
+          conv_kwargs,
+          weight_range_axis=-1 if config.quant.per_channel_weights else None,
+          range_grad=config.quant.range_grad),
+      **kwargs)
+  teacher = create_model(config.model, num_classes=num_source_classes,
+                         dtype=dtype, conv_kwargs=conv_kwargs, **kwargs)
+  head = TargetHead(num_classes, dropout_rate=student.dropout_rate)
+  attention = None
+  if config.method == 'dtq':
+    attention = transfer.TransferAttention(
+        uniform=config.dtq.attention == 'uniform')
+  return Networks(student, teacher, head, attention)
+
+
+def init_params(nets, rng, image_shape, pretrained=None):
+  """Initialises the trainable parameters and the student's batch stats.
+
+  Args:
+    nets: ``Networks``.
+    rng: PRNG key.
+    image_shape: (H, W, C) of one input image.
+    pretrained: optional ``{'params', 'batch_stats'}`` of the backbone (the
+      teacher's variables); the student starts from them.
+
+  Returns:
+    ``(params, batch_stats)``.
+  """
+  k_model, k_head, k_att = jax.random.split(rng, 3)
+  images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  variables = nets.student.init(k_model, images, train=False)
+  if pretrained is not None:
+    # A copy: the student must not share (donated) buffers with the teacher.
+    variables = jax.tree.map(jnp.array, dict(pretrained))
+  _, feats = nets.teacher.apply(variables, images, train=False)
+  params = {
+      'backbone': variables['params'],
+      'head': nets.head.init(k_head, feats['pooled'])['params'],
+  }
+  if nets.attention is not None:
+    att = nets.attention.init(k_att, feats['taps'])
+    if 'params' in att:
+      params['attention'] = att['params']
+  return params, variables['batch_stats']
+
+
+def _labels(params, classifier_name):
+  """'frozen' for the source classifier, 'train' for everything else."""
+  def label(path, _):
+    keys = [getattr(p, 'key', None) for p in path]
+    return 'frozen' if keys[:2] == ['backbone', classifier_name] else 'train'
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(config, params, classifier_name, steps_per_epoch,
+                   num_epochs):
+  """SGD with momentum, head-only weight decay, one step decay of the lr.
+
+  Args:
+    config: the run config (``config.optim``).
+    params: the trainable parameter tree (for the masks).
+    classifier_name: the backbone's source classifier, kept frozen.
+    steps_per_epoch: updates per epoch.
+    num_epochs: epochs of the run.
+
+  Returns:
+    ``(optax transformation, learning-rate schedule)``.
+  """
+  o = config.optim
+  drop_step = int(o.lr_drop_epoch_fraction * num_epochs) * steps_per_epoch
+  schedule = optax.piecewise_constant_schedule(
+      o.lr, {drop_step: o.lr_drop_factor} if drop_step > 0 else {})
+  head_only = jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[0], 'key', None) == 'head', params)
+  # PyTorch's SGD adds weight_decay * w to the gradient before momentum.
+  train = optax.chain(
+      optax.add_decayed_weights(o.head_weight_decay, mask=head_only),
+      optax.sgd(schedule, momentum=o.momentum))
+  tx = optax.multi_transform(
+      {'train': train, 'frozen': optax.set_to_zero()},
+      _labels(params, classifier_name))
+  return tx, schedule
+
+
+def _feature_extractor(backbone_params, classifier_name):
+  return {k: v for k, v in backbone_params.items() if k != classifier_name}
+
+
+def compute_losses(config, nets, params, batch_stats, images, labels, frozen,
+                   dropout_rng):
+  """All loss terms of the configured method for one batch.
+
+  Args:
+    config: the run config.
+    nets: ``Networks``.
+    params: trainable parameters.
+    batch_stats: student BatchNorm statistics.
+    images: (B, H, W, C) batch.
+    labels: (B,) target labels.
+    frozen: ``{'teacher': variables}`` plus ``'delta_weights'`` for DELTA.
+    dropout_rng: key for dropout.
+
+  Returns:
+    ``(total, (terms, new_batch_stats, aux))``: ``terms`` maps loss names to
+    scalars (weighted as in the total), ``aux`` has the target logits and the
+    attention weights.
+  """
+  k_model, k_head = jax.random.split(dropout_rng)
+  (source_logits, feats), new_state = nets.student.apply(
+      {'params': params['backbone'], 'batch_stats': batch_stats}, images,
+      train=True, mutable=['batch_stats'], rngs={'dropout': k_model})
+  logits = nets.head.apply({'params': params['head']}, feats['pooled'],
+                           train=True, rngs={'dropout': k_head})
+  terms = {'ce': losses.cross_entropy(logits, labels)}
+  aux = {'logits': logits}
+  method = config.method
+  classifier = nets.student.classifier_name
+  if method in _TEACHER_METHODS:
+    teacher_logits, teacher_feats = nets.teacher.apply(
+        frozen['teacher'], images, train=False)
+  if method == 'dtq':
+    c = config.dtq
+    terms['kl'] = c.kl_weight * losses.kl_divergence(
+        source_logits, teacher_logits, c.temperature)
+    if nets.attention is None or c.attention == 'uniform':
+      weights = transfer.TransferAttention(uniform=True).apply(
+          {}, teacher_feats['taps'])
+    else:
+      weights = nets.attention.apply({'params': params['attention']},
+                                     teacher_feats['taps'])
+    terms['afa'] = c.afa_weight * losses.afa_loss(
+        teacher_feats['taps'], feats['taps'], weights,
+        normalization=c.afa_normalization)
+    aux['attention'] = weights
+  elif method == 'delta':
+    c = config.delta
+    terms['delta'] = c.alpha * losses.delta_loss(
+        teacher_feats['taps'], feats['taps'], frozen['delta_weights'])
+    terms['head_l2'] = c.beta / 2 * losses.l2(params['head'])
+  elif method in ('l2', 'l2sp'):
+    c = config[method]
+    extractor = _feature_extractor(params['backbone'], classifier)
+    if method == 'l2':
+      terms['l2'] = c.alpha / 2 * losses.l2(extractor)
+    else:
+      start = _feature_extractor(frozen['teacher']['params'], classifier)
+      terms['l2sp'] = c.alpha / 2 * losses.l2_sp(extractor, start)
+    terms['head_l2'] = c.beta / 2 * losses.l2(params['head'])
+  total = sum(terms.values())
+  return total, (terms, new_state['batch_stats'], aux)
+
+
+def make_train_step(config, nets, tx):
+  """Builds the pure train step ``(state, batch, frozen) -> (state, metrics)``.
+
+  The step differentiates only the student's trainable parameters. A step
+  whose loss or gradient is not finite leaves the state unchanged and counts
+  itself in ``state.nonfinite_steps`` (the loop decides whether to stop).
+
+  Args:
+    config: the run config.
+    nets: ``Networks``.
+    tx: the optax transformation.
+
+  Returns:
+    The (unjitted) step function.
+  """
+
+  def train_step(state, batch, frozen):
+    rng, dropout_rng = jax.random.split(state.rng)
+    grad_fn = jax.value_and_grad(
+        functools.partial(compute_losses, config, nets), has_aux=True)
+    (total, (terms, batch_stats, aux)), grads = grad_fn(
+        state.params, state.batch_stats, batch['image'], batch['label'],
+        frozen, dropout_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        batch_stats=keep(batch_stats, state.batch_stats),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=rng,
+        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+    metrics = {f'loss_{k}': v for k, v in terms.items()}
+    metrics['loss'] = total
+    metrics['grad_norm'] = grad_norm
+    metrics['finite'] = finite
+    metrics['accuracy'] = 100.0 * jnp.mean(
+        jnp.argmax(aux['logits'], -1) == batch['label'])
+    for i, w in enumerate(aux.get('attention', [])):
+      metrics[f'attention_entropy_{i}'] = transfer.attention_entropy(w)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(nets):
+  """Builds ``(params, batch_stats, batch) -> {'correct', 'count', 'loss'}``.
+
+  Padded rows (mask 0) are replaced by a copy of the batch's first row, which
+  is always real: activation ranges are taken over the whole batch, and a
+  duplicate of a real image leaves every min and max unchanged, so padding
+  does not change any prediction.
+  """
+
+  def eval_step(params, batch_stats, batch):
+    mask = batch['mask'].astype(bool)
+    images = jnp.where(mask[:, None, None, None], batch['image'],
+                       batch['image'][:1])
+    _, feats = nets.student.apply(
+        {'params': params['backbone'], 'batch_stats': batch_stats}, images,
+        train=False)
+    logits = nets.head.apply({'params': params['head']}, feats['pooled'])
+    weights = mask.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                         batch['label'])
+    correct = (jnp.argmax(logits, -1) == batch['label']) & mask
+    return {'correct': jnp.sum(correct), 'count': jnp.sum(weights),
+            'loss': jnp.sum(ce * weights)}
+
+  return eval_step
+
+
+def schedule_lengths(config, num_train):
+  """Steps per epoch, epochs and total steps of a run.
+
+  The paper fixes 9000 iterations at batch 64 and converts them into whole
+  epochs: ``epochs = round(total_steps * batch_size / N_train)``.
+
+  Args:
+    config: the run config.
+    num_train: number of training images.
+
+  Returns:
+    ``(steps_per_epoch, num_epochs, total_steps)``.
+  """
+  steps_per_epoch = config.steps_per_epoch or max(
+      1, -(-num_train // config.batch_size))
+  num_epochs = config.num_epochs or max(
+      1, round(config.total_steps * config.batch_size / num_train))
+  return steps_per_epoch, num_epochs, steps_per_epoch * num_epochs
+
+
+class Runtime:
+  """The device mesh and the shardings of one process's view of it."""
+
+  def __init__(self, devices=None):
+    devices = jax.devices() if devices is None else devices
+    self.mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+    self.replicated = jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec())
+    self.batch = jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec('data'))
+    self.is_main = jax.process_index() == 0
+
+  def put_batch(self, local_batch):
+    """Builds global arrays from this process's slice of a global batch."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.batch, x),
+        local_batch)
+
+  def replicate(self, tree):
+    return jax.device_put(tree, self.replicated)
+
+
+def _write_json_atomic(path, obj):
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=float)
+  os.replace(tmp, path)
+
+
+class _Logger:
+  """TensorBoard events, metrics.jsonl and console, from process 0 only."""
+
+  def __init__(self, workdir, enabled):
+    self.enabled = enabled
+    self._writer = None
+    self._jsonl = None
+    if enabled:
+      # TensorFlow is imported here only: it is needed for tf.summary, and
+      # importing it early would let it grab memory on accelerators.
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.set_visible_devices([], 'GPU')
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(workdir)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def write(self, step, scalars):
+    if not self.enabled:
+      return
+    with self._writer.as_default():
+      for k, v in scalars.items():
+        self._tf.summary.scalar(k, float(v), step=step)
+    self._writer.flush()
+    self._jsonl.write(json.dumps(dict(step=step, **{
+        k: float(v) for k, v in scalars.items()})) + '\n')
+    self._jsonl.flush()
+
+  def close(self):
+    if self.enabled:
+      self._writer.close()
+      self._jsonl.close()
+
+
+class NonFiniteLossError(RuntimeError):
+  """A loss term or the gradient became NaN or infinite."""
+
+
+def evaluate(eval_step, params, batch_stats, split, config, data, runtime):
+  """Accuracy (%) and mean CE on every example of ``split`` exactly once."""
+  # Imported lazily: input_pipeline pulls in TensorFlow.
+  from dtq_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  totals = None
+  batches = input_pipeline.eval_batches(
+      split, config.eval_batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), **data.eval_kwargs)
+  for i, batch in enumerate(batches):
+    if config.max_eval_batches and i >= config.max_eval_batches:
+      break
+    out = eval_step(params, batch_stats, runtime.put_batch(batch))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  return {'accuracy': 100.0 * float(totals['correct']) / count,
+          'loss': float(totals['loss']) / count, 'count': int(totals['count'])}
+
+
+def _first_nonfinite(history):
+  for step, m in history:
+    if not m['finite']:
+      bad = [k for k, v in m.items()
+             if k.startswith('loss_') and not np.isfinite(v)]
+      if not np.isfinite(m['grad_norm']) and not bad:
+        bad = ['gradient']
+      return step, bad or ['loss']
+  return None
+
+
+def train_and_evaluate(config, workdir, seed, data, teacher,
+                       delta_weights=None):
+  """Trains one student for one seed, resuming from ``workdir`` if possible.
+
+  Args:
+    config: the run config.
+    workdir: folder of this run (checkpoints, events, metrics, result).
+    seed: the seed of this run (initialisation, data order, dropout).
+    data: a ``datasets.Data`` (splits and preprocessing).
+    teacher: ``{'params', 'batch_stats'}`` of the pretrained network.
+    delta_weights: per-map channel weights for DELTA.
+
+  Returns:
+    The run's result dict (also written to ``workdir/result.json``).
+
+  Raises:
+    NonFiniteLossError: a loss became non-finite and ``config.on_nonfinite``
+      is 'stop'.
+  """
+  from dtq_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  result_path = os.path.join(workdir, 'result.json')
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+  runtime = Runtime()
+  num_source = jax.tree.leaves(
+      teacher['params'][_classifier_name(config)])[0].shape[-1]
+  nets = build_networks(config, data.num_classes, num_source)
+  steps_per_epoch, num_epochs, total_steps = schedule_lengths(
+      config, data.num_train)
+
+  rng = jax.random.PRNGKey(seed)
+  init_rng, state_rng = jax.random.split(rng)
+  params, batch_stats = init_params(nets, init_rng, data.image_shape, teacher)
+  tx, schedule = make_optimizer(config, params, nets.student.classifier_name,
+                                steps_per_epoch, num_epochs)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=batch_stats, opt_state=tx.init(params),
+                     rng=state_rng, nonfinite_steps=jnp.zeros((), jnp.int32))
+  state = runtime.replicate(state)
+  frozen = runtime.replicate({'teacher': teacher,
+                              'delta_weights': delta_weights})
+
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, create=True)
+  ckpt = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                               options=options, item_names=('state', 'meta'))
+  best_ckpt = ocp.CheckpointManager(
+      os.path.join(workdir, 'best'),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+      item_names=('state', 'meta'))
+  meta = {'history': [], 'best_accuracy': -1.0, 'wall_time_s': 0.0}
+  if ckpt.latest_step() is not None:
+    restored = ckpt.restore(ckpt.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
+    state, meta = restored.state, restored.meta
+    logging.info('Resumed %s at step %d.', workdir, int(state.step))
+
+  train_step = jax.jit(
+      make_train_step(config, nets, tx),
+      in_shardings=(runtime.replicated, runtime.batch, runtime.replicated),
+      out_shardings=(runtime.replicated, runtime.replicated),
+      donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(nets),
+                      out_shardings=runtime.replicated)
+  logger = _Logger(workdir, runtime.is_main)
+  start_step = int(state.step)
+  batches = input_pipeline.train_batches(
+      data.train, config.batch_size, seed=seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      **data.train_kwargs)
+
+  def end_epoch(step, pending, t_epoch):
+    """Checks, logs and evaluates after ``step`` updates; returns record."""
+    history = [(s, jax.device_get(m)) for s, m in pending]
+    bad = _first_nonfinite(history)
+    if bad is not None and config.on_nonfinite == 'stop':
+      raise NonFiniteLossError(
+          f'non-finite {", ".join(bad[1])} at step {bad[0] + 1}; the last '
+          f'good checkpoint in {workdir}/checkpoints is intact. Lower '
+          'optim.lr or set on_nonfinite=skip to skip such steps.')
+    return history
+
+  pending, t_start, t_log = [], time.time(), time.time()
+  bar = tqdm(total=total_steps, initial=start_step, disable=not runtime.is_main,
+             desc=os.path.basename(workdir.rstrip('/')), dynamic_ncols=True,
+             mininterval=2.0)
+  for step in range(start_step, total_steps):
+    state, metrics = train_step(state, runtime.put_batch(next(batches)),
+                                frozen)
+    pending.append((step, metrics))
+    bar.update(1)
+    epoch_end = (step + 1) % steps_per_epoch == 0
+    if (step + 1) % config.log_every_steps and not epoch_end:
+      continue
+    history = end_epoch(step, pending, t_log)
+    now = time.time()
+    scalars = {k: np.mean([m[k] for _, m in history]) for k in history[0][1]}
+    scalars.pop('finite')
+    scalars['lr'] = float(schedule(step))
+    scalars['images_per_s'] = len(history) * config.batch_size / max(
+        now - t_log, 1e-9)
+    scalars['nonfinite_steps'] = int(jax.device_get(state.nonfinite_steps))
+    logger.write(step + 1, {f'train/{k}': v for k, v in scalars.items()})
+    bar.set_postfix(loss=f'{scalars["loss"]:.3f}',
+                    acc=f'{scalars["accuracy"]:.1f}')
+    pending, t_log = [], now
+    if not epoch_end:
+      continue
+    epoch = (step + 1) // steps_per_epoch
+    record = {'epoch': epoch, 'step': step + 1}
+    if data.val is not None:
+      record['val'] = evaluate(eval_step, state.params, state.batch_stats,
+                               data.val, config, data, runtime)
+    record['test'] = evaluate(eval_step, state.params, state.batch_stats,
+                              data.test, config, data, runtime)
+    meta['history'].append(record)
+    logger.write(step + 1, {f'{split}/{k}': v for split in ('val', 'test')
+                            if split in record
+                            for k, v in record[split].items()})
+    select = record['val' if data.val is not None else 'test']['accuracy']
+    meta['wall_time_s'] += time.time() - t_start
+    t_start = time.time()
+    args = lambda: ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta))
+    if select > meta['best_accuracy']:
+      meta['best_accuracy'] = select
+      best_ckpt.save(step + 1, args=args())
+    ckpt.save(step + 1, args=args())
+    bar.write(f'epoch {epoch}/{num_epochs}: test accuracy '
+              f'{record["test"]["accuracy"]:.2f}%')
+  bar.close()
+  ckpt.wait_until_finished()
+  best_ckpt.wait_until_finished()
+  logger.close()
+  result = _result(meta, seed, int(state.step),
+                   int(jax.device_get(state.nonfinite_steps)))
+  if runtime.is_main:
+    _write_json_atomic(result_path, result)
+  return result
+
+
+def _classifier_name(config):
+  return create_model(config.model).classifier_name
+
+
+def _result(meta, seed, steps, nonfinite_steps):
+  """Final and best test accuracy of one run from its epoch history."""
+  history = meta['history']
+  tests = [r['test']['accuracy'] for r in history]
+  best = int(np.argmax(tests))
+  result = {
+      'seed': seed,
+      'steps': steps,
+      'epochs': len(history),
+      'final_test_accuracy': tests[-1],
+      'best_test_accuracy': tests[best],
+      'best_epoch': history[best]['epoch'],
+      'wall_time_s': meta['wall_time_s'],
+      'nonfinite_steps': nonfinite_steps,
+      'history': history,
+  }
+  if 'val' in history[-1]:
+    vals = [r['val']['accuracy'] for r in history]
+    result['test_accuracy_at_best_val'] = tests[int(np.argmax(vals))]
+  return result
+
+
+def restore_params(workdir, best=False):
+  """Trained ``{'params', 'batch_stats'}`` of a run's latest (or best) state.
+
+  Args:
+    workdir: the run folder given to ``train_and_evaluate``.
+    best: take the best checkpoint instead of the latest.
+
+  Returns:
+    Nested dicts of arrays.
+  """
+  mngr = ocp.CheckpointManager(
+      os.path.join(workdir, 'best' if best else 'checkpoints'),
+      item_names=('state', 'meta'),
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  return {k: restored.state[k] for k in ('params', 'batch_stats')}

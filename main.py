@@ -1,0 +1,49 @@
+"""Runs DTQ (or a baseline) as a config describes.
+
+  python main.py                                   # the offline demo
+  python main.py --config=configs/mit67.py --workdir=runs/mit67
+  python main.py --config=configs/mit67.py:mobilenet_v2,5bit --config.repeats=5
+
+Rerunning with the same --workdir resumes an unfinished run and only prints
+the summary of a finished one.
+"""
+
+import datetime
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from dtq_jax import config_validation
+from dtq_jax import experiment
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/fmnist.py', 'Config file (FILE or FILE:VARIANTS).',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Output folder (default: runs/<config>-<time>).')
+
+
+def _default_workdir():
+  name = os.path.splitext(os.path.basename(
+      flags.FLAGS['config'].config_filename))[0]
+  return os.path.join('runs', datetime.datetime.now().strftime(
+      f'{name}-%Y%m%d-%H%M%S'))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  try:
+    config_validation.validate(config)
+    experiment.run(config, _WORKDIR.value or _default_workdir())
+  except (config_validation.ConfigError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

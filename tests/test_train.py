@@ -1,0 +1,167 @@
+"""Tests of the train step: losses per method, one compile, mesh equivalence."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import fmnist
+from dtq_jax import losses
+from dtq_jax import train
+from dtq_jax.models import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(method='dtq', **overrides):
+  c = fmnist.get_config('quick')
+  c.method = method
+  c.model_kwargs.widths = (4, 8, 8, 8)
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _setup(config, batch=8, num_classes=3, runtime=None):
+  runtime = runtime or train.Runtime()
+  teacher_model = create_model(config.model, num_classes=5,
+                               **config.model_kwargs)
+  images = jnp.zeros((1, 28, 28, 1))
+  teacher = dict(teacher_model.init(jax.random.PRNGKey(0), images))
+  nets = train.build_networks(config, num_classes, 5)
+  params, batch_stats = train.init_params(nets, jax.random.PRNGKey(1),
+                                          (28, 28, 1), teacher)
+  tx, _ = train.make_optimizer(config, params, 'fc', 10, 3)
+  state = train.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      opt_state=tx.init(params), rng=jax.random.PRNGKey(2),
+      nonfinite_steps=jnp.zeros((), jnp.int32))
+  rng = np.random.RandomState(0)
+  batches = [{'image': rng.randn(batch, 28, 28, 1).astype(np.float32),
+              'label': rng.randint(0, num_classes, batch).astype(np.int32)}
+             for _ in range(3)]
+  frozen = {'teacher': teacher, 'delta_weights': [
+      jnp.full((c,), 1.0 / c) for c in (4, 8, 8, 8)]}
+  return nets, tx, runtime.replicate(state), batches, runtime.replicate(
+      frozen), runtime
+
+
+@pytest.mark.parametrize('method', ['fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq'])
+def test_step_runs_and_compiles_once(method):
+  chex.clear_trace_counter()  # The counter is keyed by the step's code.
+  config = _config(method)
+  nets, tx, state, batches, frozen, runtime = _setup(config)
+  step = jax.jit(chex.assert_max_traces(
+      train.make_train_step(config, nets, tx), n=1), donate_argnums=(0,))
+  for batch in batches:
+    state, metrics = step(state, runtime.put_batch(batch), frozen)
+  assert int(state.step) == 3
+  assert bool(metrics['finite'])
+  expected = {'fp': {'ce'}, 'ft': {'ce'}, 'l2': {'ce', 'l2', 'head_l2'},
+              'l2sp': {'ce', 'l2sp', 'head_l2'},
+              'delta': {'ce', 'delta', 'head_l2'}, 'dtq': {'ce', 'kl', 'afa'}}
+  assert {k[5:] for k in metrics if k.startswith('loss_')} == expected[method]
+  np.testing.assert_allclose(
+      metrics['loss'],
+      sum(v for k, v in metrics.items() if k.startswith('loss_')), rtol=1e-5)
+
+
+def test_dtq_total_loss_matches_formula():
+  config = _config('dtq')
+  nets, _, state, batches, frozen, _ = _setup(config)
+  state = jax.device_get(state)
+  batch = batches[0]
+  total, (terms, _, aux) = train.compute_losses(
+      config, nets, state.params, state.batch_stats, batch['image'],
+      batch['label'], jax.device_get(frozen), jax.random.PRNGKey(0))
+  t_logits, t_feats = nets.teacher.apply(frozen['teacher'], batch['image'])
+  (s_logits, s_feats), _ = nets.student.apply(
+      {'params': state.params['backbone'], 'batch_stats': state.batch_stats},
+      batch['image'], train=True, mutable=['batch_stats'])
+  expected = (losses.cross_entropy(aux['logits'], batch['label']) +
+              0.5 * losses.kl_divergence(s_logits, t_logits, 4.0) +
+              0.01 * losses.afa_loss(t_feats['taps'], s_feats['taps'],
+                                     aux['attention']))
+  np.testing.assert_allclose(total, expected, rtol=1e-5)
+  assert set(terms) == {'ce', 'kl', 'afa'}
+
+
+def test_source_classifier_and_teacher_stay_frozen():
+  config = _config('dtq')
+  nets, tx, state, batches, frozen, runtime = _setup(config)
+  fc0 = jax.device_get(state.params['backbone']['fc'])
+  conv0 = jax.device_get(state.params['backbone']['layer1_0']['conv1'])
+  step = jax.jit(train.make_train_step(config, nets, tx))
+  for batch in batches:
+    state, _ = step(state, runtime.put_batch(batch), frozen)
+  chex.assert_trees_all_equal(jax.device_get(state.params['backbone']['fc']),
+                              fc0)
+  assert not np.allclose(
+      state.params['backbone']['layer1_0']['conv1']['kernel'],
+      conv0['kernel'])
+  assert 'attention' in state.params
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+  config = _config('ft')
+  nets, tx, state, batches, frozen, runtime = _setup(config)
+  step = jax.jit(train.make_train_step(config, nets, tx))
+  before = jax.device_get(state.params)
+  bad = dict(batches[0], image=np.full_like(batches[0]['image'], np.nan))
+  state, metrics = step(state, runtime.put_batch(bad), frozen)
+  assert not bool(metrics['finite'])
+  assert int(state.nonfinite_steps) == 1
+  chex.assert_trees_all_equal(jax.device_get(state.params), before)
+
+
+def test_head_weight_decay_only_on_head():
+  config = _config('ft')
+  nets, tx, state, _, _, _ = _setup(config)
+  params = jax.device_get(state.params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  lr = config.optim.lr
+  np.testing.assert_allclose(updates['head']['fc']['kernel'],
+                             -lr * 1e-4 * params['head']['fc']['kernel'],
+                             rtol=1e-6)
+  assert not np.any(updates['backbone']['layer1_0']['conv1']['kernel'])
+
+
+def test_eight_devices_match_one_device():
+  # Runs in a subprocess: the device count is fixed when jax starts.
+  script = textwrap.dedent('''
+      import jax, numpy as np
+      import tests.test_train as t
+      from dtq_jax import train
+      assert jax.device_count() == 8, jax.devices()
+      out = {}
+      for n in (1, 8):
+        config = t._config('dtq')
+        rt = train.Runtime(jax.devices()[:n])
+        nets, tx, state, batches, frozen, rt = t._setup(config, runtime=rt)
+        step = jax.jit(train.make_train_step(config, nets, tx),
+                       in_shardings=(rt.replicated, rt.batch, rt.replicated),
+                       out_shardings=(rt.replicated, rt.replicated))
+        losses = []
+        for batch in batches:
+          state, m = step(state, rt.put_batch(batch), frozen)
+          losses.append(float(m['loss']))
+        out[n] = (losses, jax.device_get(state.params))
+      np.testing.assert_allclose(out[1][0], out[8][0], rtol=1e-4)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
+                                                           atol=1e-5),
+                   out[1][1], out[8][1])
+      print('OK', out[1][0])
+  ''')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'OK' in proc.stdout
