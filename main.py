@@ -14,6 +14,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from dtq_jax import config_validation
@@ -36,6 +37,9 @@ def _default_workdir():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax and TensorFlow log every checkpoint step at INFO.
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   try:
     config_validation.validate(config)

@@ -86,6 +86,7 @@ def paper_config(dataset, arg=None):
       data_seed=0,  # seed of the per-class split.
       image_size=224,
       resize_to=256,  # 0 = no resize (images already image_size).
+      crop_padding=0,  # zero padding before the random crop.
       mean=(0.485, 0.456, 0.406),  # ImageNet statistics, on a 0..1 scale.
       std=(0.229, 0.224, 0.225),
   ))
@@ -98,7 +99,7 @@ def paper_config(dataset, arg=None):
   # overrides that.
   c.total_steps = 9000
   c.num_epochs = 0
-  c.steps_per_epoch = 0  # 0 = ceil(N_train / batch_size).
+  c.steps_per_epoch = 0  # 0 = floor(N_train / batch_size) (full batches).
   c.max_eval_batches = 0  # 0 = the whole test set.
   c.optim = ml_collections.ConfigDict(dict(
       lr=0.01,
@@ -120,6 +121,7 @@ def paper_config(dataset, arg=None):
   c.seed = 0  # repeat r (1-based) trains with seed + r.
   c.repeats = 1
   c.log_every_steps = 50
+  c.eval_every_epochs = 1  # paper: evaluate (and checkpoint) every epoch.
   c.checkpoint_every_steps = 0  # 0 = at the end of every epoch.
   c.keep_checkpoints = 2
   c.on_nonfinite = 'stop'  # or 'skip' (skip the update, count it).

@@ -33,6 +33,7 @@ def get_config(arg=None):
       shots_per_class=30,
       image_size=28,
       resize_to=0,
+      crop_padding=2,  # pad-and-crop augmentation of small images.
       mean=(0.286,),  # Fashion-MNIST training-set statistics.
       std=(0.353,),
   ), ','.join(t for t in tokens if t != 'quick'))
@@ -47,6 +48,8 @@ def get_config(arg=None):
   c.batch_size = 64
   c.eval_batch_size = 500
   c.total_steps = 300
+  # 150 training images are 2 steps per epoch: evaluate every 25 epochs.
+  c.eval_every_epochs = 25
   c.log_every_steps = 20
 
   # The teacher's budget (source-task pretraining from scratch).
@@ -58,6 +61,7 @@ def get_config(arg=None):
   ))
   if 'quick' in tokens:
     c.total_steps = 20
+    c.eval_every_epochs = 5
     c.pretrain.num_epochs = 1
     c.pretrain.steps_per_epoch = 20
   return c

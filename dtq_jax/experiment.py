@@ -114,41 +114,32 @@ def train_source_teacher(config, data):
   """
   key = _teacher_key(config, data)
   root = os.path.join(cache_dir(config), 'teachers', f'{config.model}-{key}')
-  path = os.path.join(root, 'teacher' + pretrained_lib.CONVERTED_SUFFIX)
-  if os.path.exists(path):
-    logging.info('Using the cached teacher %s.', path)
-    variables = pretrained_lib.load_variables(None, path)
-  else:
-    p = config.pretrain
+  run_dir = os.path.join(root, 'run')
+  model = create_model(config.model, num_classes=data.source.num_classes,
+                       **dict(config.get('model_kwargs', {})))
+  p = config.pretrain
+  if not os.path.exists(os.path.join(run_dir, 'result.json')):
     pre = ml_collections.ConfigDict(config.to_dict())
     pre.method = 'fp'
     pre.batch_size = p.batch_size
-    pre.eval_batch_size = config.eval_batch_size
     pre.num_epochs = p.num_epochs
     pre.steps_per_epoch = p.get('steps_per_epoch', 0)
     pre.optim.update(p.optim)
-    source = data.source
-    num_source = source.num_classes
-    model = create_model(config.model, num_classes=num_source,
-                         **dict(config.get('model_kwargs', {})))
-    images = np.zeros((1,) + tuple(source.image_shape), np.float32)
+    images = np.zeros((1,) + tuple(data.source.image_shape), np.float32)
     init = dict(model.init(jax.random.PRNGKey(p.seed), images))
     print(f'Training the teacher on source classes '
           f'{tuple(config.dataset.source_classes)} (cached in {root}).')
-    run_dir = os.path.join(root, 'run')
-    train.train_and_evaluate(pre, run_dir, p.seed, source, init)
-    state = train.restore_params(run_dir)
-    params = dict(state['params']['backbone'])
-    params[model.classifier_name] = state['params']['head']['fc']
-    variables = {'params': params, 'batch_stats': state['batch_stats']}
-    pretrained_lib.save_variables(variables, path, name=config.model)
-    with open(os.path.join(run_dir, 'result.json')) as f:
-      accuracy = json.load(f)['final_test_accuracy']
-    with open(os.path.join(root, 'teacher.json'), 'w') as f:
-      json.dump({'source_test_accuracy': accuracy}, f)
-  with open(os.path.join(root, 'teacher.json')) as f:
-    accuracy = json.load(f)['source_test_accuracy']
-  print(f'Teacher: source-test accuracy {accuracy:.2f}% ({path}).')
+    # The same trainer as the students; an interrupted pretraining resumes.
+    train.train_and_evaluate(pre, run_dir, p.seed, data.source, init)
+  else:
+    logging.info('Using the cached teacher in %s.', root)
+  trained = train.restore_params(run_dir)
+  params = dict(trained['params']['backbone'])
+  params[model.classifier_name] = trained['params']['head']['fc']
+  variables = {'params': params, 'batch_stats': trained['batch_stats']}
+  with open(os.path.join(run_dir, 'result.json')) as f:
+    accuracy = json.load(f)['final_test_accuracy']
+  print(f'Teacher: source-test accuracy {accuracy:.2f}% ({root}).')
   return variables
 
 

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tensorboardX
 from tqdm import tqdm
 
 from dtq_jax import losses
@@ -336,8 +337,12 @@ def schedule_lengths(config, num_train):
   Returns:
     ``(steps_per_epoch, num_epochs, total_steps)``.
   """
-  steps_per_epoch = config.steps_per_epoch or max(
-      1, -(-num_train // config.batch_size))
+  # Imported lazily: input_pipeline pulls in TensorFlow.
+  from dtq_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  # Every step sees a full batch (one compiled shape), so an epoch is
+  # floor(N / B) steps; the remainder differs from epoch to epoch.
+  steps_per_epoch = config.steps_per_epoch or input_pipeline.steps_per_epoch(
+      num_train, config.batch_size)
   num_epochs = config.num_epochs or max(
       1, round(config.total_steps * config.batch_size / num_train))
   return steps_per_epoch, num_epochs, steps_per_epoch * num_epochs
@@ -377,23 +382,17 @@ class _Logger:
 
   def __init__(self, workdir, enabled):
     self.enabled = enabled
-    self._writer = None
-    self._jsonl = None
     if enabled:
-      # TensorFlow is imported here only: it is needed for tf.summary, and
-      # importing it early would let it grab memory on accelerators.
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      tf.config.set_visible_devices([], 'GPU')
-      self._tf = tf
-      self._writer = tf.summary.create_file_writer(workdir)
+      # tensorboardX writes TensorBoard event files without TensorFlow's
+      # tensorboard package.
+      self._writer = tensorboardX.SummaryWriter(workdir)
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
   def write(self, step, scalars):
     if not self.enabled:
       return
-    with self._writer.as_default():
-      for k, v in scalars.items():
-        self._tf.summary.scalar(k, float(v), step=step)
+    for k, v in scalars.items():
+      self._writer.add_scalar(k, float(v), global_step=step)
     self._writer.flush()
     self._jsonl.write(json.dumps(dict(step=step, **{
         k: float(v) for k, v in scalars.items()})) + '\n')
@@ -512,8 +511,8 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
       process_index=jax.process_index(), process_count=jax.process_count(),
       **data.train_kwargs)
 
-  def end_epoch(step, pending, t_epoch):
-    """Checks, logs and evaluates after ``step`` updates; returns record."""
+  def fetch_checked(pending):
+    """Fetches pending step metrics; stops at a non-finite loss if asked."""
     history = [(s, jax.device_get(m)) for s, m in pending]
     bad = _first_nonfinite(history)
     if bad is not None and config.on_nonfinite == 'stop':
@@ -523,54 +522,63 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
           'optim.lr or set on_nonfinite=skip to skip such steps.')
     return history
 
+  def save(step):
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave(meta))
+    ckpt.save(step, args=args)
+
+  # Metrics stay on the device until a log or evaluation point, so the loop
+  # only enqueues work and never waits for a step to finish.
   pending, t_start, t_log = [], time.time(), time.time()
   bar = tqdm(total=total_steps, initial=start_step, disable=not runtime.is_main,
              desc=os.path.basename(workdir.rstrip('/')), dynamic_ncols=True,
              mininterval=2.0)
-  for step in range(start_step, total_steps):
+  for step in range(start_step + 1, total_steps + 1):
     state, metrics = train_step(state, runtime.put_batch(next(batches)),
                                 frozen)
     pending.append((step, metrics))
     bar.update(1)
-    epoch_end = (step + 1) % steps_per_epoch == 0
-    if (step + 1) % config.log_every_steps and not epoch_end:
+    epoch, in_epoch = divmod(step, steps_per_epoch)
+    do_eval = not in_epoch and (epoch % config.eval_every_epochs == 0 or
+                                step == total_steps)
+    do_save = do_eval or (config.checkpoint_every_steps and
+                          step % config.checkpoint_every_steps == 0)
+    if step % config.log_every_steps and not do_save:
       continue
-    history = end_epoch(step, pending, t_log)
+    history = fetch_checked(pending)
     now = time.time()
     scalars = {k: np.mean([m[k] for _, m in history]) for k in history[0][1]}
     scalars.pop('finite')
-    scalars['lr'] = float(schedule(step))
+    scalars['lr'] = float(schedule(step - 1))
     scalars['images_per_s'] = len(history) * config.batch_size / max(
         now - t_log, 1e-9)
     scalars['nonfinite_steps'] = int(jax.device_get(state.nonfinite_steps))
-    logger.write(step + 1, {f'train/{k}': v for k, v in scalars.items()})
+    logger.write(step, {f'train/{k}': v for k, v in scalars.items()})
     bar.set_postfix(loss=f'{scalars["loss"]:.3f}',
                     acc=f'{scalars["accuracy"]:.1f}')
     pending, t_log = [], now
-    if not epoch_end:
-      continue
-    epoch = (step + 1) // steps_per_epoch
-    record = {'epoch': epoch, 'step': step + 1}
-    if data.val is not None:
-      record['val'] = evaluate(eval_step, state.params, state.batch_stats,
-                               data.val, config, data, runtime)
-    record['test'] = evaluate(eval_step, state.params, state.batch_stats,
-                              data.test, config, data, runtime)
-    meta['history'].append(record)
-    logger.write(step + 1, {f'{split}/{k}': v for split in ('val', 'test')
-                            if split in record
-                            for k, v in record[split].items()})
-    select = record['val' if data.val is not None else 'test']['accuracy']
-    meta['wall_time_s'] += time.time() - t_start
-    t_start = time.time()
-    args = lambda: ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta))
-    if select > meta['best_accuracy']:
-      meta['best_accuracy'] = select
-      best_ckpt.save(step + 1, args=args())
-    ckpt.save(step + 1, args=args())
-    bar.write(f'epoch {epoch}/{num_epochs}: test accuracy '
-              f'{record["test"]["accuracy"]:.2f}%')
+    if do_eval:
+      record = {'epoch': epoch, 'step': step}
+      if data.val is not None:
+        record['val'] = evaluate(eval_step, state.params, state.batch_stats,
+                                 data.val, config, data, runtime)
+      record['test'] = evaluate(eval_step, state.params, state.batch_stats,
+                                data.test, config, data, runtime)
+      meta['history'].append(record)
+      logger.write(step, {f'{split}/{k}': v for split in ('val', 'test')
+                          if split in record
+                          for k, v in record[split].items()})
+      select = record['val' if data.val is not None else 'test']['accuracy']
+      if select > meta['best_accuracy']:
+        meta['best_accuracy'] = select
+        best_ckpt.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      bar.write(f'epoch {epoch}/{num_epochs}: test accuracy '
+                f'{record["test"]["accuracy"]:.2f}%')
+    if do_save:
+      meta['wall_time_s'] += time.time() - t_start
+      t_start = time.time()
+      save(step)
   bar.close()
   ckpt.wait_until_finished()
   best_ckpt.wait_until_finished()

@@ -1,0 +1,553 @@
+"""Tests of dtq_jax.pretrained: torchvision state_dicts -> Flax variables.
+
+The always-run tests build torchvision-layout state_dicts with random values
+from a hand-written generator of torchvision's names and shapes below (not from
+the converter's table), so a wrong rule in the converter cannot hide itself.
+
+The parity tests against torchvision itself need torch and torchvision, which
+are optional (a ~5.5 GB CUDA build; it also runs on CPU). They are skipped
+without them. To run them, in a separate virtual environment::
+
+  python3 -m venv /tmp/venv-torch
+  /tmp/venv-torch/bin/pip install -r requirements.txt -r requirements-torch.txt
+  /tmp/venv-torch/bin/python -m pytest -q tests/test_pretrained.py
+
+(`-k parity` runs only the torchvision comparisons.)
+"""
+
+import http.server
+import os
+import pickle
+import socket
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from dtq_jax import models
+from dtq_jax import pretrained
+
+# --- A hand-written generator of torchvision's state_dict names -------------
+# Each entry is (torch key, torch shape, expected Flax path or None). It
+# follows torchvision/models/resnet.py and mobilenetv2.py directly.
+
+
+def _conv(key, out_ch, in_ch, k, flax):
+  return [(f'{key}.weight', (out_ch, in_ch, k, k),
+           ('params',) + flax + ('kernel',))]
+
+
+def _bn(key, ch, flax):
+  return [
+      (f'{key}.weight', (ch,), ('params',) + flax + ('scale',)),
+      (f'{key}.bias', (ch,), ('params',) + flax + ('bias',)),
+      (f'{key}.running_mean', (ch,), ('batch_stats',) + flax + ('mean',)),
+      (f'{key}.running_var', (ch,), ('batch_stats',) + flax + ('var',)),
+      (f'{key}.num_batches_tracked', (), None),
+  ]
+
+
+def _linear(key, out_f, in_f, flax):
+  return [(f'{key}.weight', (out_f, in_f), ('params',) + flax + ('kernel',)),
+          (f'{key}.bias', (out_f,), ('params',) + flax + ('bias',))]
+
+
+def resnet_entries(stage_sizes, bottleneck, widths=(64, 128, 256, 512),
+                   stem_kernel=7, num_classes=1000):
+  """torchvision ResNet keys (stem_kernel=3: the demo's small ResNet)."""
+  expansion = 4 if bottleneck else 1
+  entries = _conv('conv1', widths[0], 3, stem_kernel, ('conv1',))
+  entries += _bn('bn1', widths[0], ('bn1',))
+  inplanes = widths[0]
+  for i, (blocks, planes) in enumerate(zip(stage_sizes, widths)):
+    for j in range(blocks):
+      key, flax = f'layer{i + 1}.{j}', (f'layer{i + 1}_{j}',)
+      if bottleneck:
+        shapes = [(planes, inplanes, 1), (planes, planes, 3),
+                  (planes * 4, planes, 1)]
+      else:
+        shapes = [(planes, inplanes, 3), (planes, planes, 3)]
+      for n, (o, c, k) in enumerate(shapes, start=1):
+        entries += _conv(f'{key}.conv{n}', o, c, k, flax + (f'conv{n}',))
+        entries += _bn(f'{key}.bn{n}', o, flax + (f'bn{n}',))
+      stride = 2 if i > 0 and j == 0 else 1
+      if stride != 1 or inplanes != planes * expansion:
+        entries += _conv(f'{key}.downsample.0', planes * expansion, inplanes,
+                         1, flax + ('downsample_0',))
+        entries += _bn(f'{key}.downsample.1', planes * expansion,
+                       flax + ('downsample_1',))
+      inplanes = planes * expansion
+  return entries + _linear('fc', num_classes, inplanes, ('fc',))
+
+
+TORCHVISION_RESNETS = {
+    'resnet18': ((2, 2, 2, 2), False),
+    'resnet34': ((3, 4, 6, 3), False),
+    'resnet50': ((3, 4, 6, 3), True),
+    'resnet101': ((3, 4, 23, 3), True),
+    'resnet152': ((3, 8, 36, 3), True),
+}
+
+
+def mobilenet_v2_entries(num_classes=1000):
+  """torchvision MobileNetV2 (width 1.0) keys."""
+  setting = [(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3),
+             (6, 160, 3), (6, 320, 1)]  # (t, c, n); strides don't matter
+  entries = _conv('features.0.0', 32, 3, 3, ('features_0_0',))
+  entries += _bn('features.0.1', 32, ('features_0_1',))
+  in_ch, idx = 32, 1
+  for t, c, n in setting:
+    for _ in range(n):
+      hidden, key, flax = in_ch * t, f'features.{idx}.conv', (
+          f'features_{idx}',)
+      j = 0
+      if t != 1:  # expansion 1x1
+        entries += _conv(f'{key}.0.0', hidden, in_ch, 1, flax + ('conv_0_0',))
+        entries += _bn(f'{key}.0.1', hidden, flax + ('conv_0_1',))
+        j = 1
+      # Depthwise: torch (C, 1, 3, 3).
+      entries += _conv(f'{key}.{j}.0', hidden, 1, 3, flax + (f'conv_{j}_0',))
+      entries += _bn(f'{key}.{j}.1', hidden, flax + (f'conv_{j}_1',))
+      entries += _conv(f'{key}.{j + 1}', c, hidden, 1,
+                       flax + (f'conv_{j + 1}',))
+      entries += _bn(f'{key}.{j + 2}', c, flax + (f'conv_{j + 2}',))
+      in_ch, idx = c, idx + 1
+  entries += _conv(f'features.{idx}.0', 1280, in_ch, 1, (f'features_{idx}_0',))
+  entries += _bn(f'features.{idx}.1', 1280, (f'features_{idx}_1',))
+  return entries + _linear('classifier.1', num_classes, 1280, ('classifier_1',))
+
+
+def torchvision_entries(name):
+  if name == 'mobilenet_v2':
+    return mobilenet_v2_entries()
+  if name == 'small_resnet':
+    return resnet_entries((1, 1, 1, 1), False, widths=(16, 32, 64, 128),
+                          stem_kernel=3)
+  return resnet_entries(*TORCHVISION_RESNETS[name])
+
+
+def random_state_dict(entries, seed=0):
+  rng = np.random.default_rng(seed)
+  state = {}
+  for key, shape, _ in entries:
+    if key.endswith('num_batches_tracked'):
+      state[key] = np.array(rng.integers(1, 10_000), dtype=np.int64)
+    elif key.endswith('running_var'):
+      state[key] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    else:
+      state[key] = rng.standard_normal(shape, dtype=np.float32)
+  return state
+
+
+def to_flax_layout(array):
+  """The expected Flax value, written out per rank (not the converter's)."""
+  if array.ndim == 4:  # conv (O, I, H, W) -> (H, W, I, O)
+    return np.transpose(array, (2, 3, 1, 0))
+  if array.ndim == 2:  # linear (out, in) -> (in, out)
+    return array.T
+  return array
+
+
+def flat_paths(tree):
+  return {tuple(getattr(k, 'key', k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def model_shapes(name):
+  """Leaf shapes of the model itself, from jax.eval_shape (no FLOPs)."""
+  model = models.create_model(name, num_classes=1000)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                         train=False))
+  return {p: tuple(v.shape) for p, v in flat_paths(dict(variables)).items()}
+
+
+# --- Conversion -------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50', 'mobilenet_v2'])
+def test_converts_every_tensor_from_safetensors(name, tmp_path):
+  entries = torchvision_entries(name)
+  state = random_state_dict(entries)
+  path = tmp_path / f'{name}.safetensors'
+  safetensors.numpy.save_file(state, str(path))
+
+  variables = pretrained.load_torchvision(name, path)
+
+  flat = flat_paths(variables)
+  expected = {p: key for key, _, p in entries if p is not None}
+  # Every torch tensor has exactly one home and every Flax leaf is filled.
+  assert len(expected) == len(entries) - sum(p is None for _, _, p in entries)
+  assert set(flat) == set(expected)
+  assert {p: v.shape for p, v in flat.items()} == model_shapes(name)
+  for p, key in expected.items():
+    assert flat[p].dtype == np.float32
+    np.testing.assert_array_equal(flat[p], to_flax_layout(state[key]),
+                                  err_msg=f'{key} -> {p}')
+  # Batch statistics are in batch_stats, and only there.
+  assert set(variables) == {'params', 'batch_stats'}
+  assert not any(p[-1] in ('mean', 'var') for p in flat if p[0] == 'params')
+  assert all(p[-1] in ('mean', 'var') for p in flat if p[0] == 'batch_stats')
+
+
+def test_layouts_element_by_element(tmp_path):
+  """Spot-checks the transposes on asymmetric indices."""
+  state = random_state_dict(torchvision_entries('mobilenet_v2'), seed=1)
+  path = tmp_path / 'm.safetensors'
+  safetensors.numpy.save_file(state, str(path))
+  v = pretrained.load_torchvision('mobilenet_v2', path)
+  # Depthwise: torch (96, 1, 3, 3) -> Flax (3, 3, 1, 96).
+  dw_torch = state['features.2.conv.1.0.weight']
+  dw_flax = v['params']['features_2']['conv_1_0']['kernel']
+  assert dw_torch.shape == (96, 1, 3, 3) and dw_flax.shape == (3, 3, 1, 96)
+  assert dw_flax[0, 2, 0, 17] == dw_torch[17, 0, 0, 2]
+  # Dense conv: [o, i, h, w] -> [h, w, i, o].
+  conv_torch = state['features.0.0.weight']  # (32, 3, 3, 3)
+  conv_flax = v['params']['features_0_0']['kernel']
+  assert conv_flax[2, 0, 1, 30] == conv_torch[30, 1, 2, 0]
+  # Linear: [out, in] -> [in, out].
+  fc_torch = state['classifier.1.weight']
+  fc_flax = v['params']['classifier_1']['kernel']
+  assert fc_flax.shape == (1280, 1000) and fc_flax[7, 999] == fc_torch[999, 7]
+  np.testing.assert_array_equal(
+      v['batch_stats']['features_18_1']['var'],
+      state['features.18.1.running_var'])
+
+
+@pytest.mark.parametrize('name', ['resnet34', 'resnet101', 'resnet152',
+                                  'small_resnet'])
+def test_plan_covers_every_key(name):
+  """Names and shapes only, so the big models cost no memory."""
+  entries = torchvision_entries(name)
+  plan = pretrained.plan_conversion(name, {k: s for k, s, _ in entries})
+  assert [a.torch_key for a in plan] == [k for k, _, _ in entries]
+  for a, (_, shape, path) in zip(plan, entries):
+    assert a.flax_path == path
+    if path is not None:
+      assert a.flax_shape == to_flax_layout(np.empty(shape)).shape
+  assert ({a.flax_path: a.flax_shape for a in plan if a.flax_path} ==
+          model_shapes(name))
+
+
+def test_converted_resnet18_runs(tmp_path):
+  state = random_state_dict(torchvision_entries('resnet18'))
+  variables = pretrained.convert_state_dict('resnet18', state)
+  model = models.create_model('resnet18')
+  logits, features = model.apply(variables, jnp.ones((1, 32, 32, 3)),
+                                 train=False)
+  assert logits.shape == (1, 1000) and np.isfinite(logits).all()
+  assert [t.shape[-1] for t in features['taps']] == [64, 128, 256, 512]
+
+
+def _shapes(name):
+  return {k: s for k, s, _ in torchvision_entries(name)}
+
+
+def test_missing_tensor_is_named():
+  shapes = _shapes('resnet18')
+  del shapes['layer2.1.bn1.running_var']
+  with pytest.raises(pretrained.ConversionError,
+                     match=r'missing layer2\.1\.bn1\.running_var'):
+    pretrained.plan_conversion('resnet18', shapes)
+
+
+def test_extra_tensors_are_named():
+  shapes = _shapes('resnet18')
+  shapes['fc2.weight'] = (10, 512)
+  shapes['layer1.0.conv1.lora'] = (3,)
+  shapes['layer1.0.conv1.num_batches_tracked'] = ()  # not a BatchNorm
+  with pytest.raises(pretrained.ConversionError) as e:
+    pretrained.plan_conversion('resnet18', shapes)
+  message = str(e.value)
+  assert message.startswith('3 problem(s)')
+  for key in ('fc2.weight', 'layer1.0.conv1.lora',
+              'layer1.0.conv1.num_batches_tracked'):
+    assert key in message
+
+
+def test_misshaped_tensor_is_named():
+  shapes = _shapes('resnet18')
+  shapes['fc.weight'] = (10, 512)  # a 10-class head into a 1000-class model
+  shapes['layer1.0.conv1.weight'] = (64, 64, 1, 1)
+  with pytest.raises(pretrained.ConversionError) as e:
+    pretrained.plan_conversion('resnet18', shapes)
+  message = str(e.value)
+  assert message.startswith('2 problem(s)')
+  assert 'mis-shaped fc.weight' in message
+  assert 'mis-shaped layer1.0.conv1.weight' in message
+
+
+def test_wrong_model_lists_problems():
+  with pytest.raises(pretrained.ConversionError, match='and .* more'):
+    pretrained.plan_conversion('resnet18', _shapes('resnet50'))
+
+
+# --- Converted files and the `pretrained` config value ----------------------
+
+
+@pytest.mark.parametrize('suffix', ['.flax.safetensors', '.flax.npz'])
+def test_converted_round_trip(suffix, tmp_path):
+  state = random_state_dict(torchvision_entries('small_resnet'))
+  variables = pretrained.convert_state_dict('small_resnet', state)
+  path = str(tmp_path / ('out' + suffix))
+  pretrained.save_variables(variables, path, 'small_resnet')
+  assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temp left
+  loaded = pretrained.load_pretrained('small_resnet', path)
+  jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+  # A converted file is still checked against the model.
+  with pytest.raises(pretrained.ConversionError,
+                     match='mis-shaped params/conv1/kernel'):
+    pretrained.load_variables('resnet18', path)
+  del variables['params']['fc']['bias']
+  pretrained.save_variables(variables, path, 'small_resnet')
+  with pytest.raises(pretrained.ConversionError,
+                     match=r'^1 problem.*\n  missing params/fc/bias'):
+    pretrained.load_variables('small_resnet', path)
+
+
+def test_load_pretrained_dispatch(tmp_path, monkeypatch):
+  for spec in (None, '', 'none', 'None'):
+    assert pretrained.load_pretrained('resnet18', spec) is None
+  missing = str(tmp_path / 'nope.safetensors')
+  with pytest.raises(FileNotFoundError) as e:
+    pretrained.load_pretrained('resnet18', missing)
+  assert missing in str(e.value) and '\n' not in str(e.value)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  assert pretrained.default_cache_dir() == str(
+      tmp_path / 'xdg' / 'dtq_jax' / 'pretrained')
+
+
+def test_pth_without_torch_is_one_line(tmp_path, monkeypatch):
+  path = tmp_path / 'r.pth'
+  path.write_bytes(b'not read')
+  monkeypatch.setitem(sys.modules, 'torch', None)  # import torch fails
+  with pytest.raises(ImportError, match='needs torch') as e:
+    pretrained.load_torchvision('resnet18', path)
+  assert '\n' not in str(e.value)
+
+
+# --- Downloads, against local servers only ----------------------------------
+
+
+def _sha_named(tmp_path, name, data, prefix=None):
+  """Writes ``data`` as '<name>-<sha256 prefix>.safetensors'."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  prefix = prefix or hashlib.sha256(data).hexdigest()[:8]
+  path = tmp_path / f'{name}-{prefix}.safetensors'
+  path.write_bytes(data)
+  return path
+
+
+@pytest.fixture(name='served')
+def _served(tmp_path):
+  """A small checkpoint on an HTTP server at 127.0.0.1 (stopped after)."""
+  root = tmp_path / 'www'
+  root.mkdir()
+  state = random_state_dict(torchvision_entries('small_resnet'))
+  staging = tmp_path / 'staging.safetensors'
+  safetensors.numpy.save_file(state, str(staging))
+  path = _sha_named(root, 'small_resnet', staging.read_bytes())
+
+  class Handler(http.server.SimpleHTTPRequestHandler):
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, directory=str(root), **kwargs)
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  url = f'http://127.0.0.1:{server.server_port}/{path.name}'
+  yield url, state, server
+  server.shutdown()
+  server.server_close()
+
+
+def test_download_convert_and_cache(served, tmp_path, monkeypatch):
+  url, state, server = served
+  monkeypatch.setitem(pretrained.TORCHVISION_URLS, 'small_resnet', url)
+  cache = tmp_path / 'cache'
+  variables = pretrained.load_pretrained('small_resnet', 'torchvision',
+                                         cache_dir=str(cache))
+  expected = pretrained.convert_state_dict('small_resnet', state)
+  jax.tree.map(np.testing.assert_array_equal, variables, expected)
+  name = os.path.basename(url)
+  stem = name.split('.')[0]
+  assert sorted(os.listdir(cache)) == sorted(
+      [name, stem + '.flax.safetensors'])
+  # Offline now: the converted cache is read, nothing is fetched.
+  server.shutdown()
+  server.server_close()
+  os.remove(cache / name)
+  again = pretrained.load_torchvision('small_resnet', cache_dir=str(cache))
+  jax.tree.map(np.testing.assert_array_equal, again, expected)
+
+
+def test_download_file_url(tmp_path):
+  source = _sha_named(tmp_path, 'blob', b'some bytes')
+  cache = tmp_path / 'cache'
+  path = pretrained.download(source.as_uri(), str(cache), progress=False)
+  assert path == str(cache / source.name)
+  assert open(path, 'rb').read() == b'some bytes'
+
+
+def test_download_wrong_hash(tmp_path):
+  source = _sha_named(tmp_path, 'blob', b'some bytes', prefix='deadbeef')
+  cache = tmp_path / 'cache'
+  with pytest.raises(pretrained.HashMismatchError, match='deadbeef'):
+    pretrained.download(source.as_uri(), str(cache), progress=False)
+  assert not os.listdir(cache)  # neither the file nor a temporary
+
+
+def test_placed_by_hand_wrong_hash(tmp_path, monkeypatch):
+  url = 'http://127.0.0.1:9/small_resnet-0123abcd.safetensors'
+  monkeypatch.setitem(pretrained.TORCHVISION_URLS, 'small_resnet', url)
+  cache = tmp_path / 'cache'
+  cache.mkdir()
+  (cache / 'small_resnet-0123abcd.safetensors').write_bytes(b'truncated')
+  with pytest.raises(pretrained.HashMismatchError, match='0123abcd'):
+    pretrained.load_torchvision('small_resnet', cache_dir=str(cache))
+
+
+def test_offline_error_is_one_line(tmp_path, monkeypatch):
+  with socket.socket() as s:  # a port with nothing listening
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  url = f'http://127.0.0.1:{port}/resnet18-f37072fd.pth'
+  monkeypatch.setitem(pretrained.TORCHVISION_URLS, 'resnet18', url)
+  cache = tmp_path / 'cache'
+  with pytest.raises(pretrained.DownloadError) as e:
+    pretrained.load_pretrained('resnet18', 'torchvision', cache_dir=str(cache))
+  message = str(e.value)
+  assert '\n' not in message
+  assert url in message
+  assert str(cache / 'resnet18-f37072fd.pth') in message
+  assert not os.listdir(cache)
+
+
+# --- Command line -----------------------------------------------------------
+
+
+def test_command_line(tmp_path, capsys):
+  state = random_state_dict(torchvision_entries('small_resnet'))
+  source = tmp_path / 'small.safetensors'
+  safetensors.numpy.save_file(state, str(source))
+  out = tmp_path / 'converted'
+  assert pretrained.main(['--model', 'small_resnet', '--from', str(source),
+                          '--to', str(out)]) == 0
+  report = capsys.readouterr().out
+  assert 'layer2.0.downsample.0.weight' in report
+  assert 'params/layer2_0/downsample_0/kernel' in report
+  assert '(dropped)' in report
+  assert f'{len(state)} tensors consumed' in report
+  written = out / 'small.flax.safetensors'
+  loaded = pretrained.load_torchvision('small_resnet', written)
+  jax.tree.map(np.testing.assert_array_equal, loaded,
+               pretrained.convert_state_dict('small_resnet', state))
+  assert pretrained.main(['--model', 'small_resnet', '--from',
+                          str(tmp_path / 'missing.pth')]) == 1
+  assert 'missing.pth' in capsys.readouterr().err
+
+
+# --- With torch: .pth files and parity with torchvision ---------------------
+
+
+def test_pth_is_read_with_weights_only(tmp_path):
+  torch = pytest.importorskip('torch')
+  state = random_state_dict(torchvision_entries('small_resnet'))
+  path = tmp_path / 'small.pth'
+  torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+  variables = pretrained.load_pretrained('small_resnet', str(path))
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               pretrained.convert_state_dict('small_resnet', state))
+  # An arbitrary pickled object is refused, not unpickled.
+  evil = tmp_path / 'evil.pth'
+  torch.save({'fc.weight': torch.zeros(2), 'x': _Unsafe()}, evil)
+  with pytest.raises(pickle.UnpicklingError):
+    pretrained.load_torchvision('small_resnet', evil)
+
+
+class _Unsafe:
+  pass
+
+
+def _randomize_batch_norms(torch, model):
+  """Random but signal-preserving BN statistics and affine parameters.
+
+  Arbitrary running statistics are not enough: with torchvision's init each
+  depthwise convolution of MobileNetV2 shrinks the signal by about sqrt(2/C),
+  and BatchNorm with made-up statistics does not restore it, so the logits end
+  up independent of the input and compare nothing. So the statistics are
+  first measured on random images (one cumulative-average pass in training
+  mode), then perturbed, and the affine parameters are drawn at random.
+  """
+  generator = torch.Generator().manual_seed(1)
+  norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  for m in norms:
+    m.reset_running_stats()
+    m.momentum = None  # running stats = this one batch's statistics
+  model.train()
+  with torch.no_grad():
+    model(torch.randn(8, 3, 64, 64, generator=generator))
+    for m in norms:
+      c = m.num_features
+      m.running_mean.add_(0.1 * m.running_var.sqrt() *
+                          torch.randn(c, generator=generator))
+      m.running_var.mul_(0.5 + torch.rand(c, generator=generator))
+      m.weight.copy_(0.5 + torch.rand(c, generator=generator))
+      m.bias.copy_(0.2 * torch.randn(c, generator=generator))
+      m.momentum = 0.1
+  model.eval()
+
+
+def _tapped_modules(model, name):
+  if name == 'mobilenet_v2':
+    return [model.features[i].conv[-1] for i in (5, 9, 13, 17)]
+  last = 'conv2' if name in ('resnet18', 'resnet34') else 'conv3'
+  return [getattr(getattr(model, f'layer{i}')[-1], last) for i in range(1, 5)]
+
+
+def _assert_close(actual, desired, what):
+  # 1e-4 relative to the tensor's scale (elementwise rtol alone is
+  # meaningless for entries near zero).
+  scale = float(np.abs(desired).max())
+  np.testing.assert_allclose(actual, desired, rtol=1e-4, atol=1e-4 * scale,
+                             err_msg=what)
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50', 'mobilenet_v2'])
+def test_parity_with_torchvision(name, tmp_path):
+  torch = pytest.importorskip('torch')
+  torchvision = pytest.importorskip('torchvision')
+  torch.manual_seed(0)
+  net = getattr(torchvision.models, name)(weights=None).eval()
+  _randomize_batch_norms(torch, net)
+  taps = []
+  for module in _tapped_modules(net, name):
+    module.register_forward_hook(lambda m, i, o: taps.append(o.numpy()))
+  images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+  with torch.no_grad():
+    torch_logits = net(images).numpy()
+  path = tmp_path / f'{name}.pth'
+  torch.save(net.state_dict(), path)
+
+  variables = pretrained.load_torchvision(name, path)
+  model = models.create_model(name, num_classes=1000, bits_w=32, bits_a=32)
+  logits, features = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      variables, jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
+
+  # The comparison means something only if the logits depend on the image.
+  spread = np.abs(torch_logits[0] - torch_logits[1]).max()
+  assert spread > 1e-2 * np.abs(torch_logits).max(), 'input-independent'
+  _assert_close(np.asarray(logits), torch_logits, f'{name} logits')
+  assert len(taps) == len(features['taps']) == 4
+  for k, (ours, theirs) in enumerate(zip(features['taps'], taps)):
+    ours = np.asarray(ours).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    assert ours.shape == theirs.shape, (k, ours.shape, theirs.shape)
+    _assert_close(ours, theirs, f'{name} tap {k}')
