@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from dtq_jax import config_validation
 from dtq_jax import experiment
+from dtq_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/fmnist.py', 'Config file (FILE or FILE:VARIANTS).',
@@ -44,9 +45,15 @@ def main(argv):
   try:
     config_validation.validate(config)
     experiment.run(config, _WORKDIR.value or _default_workdir())
-  except (config_validation.ConfigError, FileNotFoundError) as e:
+  except config_validation.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except train.NonFiniteLossError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except train.Interrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == '__main__':

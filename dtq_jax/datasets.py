@@ -71,12 +71,22 @@ def load(config):
   Raises:
     ConfigError: the training split is smaller than one batch.
   """
-  d = config.dataset
+  with config_validation.user_errors(f'dataset {config.dataset.name}'):
+    data = _load(config.dataset)
+  if data.num_train < config.batch_size:
+    raise config_validation.ConfigError(
+        'batch_size', config.batch_size,
+        f'the training split has only {data.num_train} images; use a batch '
+        'size at most that.')
+  return data
+
+
+def _load(d):
+  """Splits of ``config.dataset`` ``d``."""
   if d.name == 'fashion_mnist':
     s = input_pipeline.fashion_mnist_transfer_splits(
         d.data_dir or None, tuple(d.source_classes), tuple(d.target_classes),
-        d.shots_per_class, d.data_seed,
-        tfds_data_dir=d.get('tfds_data_dir') or None)
+        d.shots_per_class, d.data_seed)
     source = _data(d, s['source_train'], s['source_test'], holdout=False)
     data = _data(d, s['target_train'], s['target_test'], source=source)
   elif d.name == 'image_folder':
@@ -89,11 +99,6 @@ def load(config):
         d.name, data_dir=d.data_dir or None,
         train_per_class=d.train_per_class or None, seed=d.data_seed)
     data = _data(d, train, test)
-  if data.num_train < config.batch_size:
-    raise config_validation.ConfigError(
-        'batch_size', config.batch_size,
-        f'the training split has only {data.num_train} images; use a batch '
-        'size at most that.')
   return data
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from dtq_jax import config_validation
 from dtq_jax import datasets
+from dtq_jax import delta
 from dtq_jax import pretrained as pretrained_lib
 from dtq_jax import train
 from dtq_jax.models import create_model
@@ -77,10 +78,10 @@ def load_teacher(config, data):
     model = create_model(config.model, **dict(config.get('model_kwargs', {})))
     images = np.zeros((1,) + tuple(data.image_shape), np.float32)
     return dict(model.init(jax.random.PRNGKey(config.seed), images))
-  spec = config.pretrained
-  return pretrained_lib.load_pretrained(
-      config.model, spec, cache_dir=os.path.join(cache_dir(config),
-                                                 'pretrained'))
+  with config_validation.user_errors(f'pretrained={config.pretrained!r}'):
+    return pretrained_lib.load_pretrained(
+        config.model, config.pretrained,
+        cache_dir=os.path.join(cache_dir(config), 'pretrained'))
 
 
 def _teacher_key(config, data):
@@ -143,6 +144,26 @@ def train_source_teacher(config, data):
   return variables
 
 
+def _delta_weights(config, workdir, data, teacher):
+  """DELTA's fixed channel weights, computed once and cached in the workdir.
+
+  The workdir's config is checked on resume, so the cache cannot go stale.
+  """
+  path = os.path.join(workdir, 'delta_weights.npz')
+  if os.path.exists(path):
+    return delta.load_weights(path)
+  print('DELTA: training a head on the frozen network and measuring filter '
+        'removal for the channel weights.')
+  nets = train.build_networks(config, data.num_classes,
+                              train.num_source_classes(teacher))
+  weights = delta.channel_weights(nets.teacher, teacher, data, config.delta,
+                                  batch_size=config.batch_size,
+                                  seed=config.seed)
+  if jax.process_index() == 0:
+    delta.save_weights(path, weights)
+  return weights
+
+
 def summarize(results, config, wall_time_s):
   """Mean and population std over repeats of final and best accuracy."""
   summary = {'config': _config_json(config), 'wall_time_s': wall_time_s,
@@ -191,16 +212,21 @@ def run_single(config, workdir, data=None, teacher=None):
     print(f'{workdir} is finished; not overwriting it. Its summary:')
     print(format_table([(summary['method'], summary)]))
     return summary
-  os.makedirs(workdir, exist_ok=True)
-  _check_same_config(config, workdir)
+  with config_validation.user_errors(f'workdir {workdir}', OSError):
+    os.makedirs(workdir, exist_ok=True)
+    _check_same_config(config, workdir)
   start = time.time()
   data = data or datasets.load(config)
   teacher = teacher or load_teacher(config, data)
+  delta_weights = None
+  if config.method == 'delta':
+    delta_weights = _delta_weights(config, workdir, data, teacher)
   results = []
   for r in range(1, config.repeats + 1):
     seed = config.seed + r
     results.append(train.train_and_evaluate(
-        config, os.path.join(workdir, f'seed_{seed}'), seed, data, teacher))
+        config, os.path.join(workdir, f'seed_{seed}'), seed, data, teacher,
+        delta_weights))
   summary = summarize(results, config, time.time() - start)
   if jax.process_index() == 0:
     train._write_json_atomic(summary_path, summary)  # pylint: disable=protected-access
@@ -221,7 +247,8 @@ def run(config, workdir):
   methods = tuple(config.get('compare_methods') or ())
   if not methods:
     return run_single(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  with config_validation.user_errors(f'workdir {workdir}', OSError):
+    os.makedirs(workdir, exist_ok=True)
   data = datasets.load(config)
   teacher = load_teacher(config, data)
   summaries = {}

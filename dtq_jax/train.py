@@ -6,10 +6,13 @@ attention modules; the teacher is the frozen full-precision network, passed to
 the step as an argument and never checkpointed (METHOD.md, "Networks").
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -408,6 +411,77 @@ class NonFiniteLossError(RuntimeError):
   """A loss term or the gradient became NaN or infinite."""
 
 
+class Interrupted(Exception):
+  """SIGTERM/SIGINT arrived; a checkpoint of the current step was written."""
+
+  def __init__(self, message, signum):
+    super().__init__(message)
+    self.signum = signum
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step.
+
+  The step in flight finishes and is checkpointed. A second SIGINT aborts at
+  once (Python's default KeyboardInterrupt). Handlers are only installed from
+  the main thread (signal's rule) and are restored on exit.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+    # The next SIGINT interrupts immediately.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def _restore_latest_good(ckpt, target):
+  """Restores the newest readable checkpoint, reporting unreadable ones.
+
+  Orbax writes a checkpoint under a temporary name and renames it when it is
+  complete, so a kill during a write leaves no partial step; a step damaged
+  afterwards (a truncated file) fails to restore and the previous one is used.
+
+  Args:
+    ckpt: the run's CheckpointManager.
+    target: a TrainState with the expected structure.
+
+  Returns:
+    The restored Composite (``.state``, ``.meta``), or None if there is no
+    checkpoint.
+
+  Raises:
+    RuntimeError: checkpoints exist but none can be read.
+  """
+  steps = sorted(ckpt.all_steps(), reverse=True)
+  for step in steps:
+    try:
+      return ckpt.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'warning: checkpoint {ckpt.directory}/{step} is unreadable '
+            f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying '
+            'the previous one.')
+  if steps:
+    raise RuntimeError(f'no readable checkpoint in {ckpt.directory}; move it '
+                       'away to start the run again.')
+  return None
+
+
 def evaluate(eval_step, params, batch_stats, split, config, data, runtime):
   """Accuracy (%) and mean CE on every example of ``split`` exactly once."""
   # Imported lazily: input_pipeline pulls in TensorFlow.
@@ -456,6 +530,7 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
   Raises:
     NonFiniteLossError: a loss became non-finite and ``config.on_nonfinite``
       is 'stop'.
+    Interrupted: SIGTERM/SIGINT; the current step was checkpointed.
   """
   from dtq_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
@@ -464,47 +539,40 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
     with open(result_path) as f:
       return json.load(f)
   runtime = Runtime()
-  num_source = jax.tree.leaves(
-      teacher['params'][_classifier_name(config)])[0].shape[-1]
-  nets = build_networks(config, data.num_classes, num_source)
+  nets = build_networks(config, data.num_classes, num_source_classes(teacher))
   steps_per_epoch, num_epochs, total_steps = schedule_lengths(
       config, data.num_train)
 
-  rng = jax.random.PRNGKey(seed)
-  init_rng, state_rng = jax.random.split(rng)
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
   params, batch_stats = init_params(nets, init_rng, data.image_shape, teacher)
   tx, schedule = make_optimizer(config, params, nets.student.classifier_name,
                                 steps_per_epoch, num_epochs)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     batch_stats=batch_stats, opt_state=tx.init(params),
-                     rng=state_rng, nonfinite_steps=jnp.zeros((), jnp.int32))
-  state = runtime.replicate(state)
+  state = runtime.replicate(TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      opt_state=tx.init(params), rng=state_rng,
+      nonfinite_steps=jnp.zeros((), jnp.int32)))
   frozen = runtime.replicate({'teacher': teacher,
                               'delta_weights': delta_weights})
 
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, create=True)
-  ckpt = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
-                               options=options, item_names=('state', 'meta'))
+  ckpt = ocp.CheckpointManager(
+      os.path.join(workdir, 'checkpoints'), item_names=('state', 'meta'),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.keep_checkpoints, create=True))
   best_ckpt = ocp.CheckpointManager(
-      os.path.join(workdir, 'best'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-      item_names=('state', 'meta'))
+      os.path.join(workdir, 'best'), item_names=('state', 'meta'),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
   meta = {'history': [], 'best_accuracy': -1.0, 'wall_time_s': 0.0}
-  if ckpt.latest_step() is not None:
-    restored = ckpt.restore(ckpt.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
+  restored = _restore_latest_good(ckpt, state)
+  if restored is not None:
     state, meta = restored.state, restored.meta
-    logging.info('Resumed %s at step %d.', workdir, int(state.step))
+    print(f'Resuming {workdir} at step {int(state.step)}.')
 
   train_step = jax.jit(
       make_train_step(config, nets, tx),
       in_shardings=(runtime.replicated, runtime.batch, runtime.replicated),
       out_shardings=(runtime.replicated, runtime.replicated),
       donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(nets),
-                      out_shardings=runtime.replicated)
-  logger = _Logger(workdir, runtime.is_main)
+  eval_step = jax.jit(make_eval_step(nets), out_shardings=runtime.replicated)
   start_step = int(state.step)
   batches = input_pipeline.train_batches(
       data.train, config.batch_size, seed=seed, start_step=start_step,
@@ -517,72 +585,82 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
     bad = _first_nonfinite(history)
     if bad is not None and config.on_nonfinite == 'stop':
       raise NonFiniteLossError(
-          f'non-finite {", ".join(bad[1])} at step {bad[0] + 1}; the last '
-          f'good checkpoint in {workdir}/checkpoints is intact. Lower '
-          'optim.lr or set on_nonfinite=skip to skip such steps.')
+          f'non-finite {", ".join(bad[1])} at step {bad[0]}; the last good '
+          f'checkpoint in {workdir}/checkpoints is intact. Lower optim.lr or '
+          'set on_nonfinite=skip to skip such steps.')
     return history
 
-  def save(step):
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              meta=ocp.args.JsonSave(meta))
-    ckpt.save(step, args=args)
+  def save(manager, step):
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
-  # Metrics stay on the device until a log or evaluation point, so the loop
-  # only enqueues work and never waits for a step to finish.
-  pending, t_start, t_log = [], time.time(), time.time()
-  bar = tqdm(total=total_steps, initial=start_step, disable=not runtime.is_main,
-             desc=os.path.basename(workdir.rstrip('/')), dynamic_ncols=True,
-             mininterval=2.0)
-  for step in range(start_step + 1, total_steps + 1):
-    state, metrics = train_step(state, runtime.put_batch(next(batches)),
-                                frozen)
-    pending.append((step, metrics))
-    bar.update(1)
-    epoch, in_epoch = divmod(step, steps_per_epoch)
-    do_eval = not in_epoch and (epoch % config.eval_every_epochs == 0 or
-                                step == total_steps)
-    do_save = do_eval or (config.checkpoint_every_steps and
-                          step % config.checkpoint_every_steps == 0)
-    if step % config.log_every_steps and not do_save:
-      continue
-    history = fetch_checked(pending)
-    now = time.time()
+  def log_train(step, history, seconds):
     scalars = {k: np.mean([m[k] for _, m in history]) for k in history[0][1]}
     scalars.pop('finite')
     scalars['lr'] = float(schedule(step - 1))
     scalars['images_per_s'] = len(history) * config.batch_size / max(
-        now - t_log, 1e-9)
+        seconds, 1e-9)
     scalars['nonfinite_steps'] = int(jax.device_get(state.nonfinite_steps))
     logger.write(step, {f'train/{k}': v for k, v in scalars.items()})
     bar.set_postfix(loss=f'{scalars["loss"]:.3f}',
                     acc=f'{scalars["accuracy"]:.1f}')
-    pending, t_log = [], now
-    if do_eval:
-      record = {'epoch': epoch, 'step': step}
-      if data.val is not None:
-        record['val'] = evaluate(eval_step, state.params, state.batch_stats,
-                                 data.val, config, data, runtime)
-      record['test'] = evaluate(eval_step, state.params, state.batch_stats,
-                                data.test, config, data, runtime)
-      meta['history'].append(record)
-      logger.write(step, {f'{split}/{k}': v for split in ('val', 'test')
-                          if split in record
-                          for k, v in record[split].items()})
-      select = record['val' if data.val is not None else 'test']['accuracy']
-      if select > meta['best_accuracy']:
-        meta['best_accuracy'] = select
-        best_ckpt.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-      bar.write(f'epoch {epoch}/{num_epochs}: test accuracy '
-                f'{record["test"]["accuracy"]:.2f}%')
-    if do_save:
-      meta['wall_time_s'] += time.time() - t_start
-      t_start = time.time()
-      save(step)
-  bar.close()
-  ckpt.wait_until_finished()
-  best_ckpt.wait_until_finished()
-  logger.close()
+
+  def log_eval(step, epoch):
+    record = {'epoch': epoch, 'step': step}
+    for name, split in (('val', data.val), ('test', data.test)):
+      if split is not None:
+        record[name] = evaluate(eval_step, state.params, state.batch_stats,
+                                split, config, data, runtime)
+        logger.write(step, {f'{name}/{k}': v for k, v in record[name].items()})
+    meta['history'].append(record)
+    bar.write(f'epoch {epoch}/{num_epochs}: test accuracy '
+              f'{record["test"]["accuracy"]:.2f}%')
+    return record['val' if data.val is not None else 'test']['accuracy']
+
+  logger = _Logger(workdir, runtime.is_main)
+  bar = tqdm(total=total_steps, initial=start_step, disable=not runtime.is_main,
+             desc=os.path.basename(workdir.rstrip('/')), dynamic_ncols=True,
+             mininterval=2.0)
+  # Metrics stay on the device until a log, evaluation or checkpoint point,
+  # so the loop only enqueues work and never waits for a step to finish.
+  pending, t_start, t_log = [], time.time(), time.time()
+  with contextlib.ExitStack() as stack:
+    stack.callback(logger.close)
+    stack.callback(bar.close)
+    stop = stack.enter_context(_StopRequest())
+    for step in range(start_step + 1, total_steps + 1):
+      state, metrics = train_step(state, runtime.put_batch(next(batches)),
+                                  frozen)
+      pending.append((step, metrics))
+      bar.update(1)
+      epoch, in_epoch = divmod(step, steps_per_epoch)
+      do_eval = not in_epoch and (epoch % config.eval_every_epochs == 0 or
+                                  step == total_steps)
+      do_save = do_eval or stop.signum is not None or (
+          config.checkpoint_every_steps and
+          step % config.checkpoint_every_steps == 0)
+      if step % config.log_every_steps and not do_save:
+        continue
+      log_train(step, fetch_checked(pending), time.time() - t_log)
+      pending, t_log = [], time.time()
+      if do_eval:
+        accuracy = log_eval(step, epoch)
+        if accuracy > meta['best_accuracy']:
+          meta['best_accuracy'] = accuracy
+          save(best_ckpt, step)
+      if do_save:
+        meta['wall_time_s'] += time.time() - t_start
+        t_start = time.time()
+        save(ckpt, step)
+      if stop.signum is not None:
+        ckpt.wait_until_finished()
+        best_ckpt.wait_until_finished()
+        raise Interrupted(
+            f'{signal.Signals(stop.signum).name}: stopped after step {step} '
+            f'and saved a checkpoint in {workdir}/checkpoints; rerun the same '
+            'command to resume.', stop.signum)
+    ckpt.wait_until_finished()
+    best_ckpt.wait_until_finished()
   result = _result(meta, seed, int(state.step),
                    int(jax.device_get(state.nonfinite_steps)))
   if runtime.is_main:
@@ -590,8 +668,13 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
   return result
 
 
-def _classifier_name(config):
-  return create_model(config.model).classifier_name
+def num_source_classes(teacher):
+  """Outputs of the pretrained network's source classifier."""
+  for name in ('fc', 'classifier_1'):
+    if name in teacher['params']:
+      return teacher['params'][name]['kernel'].shape[-1]
+  raise ValueError('the pretrained variables have no source classifier '
+                   "('fc' or 'classifier_1').")
 
 
 def _result(meta, seed, steps, nonfinite_steps):

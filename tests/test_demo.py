@@ -1,0 +1,44 @@
+"""The offline demo's pipeline on the real Fashion-MNIST files, a few steps."""
+
+import json
+import os
+
+import pytest
+
+from configs import fmnist
+from dtq_jax import config_validation
+from dtq_jax import experiment
+from dtq_jax import input_pipeline
+
+_FILES = os.path.join(input_pipeline.FASHION_MNIST_DIR,
+                      'train-images-idx3-ubyte.gz')
+
+
+@pytest.mark.skipif(
+    not os.path.exists(_FILES),
+    reason=f'{_FILES} is absent (apt-get install dataset-fashion-mnist)')
+def test_quick_demo_end_to_end(tmp_path):
+  config = fmnist.get_config('quick')
+  config.cache_dir = str(tmp_path / 'cache')
+  config.model_kwargs.widths = (8, 16, 16, 16)
+  config_validation.validate(config)
+  workdir = str(tmp_path / 'demo')
+  summaries = experiment.run(config, workdir)
+
+  assert set(summaries) == {'fp', 'ft', 'dtq'}
+  for method, summary in summaries.items():
+    # Five target classes: chance is 20%.
+    assert summary['final_test_accuracy'] > 30, (method, summary)
+    run = os.path.join(workdir, method, 'seed_1')
+    assert os.listdir(os.path.join(run, 'checkpoints'))
+    with open(os.path.join(workdir, method, 'summary.json')) as f:
+      assert json.load(f)['method'] == method
+  assert summaries['fp']['bits_w'] == 32 and summaries['dtq']['bits_w'] == 4
+  with open(os.path.join(workdir, 'comparison.md')) as f:
+    table = f.read()
+  assert '| dtq | 4/4 |' in table and '| fp | 32/32 |' in table
+  teachers = os.listdir(os.path.join(tmp_path, 'cache', 'teachers'))
+  assert len(teachers) == 1
+  # The cached teacher is reused: a second experiment trains no new one.
+  experiment.run(config, str(tmp_path / 'demo2'))
+  assert os.listdir(os.path.join(tmp_path, 'cache', 'teachers')) == teachers

@@ -1,0 +1,173 @@
+"""End-to-end runs of the program on tiny data the tests make themselves."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import food101
+from configs import mit67
+from dtq_jax import config_validation
+from dtq_jax import experiment
+from dtq_jax import input_pipeline
+from dtq_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+  """3 classes x 10 random 40x40 RGB images, <root>/<class>/<image>."""
+  root = tmp_path_factory.mktemp('folder')
+  rng = np.random.RandomState(0)
+  for c in range(3):
+    os.makedirs(root / f'class{c}')
+    for i in range(10):
+      pixels = rng.randint(0, 255, (40, 40, 3)).astype(np.uint8)
+      pixels[..., c] = 255 * (i % 2)  # Some signal per class.
+      tf.io.write_file(str(root / f'class{c}' / f'{i}.png'),
+                       tf.io.encode_png(pixels))
+  return str(root)
+
+
+def tiny(config, method='ft'):
+  """Shrinks a paper config's ':quick' variant further for tests."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model = 'small_resnet'
+  config.model_kwargs = dict(widths=(4, 8, 8, 8))
+  config.method = method
+  config.pretrained = 'none'
+  config.cache_dir = ''
+  return config
+
+
+def folder_config(root, method='ft', **overrides):
+  c = tiny(mit67.get_config('quick'), method)
+  c.dataset.root = root
+  c.dataset.train_per_class = 6
+  c.dataset.test_per_class = 4
+  c.update(overrides)
+  return config_validation.validate(c)
+
+
+@pytest.mark.parametrize('method', ['ft', 'dtq'])
+def test_run_writes_checkpoints_events_and_summary(image_folder, tmp_path,
+                                                    method):
+  workdir = str(tmp_path / 'run')
+  summary = experiment.run(folder_config(image_folder, method), workdir)
+  for key in ('final_test_accuracy', 'best_test_accuracy', 'final_test_std',
+              'best_test_std', 'wall_time_s', 'config'):
+    assert key in summary
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    assert json.load(f)['final_test_accuracy'] == summary[
+        'final_test_accuracy']
+  run = os.path.join(workdir, 'seed_1')
+  assert glob.glob(os.path.join(run, 'events.out.tfevents.*'))
+  assert os.listdir(os.path.join(run, 'checkpoints'))
+  assert os.listdir(os.path.join(run, 'best'))
+  lines = [json.loads(l) for l in open(os.path.join(run, 'metrics.jsonl'))]
+  assert any('test/accuracy' in l for l in lines)
+  assert any('train/loss_ce' in l for l in lines)
+  if method == 'dtq':
+    assert any('train/loss_afa' in l and 'train/attention_entropy_3' in l
+               for l in lines)
+  # A finished run is never overwritten: rerunning returns the stored summary.
+  mtime = os.path.getmtime(os.path.join(workdir, 'summary.json'))
+  assert experiment.run(folder_config(image_folder, method),
+                        workdir) == summary
+  assert os.path.getmtime(os.path.join(workdir, 'summary.json')) == mtime
+
+
+def test_resume_after_interruption_matches_uninterrupted(
+    image_folder, tmp_path, monkeypatch):
+  config = folder_config(image_folder, 'dtq', checkpoint_every_steps=1)
+  full = experiment.run(config, str(tmp_path / 'full'))
+
+  original = input_pipeline.train_batches
+
+  def crash_after_four_batches(*args, **kwargs):
+    for i, batch in enumerate(original(*args, **kwargs)):
+      if i == 4:
+        raise KeyboardInterrupt('simulated crash')
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'train_batches',
+                      crash_after_four_batches)
+  workdir = str(tmp_path / 'resumed')
+  with pytest.raises(KeyboardInterrupt):
+    experiment.run(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+  monkeypatch.setattr(input_pipeline, 'train_batches', original)
+  resumed = experiment.run(config, workdir)
+  for key in ('final_test_accuracy', 'best_test_accuracy'):
+    assert resumed[key] == full[key]
+  a = train.restore_params(os.path.join(tmp_path, 'full', 'seed_1'))
+  b = train.restore_params(os.path.join(workdir, 'seed_1'))
+  np.testing.assert_allclose(a['params']['head']['fc']['kernel'],
+                             b['params']['head']['fc']['kernel'], rtol=1e-6)
+
+
+def test_resume_refuses_a_different_config(image_folder, tmp_path,
+                                           monkeypatch):
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  experiment._check_same_config(folder_config(image_folder), workdir)
+  with pytest.raises(config_validation.ConfigError, match='optim.lr'):
+    experiment._check_same_config(
+        folder_config(image_folder, optim=dict(lr=0.5)), workdir)
+
+
+def test_repeats_report_mean_and_population_std(image_folder, tmp_path):
+  summary = experiment.run(folder_config(image_folder, repeats=2),
+                           str(tmp_path / 'run'))
+  finals = summary['final_test_accuracy_per_repeat']
+  assert summary['seeds'] == [1, 2]
+  assert summary['final_test_accuracy'] == pytest.approx(np.mean(finals))
+  assert summary['final_test_std'] == pytest.approx(np.std(finals))
+
+
+def test_tfds_dataset_with_mock_data(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  c = tiny(food101.get_config('quick'))
+  c.batch_size = 4
+  c.eval_batch_size = 4
+  with tfds.testing.mock_data(num_examples=12):
+    summary = experiment.run(config_validation.validate(c),
+                             str(tmp_path / 'run'))
+  assert 0 <= summary['final_test_accuracy'] <= 100
+
+
+@pytest.mark.parametrize('override, field', [
+    ('--config.model=resnet7', 'model'),
+    ('--config.method=magic', 'method'),
+    ('--config.bits_w=3.5', 'bits_w'),
+    ('--config.bits_a=1', 'bits_a'),
+    ('--config.optim.lr=-1', 'optim.lr'),
+    ('--config.batch_size=0', 'batch_size'),
+    ('--config.dataset.name=imagenet21k', 'dataset.name'),
+    ('--config.dataset.root=/no/such/dir', 'dataset.root'),
+])
+def test_invalid_config_is_one_line_exit_2(tmp_path, override, field):
+  config = 'configs/mit67.py:quick'
+  args = [sys.executable, 'main.py', f'--config={config}',
+          f'--workdir={tmp_path}/run', override]
+  if field != 'dataset.root':
+    args.append(f'--config.dataset.root={tmp_path}')
+  proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and f'config.{field}=' in lines[0], proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_batch_not_divisible_by_devices(image_folder):
+  with pytest.raises(config_validation.ConfigError, match='batch_size'):
+    config_validation.validate(folder_config(image_folder, batch_size=12),
+                               device_count=8)
