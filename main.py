@@ -44,6 +44,7 @@ def main(argv):
   config = _CONFIG.value
   try:
     config_validation.validate(config)
+    experiment.enable_compilation_cache(config)
     experiment.run(config, _WORKDIR.value or _default_workdir())
   except config_validation.UserError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -56,5 +57,14 @@ def main(argv):
     sys.exit(128 + e.signum)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with bad values as one-line errors (exit code 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -147,6 +147,7 @@ def test_tfds_dataset_with_mock_data(tmp_path):
     ('--config.model=resnet7', 'model'),
     ('--config.method=magic', 'method'),
     ('--config.bits_w=3.5', 'bits_w'),
+    ('--config.bits_w=17', 'bits_w'),
     ('--config.bits_a=1', 'bits_a'),
     ('--config.optim.lr=-1', 'optim.lr'),
     ('--config.batch_size=0', 'batch_size'),
@@ -165,6 +166,16 @@ def test_invalid_config_is_one_line_exit_2(tmp_path, override, field):
   lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
   assert len(lines) == 1 and f'config.{field}=' in lines[0], proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_unknown_config_variant_is_one_line_exit_2(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/mit67.py:resnet9000',
+       f'--workdir={tmp_path}/run'], cwd=ROOT, capture_output=True,
+      text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and 'resnet9000' in lines[0], proc.stderr
 
 
 def test_batch_not_divisible_by_devices(image_folder):
