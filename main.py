@@ -18,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from dtq_jax import config_validation
+from dtq_jax import distributed
 from dtq_jax import experiment
 from dtq_jax import train
 
@@ -26,6 +27,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output folder (default: runs/<config>-<time>).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'Multi-process runs: host:port of process 0 (TPU pods, SLURM and Open MPI '
+    'are detected without it).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Multi-process runs: process count.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'Multi-process runs: this process.')
 
 
 def _default_workdir():
@@ -43,6 +52,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   try:
+    if distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value) and not _WORKDIR.value:
+      raise config_validation.UserError(
+          'a multi-process run needs an explicit --workdir shared by all '
+          'processes.')
     config_validation.validate(config)
     experiment.enable_compilation_cache(config)
     experiment.run(config, _WORKDIR.value or _default_workdir())

@@ -1,0 +1,181 @@
+"""Methods x bit widths x seeds on one config, as a Markdown table.
+
+  python benchmarks/compare.py                       # the Fashion-MNIST demo
+  python benchmarks/compare.py --sweep=shots         # 5/10/30/100 shots
+  python benchmarks/compare.py --config=configs/mit67.py --methods=ft,delta,dtq \
+      --bits=4 --seeds=5 --workdir=runs/compare_mit67
+
+Each cell (method, bits[, shots]) is an ordinary experiment in its own folder
+under --workdir, trained for --seeds seeds by experiment.run_single, so a rerun
+skips finished cells and resumes an interrupted one. The table (mean and
+population std of final- and best-epoch test accuracy, mean wall time per run)
+goes to --out with the exact command, the git commit and the machine above it.
+"""
+
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from dtq_jax import config_validation
+from dtq_jax import datasets
+from dtq_jax import experiment
+
+# Methods and ablations: name -> (config.method, overrides).
+VARIANTS = {
+    'fp': ('fp', {}),
+    'ft': ('ft', {}),
+    'l2': ('l2', {}),
+    'l2sp': ('l2sp', {}),
+    'delta': ('delta', {}),
+    'dtq': ('dtq', {}),
+    'dtq_no_kl': ('dtq', {'dtq.kl_weight': 0.0}),
+    'dtq_no_afa': ('dtq', {'dtq.afa_weight': 0.0}),
+    'dtq_uniform': ('dtq', {'dtq.attention': 'uniform'}),
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/fmnist.py', 'Base config.', lock_config=False)
+_METHODS = flags.DEFINE_list(
+    'methods', None, f'Variants among {", ".join(VARIANTS)} (default: all; '
+    'with --sweep=shots: ft,delta,dtq).')
+_BITS = flags.DEFINE_list('bits', None,
+                          'Bit widths (default 4,5; shots sweep: 4).')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per cell (repeats).')
+_SWEEP = flags.DEFINE_enum('sweep', 'methods', ['methods', 'shots'],
+                           'What the table compares.')
+_SHOTS = flags.DEFINE_list('shots', ['5', '10', '30', '100'],
+                           'Shots per class for --sweep=shots.')
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Folder of the cells (default runs/compare_*).')
+_OUT = flags.DEFINE_string('out', None, 'Markdown table (default results/).')
+
+
+def _set(config, dotted, value):
+  *parents, leaf = dotted.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def cell_config(base, variant, bits, shots=None):
+  """The config of one table cell."""
+  method, overrides = VARIANTS[variant]
+  config = base.copy_and_resolve_references()
+  config.method = method
+  config.compare_methods = ()
+  config.bits_w = config.bits_a = bits
+  config.repeats = _SEEDS.value
+  for k, v in overrides.items():
+    _set(config, k, v)
+  if shots is not None:
+    config.dataset.shots_per_class = shots
+    # Every step sees a full batch; few shots make a smaller one.
+    n = shots * len(config.dataset.target_classes)
+    config.batch_size = min(config.batch_size, n)
+  return config_validation.validate(config)
+
+
+def machine():
+  cpu = ''
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo') as f:
+      cpu = next((l.split(':', 1)[1].strip() for l in f
+                  if l.startswith('model name')), '')
+  return (f'{cpu or platform.processor()}, {os.cpu_count()} cores, '
+          f'jax {jax.__version__} on {jax.devices()[0].device_kind}')
+
+
+def commit():
+  try:
+    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
+                          capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(__file__)).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def row(label, bits, summary):
+  runs = summary['run_wall_time_s']
+  return (f'| {label} | {bits} | {summary["final_test_accuracy"]:.2f} ± '
+          f'{summary["final_test_std"]:.2f} | '
+          f'{summary["best_test_accuracy"]:.2f} ± '
+          f'{summary["best_test_std"]:.2f} | {sum(runs) / len(runs):.0f} |')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  base = _CONFIG.value
+  sweep = _SWEEP.value
+  methods = _METHODS.value or (['ft', 'delta', 'dtq'] if sweep == 'shots'
+                               else list(VARIANTS))
+  unknown = sorted(set(methods) - set(VARIANTS))
+  if unknown:
+    raise app.UsageError(f'unknown --methods {unknown}; allowed: '
+                         f'{", ".join(VARIANTS)}')
+  bits = [int(b) for b in (_BITS.value or (['4'] if sweep == 'shots'
+                                           else ['4', '5']))]
+  name = os.path.splitext(os.path.basename(
+      flags.FLAGS['config'].config_filename))[0]
+  workdir = _WORKDIR.value or os.path.join('runs', f'compare_{name}_{sweep}')
+  out = _OUT.value or os.path.join('results', f'compare_{name}_{sweep}.md')
+  experiment.enable_compilation_cache(base)
+
+  cells = []
+  for shots in ([int(s) for s in _SHOTS.value] if sweep == 'shots'
+                else [None]):
+    for variant in methods:
+      # Full precision does not depend on the bit width: one row.
+      for b in ([32] if variant == 'fp' else bits):
+        cells.append((variant, b, shots))
+  data_cache, teacher = {}, None
+  lines = []
+  start = time.time()
+  for variant, b, shots in cells:
+    config = cell_config(base, variant, b, shots)
+    key = shots
+    if key not in data_cache:
+      data_cache[key] = datasets.load(config)
+    data = data_cache[key]
+    if teacher is None:
+      teacher = experiment.load_teacher(config, data)
+    cell = f'{variant}-{b}bit' + (f'-{shots}shots' if shots else '')
+    summary = experiment.run_single(config, os.path.join(workdir, cell), data,
+                                    teacher)
+    label = variant if shots is None else f'{variant}, {shots} shots'
+    lines.append(row(label, f'{b}/{b}', summary))
+  header = [
+      f'# {name}: {sweep} comparison',
+      '',
+      f'Command: `python {" ".join(sys.argv)}`  ',
+      f'Commit: {commit()}  ',
+      f'Machine: {machine()}  ',
+      f'Seeds: {_SEEDS.value} per cell (seed+1..seed+{_SEEDS.value}); '
+      f'total time {time.time() - start:.0f} s for this invocation '
+      '(finished cells are reused).',
+      '',
+      '| method | bits (w/a) | final test acc. (%) | best test acc. (%) '
+      '| wall time per run (s) |',
+      '|---|---|---|---|---|',
+  ]
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  with open(out + '.tmp', 'w') as f:
+    f.write('\n'.join(header + lines) + '\n')
+  os.replace(out + '.tmp', out)
+  print('\n'.join(header + lines))
+
+
+if __name__ == '__main__':
+  app.run(main)
