@@ -65,8 +65,8 @@ def get_config(arg=None):
       optim=ml_collections.ConfigDict(dict(lr=0.1, lr_drop_epoch_fraction=0.5)),
   ))
   if 'quick' in tokens:
-    c.total_steps = 20
-    c.eval_every_epochs = 5
+    c.total_steps = 40
+    c.eval_every_epochs = 8
     c.pretrain.num_epochs = 1
-    c.pretrain.steps_per_epoch = 20
+    c.pretrain.steps_per_epoch = 40
   return c

@@ -47,7 +47,7 @@ def _setup(config, batch=8, num_classes=3, runtime=None):
               'label': rng.randint(0, num_classes, batch).astype(np.int32)}
              for _ in range(3)]
   frozen = {'teacher': teacher, 'delta_weights': [
-      jnp.full((c,), 1.0 / c) for c in (4, 8, 8, 8)]}
+      jnp.full((c,), 1.0 / c) for c in config.model_kwargs.widths]}
   return nets, tx, runtime.replicate(state), batches, runtime.replicate(
       frozen), runtime
 
@@ -84,10 +84,12 @@ def test_dtq_total_loss_matches_formula():
   (s_logits, s_feats), _ = nets.student.apply(
       {'params': state.params['backbone'], 'batch_stats': state.batch_stats},
       batch['image'], train=True, mutable=['batch_stats'])
+  c = config.dtq
   expected = (losses.cross_entropy(aux['logits'], batch['label']) +
-              0.5 * losses.kl_divergence(s_logits, t_logits, 4.0) +
-              0.01 * losses.afa_loss(t_feats['taps'], s_feats['taps'],
-                                     aux['attention']))
+              c.kl_weight * losses.kl_divergence(s_logits, t_logits,
+                                                 c.temperature) +
+              c.afa_weight * losses.afa_loss(t_feats['taps'], s_feats['taps'],
+                                             aux['attention']))
   np.testing.assert_allclose(total, expected, rtol=1e-5)
   assert set(terms) == {'ce', 'kl', 'afa'}
 
