@@ -16,13 +16,20 @@ import sys
 
 import jax
 
+from dtq_jax import config_validation
+
 # PCI vendor id of Google's TPU chips (as jax's own hardware detection).
 _GOOGLE_PCI_VENDOR = '0x1ae0'
 
 
 def _cluster_processes():
-  """Processes a launcher started, from its environment (0 if none)."""
-  for var in ('OMPI_COMM_WORLD_SIZE', 'SLURM_NTASKS', 'PMI_SIZE'):
+  """Processes a launcher started, from its environment (0 if none).
+
+  SLURM: the job step's task count, set by ``srun`` only, so that a plain
+  ``python main.py`` in a batch script runs as one process instead of
+  waiting for tasks that were never started.
+  """
+  for var in ('OMPI_COMM_WORLD_SIZE', 'SLURM_STEP_NUM_TASKS'):
     if os.environ.get(var, '').isdigit():
       return int(os.environ[var])
   hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
@@ -45,7 +52,7 @@ def _on_cloud_tpu_vm():
 
 def maybe_initialize(coordinator_address=None, num_processes=None,
                      process_id=None):
-  """Calls ``jax.distributed.initialize`` when the run may have several processes.
+  """Calls ``jax.distributed.initialize`` for a (possibly) multi-process run.
 
   Must run before anything else touches a JAX backend. Processes other than
   process 0 then write nothing to stdout (summaries, progress and tables come
@@ -71,6 +78,10 @@ def maybe_initialize(coordinator_address=None, num_processes=None,
   if not coordinator_address and _cluster_processes() <= 1:
     on_tpu_vm = _on_cloud_tpu_vm()
     if not on_tpu_vm:
+      if num_processes not in (None, 1) or process_id not in (None, 0):
+        raise config_validation.UserError(
+            '--num_processes and --process_id need --coordinator_address='
+            'HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS).')
       return False
   # CPU devices of different processes talk through gloo; the setting does
   # not affect GPU or TPU backends.

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import ml_collections
 import numpy as np
 import pytest
@@ -58,7 +59,12 @@ def folder_config(root, method='ft', **overrides):
 
 @pytest.mark.parametrize('method', ['ft', 'dtq'])
 def test_run_writes_checkpoints_events_and_summary(image_folder, tmp_path,
-                                                    method):
+                                                    method, monkeypatch):
+  # The train step of a whole run (all epochs and evaluations) compiles once.
+  chex.clear_trace_counter()
+  make_step = train.make_train_step
+  monkeypatch.setattr(train, 'make_train_step', lambda *a: (
+      chex.assert_max_traces(make_step(*a), n=1)))
   workdir = str(tmp_path / 'run')
   summary = experiment.run(folder_config(image_folder, method), workdir)
   for key in ('final_test_accuracy', 'best_test_accuracy', 'final_test_std',
@@ -123,9 +129,13 @@ def test_resume_refuses_a_different_config(image_folder, tmp_path,
         folder_config(image_folder, optim=dict(lr=0.5)), workdir)
 
 
-def test_repeats_report_mean_and_population_std(image_folder, tmp_path):
-  summary = experiment.run(folder_config(image_folder, repeats=2),
-                           str(tmp_path / 'run'))
+def test_repeats_and_validation_split(image_folder, tmp_path):
+  config = folder_config(image_folder, repeats=2)
+  config.dataset.val_fraction = 0.34  # 2 of the 6 training images per class.
+  summary = experiment.run(config, str(tmp_path / 'run'))
+  result = json.load(open(tmp_path / 'run' / 'seed_1' / 'result.json'))
+  assert all(r['val']['count'] == 6 for r in result['history'])
+  assert 'test_accuracy_at_best_val' in result
   finals = summary['final_test_accuracy_per_repeat']
   assert summary['seeds'] == [1, 2]
   assert summary['final_test_accuracy'] == pytest.approx(np.mean(finals))
