@@ -9,7 +9,9 @@ the summary of a finished one.
 """
 
 import datetime
+import errno
 import os
+import shlex
 import sys
 
 from absl import app
@@ -37,6 +39,19 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'Multi-process runs: this process.')
 
 
+def _load_config():
+  """The parsed config; config_flags reports a file it cannot load lazily."""
+  config = _CONFIG.value
+  try:
+    config.get('model')
+  except OSError as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    raise config_validation.UserError(
+        f'--config: cannot load {flags.FLAGS["config"].config_filename}: '
+        f'{reason}') from e
+  return config
+
+
 def _default_workdir():
   name = os.path.splitext(os.path.basename(
       flags.FLAGS['config'].config_filename))[0]
@@ -50,8 +65,9 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     # Orbax and TensorFlow log every checkpoint step at INFO.
     logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
+  workdir = _WORKDIR.value or _default_workdir()
   try:
+    config = _load_config()
     if distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value) and not _WORKDIR.value:
       raise config_validation.UserError(
@@ -59,16 +75,35 @@ def main(argv):
           'processes.')
     config_validation.validate(config)
     experiment.enable_compilation_cache(config)
-    experiment.run(config, _WORKDIR.value or _default_workdir())
+    experiment.run(config, workdir)
   except config_validation.UserError as e:
     print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except OSError as e:
+    if e.errno not in _WRITE_ERRORS:
+      raise
+    # A full disk or a workdir that became unwritable during the run.
+    print(f'error: cannot write the run in {workdir}: {e}', file=sys.stderr)
     sys.exit(2)
   except train.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   except train.Interrupted as e:
-    print(e, file=sys.stderr)
+    print(f'{e}\nTo resume: {_resume_command(workdir)}', file=sys.stderr)
     sys.exit(128 + e.signum)
+
+
+# Errors of writing files that mean the disk or the workdir, not a bug.
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES,
+                 errno.EPERM, errno.EROFS, errno.ENOTDIR)
+
+
+def _resume_command(workdir):
+  """This command, with --workdir named when it was the default one."""
+  argv = [sys.executable] + sys.argv
+  if not _WORKDIR.value:
+    argv.append(f'--workdir={workdir}')
+  return shlex.join(argv)
 
 
 def _parse_flags(argv):

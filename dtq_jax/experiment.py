@@ -12,6 +12,7 @@ import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -60,7 +61,7 @@ def _check_same_config(config, workdir):
           diff[0] if diff else 'config', None,
           f'{workdir} holds an unfinished run with a different config '
           f'(fields: {", ".join(diff[:5])}); use another --workdir.')
-  else:
+  elif jax.process_index() == 0:
     train._write_json_atomic(path, current)  # pylint: disable=protected-access
 
 
@@ -143,6 +144,9 @@ def train_source_teacher(config, data):
           f'{tuple(config.dataset.source_classes)} (cached in {root}).')
     # The same trainer as the students; an interrupted pretraining resumes.
     train.train_and_evaluate(pre, run_dir, p.seed, data.source, init)
+    if jax.process_count() > 1:
+      # Process 0 writes result.json last; the others wait for it.
+      multihost_utils.sync_global_devices('dtq_jax teacher trained')
   else:
     logging.info('Using the cached teacher in %s.', root)
   trained = train.restore_params(run_dir)

@@ -11,9 +11,11 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import signal
 import threading
 import time
+import zlib
 from typing import Any, Callable, Optional
 
 from absl import logging
@@ -27,6 +29,7 @@ import orbax.checkpoint as ocp
 import tensorboardX
 from tqdm import tqdm
 
+from dtq_jax import config_validation
 from dtq_jax import losses
 from dtq_jax import quant
 from dtq_jax import transfer
@@ -448,12 +451,29 @@ class _StopRequest:
       signal.signal(signum, handler)
 
 
+def _state_digest(state):
+  """CRC-32 of every array of a TrainState (this process's copy), in order.
+
+  Written into each checkpoint's meta and checked on restore: damage that
+  still decodes (a flipped byte in an array file) is caught as well.
+  """
+  crc = 0
+  for leaf in jax.tree.leaves(state):
+    if isinstance(leaf, jax.Array):
+      leaf = leaf.addressable_shards[0].data  # Replicated: the whole array.
+    crc = zlib.crc32(np.ascontiguousarray(leaf).reshape(-1).view(np.uint8),
+                     crc)
+  return f'{crc:08x}'
+
+
 def _restore_latest_good(ckpt, target):
-  """Restores the newest readable checkpoint, reporting unreadable ones.
+  """Restores the newest intact checkpoint, reporting and deleting bad ones.
 
   Orbax writes a checkpoint under a temporary name and renames it when it is
-  complete, so a kill during a write leaves no partial step; a step damaged
-  afterwards (a truncated file) fails to restore and the previous one is used.
+  complete, so a kill during a write leaves no partial step. A step damaged
+  afterwards (a truncated or corrupt file, a checksum that does not match)
+  fails to restore and the previous one is used; the damaged newer steps are
+  then deleted, so that training writes them again.
 
   Args:
     ckpt: the run's CheckpointManager.
@@ -464,22 +484,70 @@ def _restore_latest_good(ckpt, target):
     checkpoint.
 
   Raises:
-    RuntimeError: checkpoints exist but none can be read.
+    UserError: checkpoints exist but none can be read.
   """
   steps = sorted(ckpt.all_steps(), reverse=True)
-  for step in steps:
+  for i, step in enumerate(steps):
     try:
-      return ckpt.restore(step, args=ocp.args.Composite(
+      restored = ckpt.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target),
           meta=ocp.args.JsonRestore()))
+      expected = restored.meta.get('state_crc32')
+      if expected is not None and _state_digest(restored.state) != expected:
+        raise ValueError('its arrays do not match the checksum saved with '
+                         'them')
     except Exception as e:  # pylint: disable=broad-except
       print(f'warning: checkpoint {ckpt.directory}/{step} is unreadable '
-            f'({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying '
-            'the previous one.')
+            f'({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); '
+            'trying the previous one.')
+      continue
+    for bad in steps[:i]:
+      ckpt.delete(bad)
+    if i:
+      print(f'Deleted the unreadable checkpoint(s) '
+            f'{", ".join(map(str, steps[:i]))}; training writes them again.')
+    return restored
   if steps:
-    raise RuntimeError(f'no readable checkpoint in {ckpt.directory}; move it '
-                       'away to start the run again.')
+    raise config_validation.UserError(
+        f'no readable checkpoint in {ckpt.directory}; move it away to start '
+        'the run again.')
   return None
+
+
+# Orbax and TensorStore report a failed write (a full disk, a read-only
+# folder) as ValueError('... [os_error_code=28]').
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+@contextlib.contextmanager
+def _checkpoint_write_errors(directory):
+  """Re-raises orbax's failed writes as the OSError they stand for."""
+  try:
+    yield
+  except ValueError as e:
+    match = _OS_ERROR_CODE.search(str(e))
+    if match is None:
+      raise
+    code = int(match.group(1))
+    raise OSError(code, f'{os.strerror(code)} (writing a checkpoint in '
+                  f'{directory})') from e
+
+
+def _settle_checkpoints(managers, exc_type, exc, tb):
+  """On an error, lets checkpoint writes in flight finish (or fail) first.
+
+  The last good checkpoint is then complete, and no orbax thread is still
+  writing while the interpreter shuts down. A second Ctrl-C
+  (KeyboardInterrupt) does not wait.
+  """
+  del exc, tb
+  if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+    for manager in managers:
+      try:
+        manager.wait_until_finished()
+      except Exception:  # pylint: disable=broad-except
+        pass  # The error being raised already says what went wrong.
+  return False
 
 
 def evaluate(eval_step, params, batch_stats, split, config, data, runtime):
@@ -558,9 +626,14 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
       os.path.join(workdir, 'checkpoints'), item_names=('state', 'meta'),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.keep_checkpoints, create=True))
+  # Its own barrier names: with several processes, both managers saving the
+  # same step at once would otherwise wait on the same orbax barriers.
   best_ckpt = ocp.CheckpointManager(
       os.path.join(workdir, 'best'), item_names=('state', 'meta'),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix='best')))
   meta = {'history': [], 'best_accuracy': -1.0, 'wall_time_s': 0.0}
   restored = _restore_latest_good(ckpt, state)
   if restored is not None:
@@ -586,13 +659,29 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
     if bad is not None and config.on_nonfinite == 'stop':
       raise NonFiniteLossError(
           f'non-finite {", ".join(bad[1])} at step {bad[0]}; the last good '
-          f'checkpoint in {workdir}/checkpoints is intact. Lower optim.lr or '
-          'set on_nonfinite=skip to skip such steps.')
+          f'checkpoint in {workdir}/checkpoints is intact. Run again with a '
+          'lower --config.optim.lr, or --config.on_nonfinite=skip to skip '
+          'such steps, in a new --workdir.')
+    if bad is not None:
+      skipped = [s for s, m in history if not m['finite']]
+      bar.write(f'warning: skipped {len(skipped)} update(s) with a '
+                f'non-finite loss or gradient (first: step {bad[0]}, '
+                f'{", ".join(bad[1])}); '
+                f'{int(jax.device_get(state.nonfinite_steps))} skipped so '
+                'far.')
     return history
 
   def save(manager, step):
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    saved_meta = dict(meta, state_crc32=_state_digest(state))
+    with _checkpoint_write_errors(manager.directory):
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          meta=ocp.args.JsonSave(saved_meta)))
+
+  def wait_for_saves():
+    for manager in (ckpt, best_ckpt):
+      with _checkpoint_write_errors(manager.directory):
+        manager.wait_until_finished()
 
   def log_train(step, history, seconds):
     scalars = {k: np.mean([m[k] for _, m in history]) for k in history[0][1]}
@@ -628,6 +717,7 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
     stack.callback(logger.close)
     stack.callback(bar.close)
     stop = stack.enter_context(_StopRequest())
+    stack.push(functools.partial(_settle_checkpoints, (ckpt, best_ckpt)))
     for step in range(start_step + 1, total_steps + 1):
       state, metrics = train_step(state, runtime.put_batch(next(batches)),
                                   frozen)
@@ -648,19 +738,20 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
         if accuracy > meta['best_accuracy']:
           meta['best_accuracy'] = accuracy
           save(best_ckpt, step)
+          # A checkpoint of this step must imply its best checkpoint.
+          with _checkpoint_write_errors(best_ckpt.directory):
+            best_ckpt.wait_until_finished()
       if do_save:
         meta['wall_time_s'] += time.time() - t_start
         t_start = time.time()
         save(ckpt, step)
       if stop.signum is not None:
-        ckpt.wait_until_finished()
-        best_ckpt.wait_until_finished()
+        wait_for_saves()
         raise Interrupted(
             f'{signal.Signals(stop.signum).name}: stopped after step {step} '
             f'and saved a checkpoint in {workdir}/checkpoints; rerun the same '
             'command to resume.', stop.signum)
-    ckpt.wait_until_finished()
-    best_ckpt.wait_until_finished()
+    wait_for_saves()
   result = _result(meta, seed, int(state.step),
                    int(jax.device_get(state.nonfinite_steps)))
   if runtime.is_main:
@@ -710,9 +801,14 @@ def restore_params(workdir, best=False):
     Nested dicts of arrays.
   """
   mngr = ocp.CheckpointManager(
-      os.path.join(workdir, 'best' if best else 'checkpoints'),
+      os.path.abspath(
+          os.path.join(workdir, 'best' if best else 'checkpoints')),
       item_names=('state', 'meta'),
       options=ocp.CheckpointManagerOptions(read_only=True))
+  # A checkpoint written on other devices (e.g. by a multi-process run)
+  # restores onto this process's first device.
   restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
+      state=ocp.args.StandardRestore(
+          fallback_sharding=jax.sharding.SingleDeviceSharding(
+              jax.local_devices()[0]))))
   return {k: restored.state[k] for k in ('params', 'batch_stats')}
