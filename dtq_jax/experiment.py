@@ -88,8 +88,8 @@ def load_teacher(config, data):
     return train_source_teacher(config, data)
   if config.pretrained == 'none':
     model = create_model(config.model, **dict(config.get('model_kwargs', {})))
-    images = np.zeros((1,) + tuple(data.image_shape), np.float32)
-    return dict(model.init(jax.random.PRNGKey(config.seed), images))
+    return train.init_variables(model, jax.random.PRNGKey(config.seed),
+                                data.image_shape)
   with config_validation.user_errors(f'pretrained={config.pretrained!r}'):
     return pretrained_lib.load_pretrained(
         config.model, config.pretrained,
@@ -138,8 +138,8 @@ def train_source_teacher(config, data):
     pre.num_epochs = p.num_epochs
     pre.steps_per_epoch = p.get('steps_per_epoch', 0)
     pre.optim.update(p.optim)
-    images = np.zeros((1,) + tuple(data.source.image_shape), np.float32)
-    init = dict(model.init(jax.random.PRNGKey(p.seed), images))
+    init = train.init_variables(model, jax.random.PRNGKey(p.seed),
+                                data.source.image_shape)
     print(f'Training the teacher on source classes '
           f'{tuple(config.dataset.source_classes)} (cached in {root}).')
     # The same trainer as the students; an interrupted pretraining resumes.

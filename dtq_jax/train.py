@@ -117,6 +117,24 @@ def build_networks(config, num_classes, num_source_classes):
   return Networks(student, teacher, head, attention)
 
 
+def init_variables(model, rng, image_shape):
+  """Random ``{'params', 'batch_stats'}`` of a model, initialised under jit.
+
+  Eager initialisation compiles every operation separately, which takes
+  several seconds even for the demo network.
+
+  Args:
+    model: a model of ``dtq_jax.models``.
+    rng: PRNG key.
+    image_shape: (H, W, C) of one input image.
+
+  Returns:
+    The variables as a dict.
+  """
+  images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  return dict(jax.jit(functools.partial(model.init, train=False))(rng, images))
+
+
 def init_params(nets, rng, image_shape, pretrained=None):
   """Initialises the trainable parameters and the student's batch stats.
 
@@ -131,18 +149,23 @@ def init_params(nets, rng, image_shape, pretrained=None):
     ``(params, batch_stats)``.
   """
   k_model, k_head, k_att = jax.random.split(rng, 3)
-  images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  variables = nets.student.init(k_model, images, train=False)
-  if pretrained is not None:
+  if pretrained is None:
+    variables = init_variables(nets.student, k_model, image_shape)
+  else:
     # A copy: the student must not share (donated) buffers with the teacher.
     variables = jax.tree.map(jnp.array, dict(pretrained))
-  _, feats = nets.teacher.apply(variables, images, train=False)
+  # Only the shapes of the features matter for initialising the head and
+  # the attention modules.
+  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+  _, feats = jax.eval_shape(functools.partial(nets.teacher.apply, train=False),
+                            variables, images)
+  zeros = lambda s: jnp.zeros(s.shape, jnp.float32)
   params = {
       'backbone': variables['params'],
-      'head': nets.head.init(k_head, feats['pooled'])['params'],
+      'head': jax.jit(nets.head.init)(k_head, zeros(feats['pooled']))['params'],
   }
   if nets.attention is not None:
-    att = nets.attention.init(k_att, feats['taps'])
+    att = jax.jit(nets.attention.init)(k_att, [zeros(t) for t in feats['taps']])
     if 'params' in att:
       params['attention'] = att['params']
   return params, variables['batch_stats']
