@@ -115,6 +115,12 @@ def validate(config, device_count=None):
   _check_choice(config, 'dtq.afa_normalization', ('final', 'mean'))
   _check_positive(config, 'dtq.temperature')
   _check_choice(config, 'compute_dtype', ('float32', 'bfloat16'))
+  if 'act_ranges' in config.quant:
+    _check_choice(config, 'quant.act_ranges', ('dynamic', 'static'))
+    _check_choice(config, 'quant.range_stat', ('ema', 'mean', 'minmax'))
+    if not 0 <= config.quant.range_momentum < 1:
+      raise ConfigError('quant.range_momentum', config.quant.range_momentum,
+                        'allowed: 0 <= range_momentum < 1.')
   _check_choice(config, 'on_nonfinite', ('stop', 'skip'))
   if not 0 <= config.dataset.val_fraction < 1:
     raise ConfigError('dataset.val_fraction', config.dataset.val_fraction,

@@ -3,6 +3,13 @@
 Models take the convolution class as a ``conv`` attribute, so the same network
 definition builds the full-precision teacher (``bits_w = bits_a = 32``) and the
 quantized student.
+
+Activation ranges (METHOD.md: dynamic, the paper's) can also be *static*,
+opt-in: every quantized convolution keeps running statistics of its input's
+min and max in the ``'quant_ranges'`` variable collection (``lo``, ``hi``,
+``count``), updated whenever that collection is mutable (a training step or
+a calibration pass, see calibration.py), and ``act_ranges='static'`` makes it
+quantize with the stored range instead of the batch's.
 """
 
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
@@ -13,6 +20,11 @@ import jax.numpy as jnp
 
 from dtq_jax import quant
 
+# The variable collection of the static activation ranges.
+RANGES = 'quant_ranges'
+ACT_RANGES = ('dynamic', 'static')
+RANGE_STATS = ('ema', 'mean', 'minmax')
+
 PaddingLike = Union[str, int, Sequence[Tuple[int, int]]]
 
 
@@ -22,6 +34,11 @@ def _normalize_padding(padding, ndim):
   if isinstance(padding, int):
     return ((padding, padding),) * ndim
   return tuple(tuple(p) for p in padding)
+
+
+def normalize_padding(padding, ndim):
+  """'SAME'/'VALID' unchanged; an int or pairs as ((lo, hi), ...) per dim."""
+  return _normalize_padding(padding, ndim)
 
 
 class QuantConv(nn.Module):
@@ -47,6 +64,17 @@ class QuantConv(nn.Module):
     pointwise_as_dot: compute 1x1 stride-1 convolutions as a matrix product
       instead of ``lax.conv_general_dilated``. Same maths; on XLA:CPU it is
       several times faster (see benchmarks/). Off by default.
+    act_ranges: 'dynamic' (paper: the input's range is its min and max over
+      the whole batch) or 'static' (opt-in: the range stored in the
+      ``'quant_ranges'`` collection, ``lo``/``hi``; inputs outside it are
+      clipped; no gradient reaches the range).
+    range_stat: how the stored range follows the batch ranges while the
+      ``'quant_ranges'`` collection is mutable (in 'dynamic' mode): 'ema'
+      (``lo <- m * lo + (1 - m) * batch_lo``, for training, where the weights
+      move), 'mean' (average over the batches seen; for calibration) or
+      'minmax' (the extreme over all batches seen). The first batch sets the
+      range in all three; ``count`` counts the batches.
+    range_momentum: ``m`` of 'ema'.
     dtype: computation dtype (``None``: that of the inputs and parameters).
       Ranges are still computed in float32.
     param_dtype: parameter dtype.
@@ -64,6 +92,9 @@ class QuantConv(nn.Module):
   weight_range_axis: Optional[int] = None
   range_grad: bool = True
   pointwise_as_dot: bool = False
+  act_ranges: str = 'dynamic'
+  range_stat: str = 'ema'
+  range_momentum: float = 0.9
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
@@ -92,7 +123,7 @@ class QuantConv(nn.Module):
     bias = (self.param('bias', self.bias_init, (self.features,),
                        self.param_dtype) if self.use_bias else None)
 
-    x = quant.fake_quant(x, self.bits_a, range_grad=self.range_grad)
+    x = self._quantize_input(x)
     kernel = quant.fake_quant(kernel, self.bits_w, axis=self.weight_range_axis,
                               range_grad=self.range_grad)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
@@ -112,3 +143,48 @@ class QuantConv(nn.Module):
     if bias is not None:
       y = y + bias
     return y
+
+  def _quantize_input(self, x):
+    """Fake-quantizes the input with a dynamic or stored range."""
+    if self.act_ranges not in ACT_RANGES:
+      raise ValueError(f'{self.name}: act_ranges={self.act_ranges!r}; allowed: '
+                       f'{", ".join(ACT_RANGES)}.')
+    if self.bits_a == quant.FULL_PRECISION:
+      return x
+    if self.act_ranges == 'static':
+      lo, hi = self._range_variables()[:2]
+      return quant.fake_quant_range(x, self.bits_a, lo.value, hi.value)
+    if self.is_mutable_collection(RANGES) and not self.is_initializing():
+      self._update_range(x)
+    return quant.fake_quant(x, self.bits_a, range_grad=self.range_grad)
+
+  def _range_variables(self, with_count=False):
+    zero = lambda: jnp.zeros((), jnp.float32)
+    variables = (self.variable(RANGES, 'lo', zero),
+                 self.variable(RANGES, 'hi', zero))
+    if with_count:
+      variables += (self.variable(RANGES, 'count',
+                                  lambda: jnp.zeros((), jnp.int32)),)
+    return variables
+
+  def _update_range(self, x):
+    """Folds this batch's min and max into the stored running range."""
+    if self.range_stat not in RANGE_STATS:
+      raise ValueError(f'{self.name}: range_stat={self.range_stat!r}; allowed: '
+                       f'{", ".join(RANGE_STATS)}.')
+    lo, hi, count = self._range_variables(with_count=True)
+    xf = jax.lax.stop_gradient(x).astype(jnp.float32)
+    batch = {'lo': jnp.min(xf), 'hi': jnp.max(xf)}
+    first = count.value == 0
+    for name, var in (('lo', lo), ('hi', hi)):
+      old, new = var.value, batch[name]
+      if self.range_stat == 'ema':
+        m = self.range_momentum
+        folded = m * old + (1.0 - m) * new
+      elif self.range_stat == 'mean':
+        folded = old + (new - old) / (count.value + 1).astype(jnp.float32)
+      else:
+        folded = jnp.minimum(old, new) if name == 'lo' else jnp.maximum(
+            old, new)
+      var.value = jnp.where(first, new, folded)
+    count.value = count.value + 1

@@ -120,3 +120,99 @@ def fake_quant(x, bits, *, axis=None, range_grad=True):
   q = round_ste(u) * safe_scale + lo
   return jnp.where(degenerate, xf, q).astype(dtype)
 
+
+
+# --------------------------------------------------------------------------
+# Given ranges and integer codes (static activation ranges, export, integer
+# inference). Same arithmetic as ``fake_quant``: the code of x is
+# round((clip(x, lo, hi) - lo) / s), its value code * s + lo.
+
+
+def tensor_range(x, axis=None):
+  """``(lo, hi)``: float32 min and max of ``x``, as ``fake_quant`` takes them.
+
+  Args:
+    x: array.
+    axis: ``None`` (one range for the tensor) or the axis/axes that keep their
+      own range (as in ``fake_quant``).
+
+  Returns:
+    ``(lo, hi)`` with keepdims shapes (all ones for ``axis=None``).
+  """
+  xf = x.astype(jnp.float32)
+  if axis is None:
+    reduce_axes = None
+  else:
+    keep = {a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)}
+    reduce_axes = tuple(a for a in range(x.ndim) if a not in keep)
+  return (jnp.min(xf, axis=reduce_axes, keepdims=True),
+          jnp.max(xf, axis=reduce_axes, keepdims=True))
+
+
+def range_scale(lo, hi, bits):
+  """Step ``s = (hi - lo) / (2**bits - 1)`` (float32)."""
+  return (jnp.asarray(hi, jnp.float32) - jnp.asarray(lo, jnp.float32)) / (
+      2**bits - 1)
+
+
+def quantize(x, bits, lo, hi):
+  """Integer codes of ``x`` on the grid of ``[lo, hi]``.
+
+  Args:
+    x: floating-point array.
+    bits: 2..16.
+    lo: lower range end (broadcastable to ``x``).
+    hi: upper range end; ``hi == lo`` (a constant range) gives code 0.
+
+  Returns:
+    int32 array ``round((clip(x, lo, hi) - lo) / s)`` in ``[0, 2**bits - 1]``
+    (round half to even, as ``fake_quant``).
+  """
+  check_bits(bits)
+  if bits == FULL_PRECISION:
+    raise ValueError('quantize needs bits < 32.')
+  lo = jnp.asarray(lo, jnp.float32)
+  hi = jnp.asarray(hi, jnp.float32)
+  scale = range_scale(lo, hi, bits)
+  safe_scale = jnp.where(scale <= 0, 1.0, scale)
+  u = (jnp.clip(x.astype(jnp.float32), lo, hi) - lo) / safe_scale
+  return jnp.clip(jnp.round(u), 0, 2**bits - 1).astype(jnp.int32)
+
+
+def dequantize(codes, bits, lo, hi):
+  """``codes * s + lo`` in float32 (``s`` as in ``quantize``)."""
+  lo = jnp.asarray(lo, jnp.float32)
+  return codes.astype(jnp.float32) * range_scale(lo, hi, bits) + lo
+
+
+def fake_quant_range(x, bits, lo, hi):
+  """Fake quantization with a given (static) range ``[lo, hi]``.
+
+  The forward value is ``dequantize(quantize(x, bits, lo, hi), bits, lo,
+  hi)``: values outside the range are clipped to it. Gradient: the
+  straight-through estimator inside ``[lo, hi]`` (bounds included), zero
+  outside; none reaches ``lo``/``hi`` (they are statistics, not parameters).
+
+  Args:
+    x: floating-point array.
+    bits: 2..16, or 32 for the identity.
+    lo: lower end, a scalar (or broadcastable array).
+    hi: upper end; ``hi <= lo`` gives the constant ``lo``, without NaN.
+
+  Returns:
+    Array of the shape and dtype of ``x``.
+  """
+  check_bits(bits)
+  if bits == FULL_PRECISION:
+    return x
+  dtype = x.dtype
+  xf = x.astype(jnp.float32)
+  lo = jax.lax.stop_gradient(jnp.asarray(lo, jnp.float32))
+  hi = jax.lax.stop_gradient(jnp.asarray(hi, jnp.float32))
+  scale = range_scale(lo, hi, bits)
+  safe_scale = jnp.where(scale <= 0, 1.0, scale)
+  inside = (xf >= lo) & (xf <= hi)
+  clipped = jnp.where(inside, xf, jax.lax.stop_gradient(jnp.clip(xf, lo, hi)))
+  u = (clipped - lo) / safe_scale
+  q = round_ste(u) * safe_scale + lo
+  return jnp.where(scale <= 0, lo, q).astype(dtype)

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 import tensorboardX
 from tqdm import tqdm
 
+from dtq_jax import calibration
 from dtq_jax import config_validation
 from dtq_jax import losses
 from dtq_jax import quant
@@ -61,6 +62,19 @@ class TrainState:
   nonfinite_steps: jax.Array
 
 
+@flax.struct.dataclass
+class StaticRangesTrainState(TrainState):
+  """A ``TrainState`` that also keeps the running activation ranges.
+
+  Used when ``config.quant.act_ranges='static'`` (a separate class, so that
+  the checkpoints of other runs keep their layout).
+
+  Attributes:
+    quant_ranges: ``{'lo', 'hi', 'count'}`` per quantized convolution.
+  """
+  quant_ranges: Any
+
+
 @dataclasses.dataclass(frozen=True)
 class Networks:
   """The Flax modules of one run.
@@ -75,6 +89,11 @@ class Networks:
   teacher: Any
   head: Any
   attention: Optional[Any]
+
+
+def static_ranges(config):
+  """Whether the run collects activation ranges and evaluates with them."""
+  return config.quant.get('act_ranges', 'dynamic') == 'static'
 
 
 def student_bits(config):
@@ -99,14 +118,18 @@ def build_networks(config, num_classes, num_source_classes):
   conv_kwargs = dict(pointwise_as_dot=config.quant.pointwise_as_dot)
   kwargs = dict(config.get('model_kwargs', {}) or {})
   bits_w, bits_a = student_bits(config)
+  student_conv_kwargs = dict(
+      conv_kwargs,
+      weight_range_axis=-1 if config.quant.per_channel_weights else None,
+      range_grad=config.quant.range_grad)
+  if static_ranges(config):
+    # Training stays dynamic (the paper's); these say how the collected
+    # ranges follow the batches.
+    student_conv_kwargs.update(range_stat=config.quant.range_stat,
+                               range_momentum=config.quant.range_momentum)
   student = create_model(
       config.model, num_classes=num_source_classes, bits_w=bits_w,
-      bits_a=bits_a, dtype=dtype,
-      conv_kwargs=dict(
-          conv_kwargs,
-          weight_range_axis=-1 if config.quant.per_channel_weights else None,
-          range_grad=config.quant.range_grad),
-      **kwargs)
+      bits_a=bits_a, dtype=dtype, conv_kwargs=student_conv_kwargs, **kwargs)
   teacher = create_model(config.model, num_classes=num_source_classes,
                          dtype=dtype, conv_kwargs=conv_kwargs, **kwargs)
   head = TargetHead(num_classes, dropout_rate=student.dropout_rate)
@@ -214,7 +237,7 @@ def _feature_extractor(backbone_params, classifier_name):
 
 
 def compute_losses(config, nets, params, batch_stats, images, labels, frozen,
-                   dropout_rng):
+                   dropout_rng, quant_ranges=None):
   """All loss terms of the configured method for one batch.
 
   Args:
@@ -226,20 +249,29 @@ def compute_losses(config, nets, params, batch_stats, images, labels, frozen,
     labels: (B,) target labels.
     frozen: ``{'teacher': variables}`` plus ``'delta_weights'`` for DELTA.
     dropout_rng: key for dropout.
+    quant_ranges: the student's running activation ranges, updated with this
+      batch (None: not collected).
 
   Returns:
     ``(total, (terms, new_batch_stats, aux))``: ``terms`` maps loss names to
-    scalars (weighted as in the total), ``aux`` has the target logits and the
-    attention weights.
+    scalars (weighted as in the total), ``aux`` has the target logits, the
+    attention weights and, if collected, the new ``quant_ranges``.
   """
   k_model, k_head = jax.random.split(dropout_rng)
+  variables = {'params': params['backbone'], 'batch_stats': batch_stats}
+  mutable = ['batch_stats']
+  if quant_ranges is not None:
+    variables[calibration.RANGES] = quant_ranges
+    mutable.append(calibration.RANGES)
   (source_logits, feats), new_state = nets.student.apply(
-      {'params': params['backbone'], 'batch_stats': batch_stats}, images,
-      train=True, mutable=['batch_stats'], rngs={'dropout': k_model})
+      variables, images, train=True, mutable=mutable,
+      rngs={'dropout': k_model})
   logits = nets.head.apply({'params': params['head']}, feats['pooled'],
                            train=True, rngs={'dropout': k_head})
   terms = {'ce': losses.cross_entropy(logits, labels)}
   aux = {'logits': logits}
+  if quant_ranges is not None:
+    aux['quant_ranges'] = new_state[calibration.RANGES]
   method = config.method
   classifier = nets.student.classifier_name
   if method in _TEACHER_METHODS:
@@ -297,9 +329,10 @@ def make_train_step(config, nets, tx):
     rng, dropout_rng = jax.random.split(state.rng)
     grad_fn = jax.value_and_grad(
         functools.partial(compute_losses, config, nets), has_aux=True)
+    ranges = getattr(state, 'quant_ranges', None)
     (total, (terms, batch_stats, aux)), grads = grad_fn(
         state.params, state.batch_stats, batch['image'], batch['label'],
-        frozen, dropout_rng)
+        frozen, dropout_rng, quant_ranges=ranges)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -313,6 +346,9 @@ def make_train_step(config, nets, tx):
         opt_state=keep(opt_state, state.opt_state),
         rng=rng,
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+    if ranges is not None:
+      new_state = new_state.replace(
+          quant_ranges=keep(aux['quant_ranges'], ranges))
     metrics = {f'loss_{k}': v for k, v in terms.items()}
     metrics['loss'] = total
     metrics['grad_norm'] = grad_norm
@@ -326,22 +362,30 @@ def make_train_step(config, nets, tx):
   return train_step
 
 
-def make_eval_step(nets):
-  """Builds ``(params, batch_stats, batch) -> {'correct', 'count', 'loss'}``.
+def make_eval_step(nets, act_ranges='dynamic'):
+  """Builds ``(params, batch_stats, batch[, quant_ranges]) -> {'correct',
+  'count', 'loss'}``.
 
   Padded rows (mask 0) are replaced by a copy of the batch's first row, which
   is always real: activation ranges are taken over the whole batch, and a
   duplicate of a real image leaves every min and max unchanged, so padding
   does not change any prediction.
-  """
 
-  def eval_step(params, batch_stats, batch):
+  Args:
+    nets: ``Networks``.
+    act_ranges: 'dynamic' (paper) or 'static' (the step then takes the
+      ``quant_ranges`` to quantize with).
+  """
+  student = calibration.with_act_ranges(nets.student, act_ranges)
+
+  def eval_step(params, batch_stats, batch, quant_ranges=None):
     mask = batch['mask'].astype(bool)
     images = jnp.where(mask[:, None, None, None], batch['image'],
                        batch['image'][:1])
-    _, feats = nets.student.apply(
-        {'params': params['backbone'], 'batch_stats': batch_stats}, images,
-        train=False)
+    variables = {'params': params['backbone'], 'batch_stats': batch_stats}
+    if quant_ranges is not None:
+      variables[calibration.RANGES] = quant_ranges
+    _, feats = student.apply(variables, images, train=False)
     logits = nets.head.apply({'params': params['head']}, feats['pooled'])
     weights = mask.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits,
@@ -573,7 +617,8 @@ def _settle_checkpoints(managers, exc_type, exc, tb):
   return False
 
 
-def evaluate(eval_step, params, batch_stats, split, config, data, runtime):
+def evaluate(eval_step, params, batch_stats, split, config, data, runtime,
+             quant_ranges=None):
   """Accuracy (%) and mean CE on every example of ``split`` exactly once."""
   # Imported lazily: input_pipeline pulls in TensorFlow.
   from dtq_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -584,7 +629,8 @@ def evaluate(eval_step, params, batch_stats, split, config, data, runtime):
   for i, batch in enumerate(batches):
     if config.max_eval_batches and i >= config.max_eval_batches:
       break
-    out = eval_step(params, batch_stats, runtime.put_batch(batch))
+    extra = () if quant_ranges is None else (quant_ranges,)
+    out = eval_step(params, batch_stats, runtime.put_batch(batch), *extra)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   count = max(float(totals['count']), 1.0)
@@ -638,10 +684,19 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
   params, batch_stats = init_params(nets, init_rng, data.image_shape, teacher)
   tx, schedule = make_optimizer(config, params, nets.student.classifier_name,
                                 steps_per_epoch, num_epochs)
-  state = runtime.replicate(TrainState(
+  fields = dict(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       opt_state=tx.init(params), rng=state_rng,
-      nonfinite_steps=jnp.zeros((), jnp.int32)))
+      nonfinite_steps=jnp.zeros((), jnp.int32))
+  if static_ranges(config):
+    # Count 0 everywhere: the first training batch sets every range.
+    state = StaticRangesTrainState(**fields, quant_ranges=(
+        calibration.empty_ranges(nets.student, {
+            'params': params['backbone'], 'batch_stats': batch_stats},
+                                 data.image_shape)))
+  else:
+    state = TrainState(**fields)
+  state = runtime.replicate(state)
   frozen = runtime.replicate({'teacher': teacher,
                               'delta_weights': delta_weights})
 
@@ -669,6 +724,8 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
       out_shardings=(runtime.replicated, runtime.replicated),
       donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(nets), out_shardings=runtime.replicated)
+  static_eval_step = jax.jit(make_eval_step(nets, 'static'),
+                             out_shardings=runtime.replicated)
   start_step = int(state.step)
   batches = input_pipeline.train_batches(
       data.train, config.batch_size, seed=seed, start_step=start_step,
@@ -723,6 +780,15 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
       if split is not None:
         record[name] = evaluate(eval_step, state.params, state.batch_stats,
                                 split, config, data, runtime)
+        if static_ranges(config):
+          # The run's accuracy is the static one; the paper's dynamic one is
+          # kept beside it.
+          record[f'{name}_dynamic'] = record[name]
+          record[name] = evaluate(static_eval_step, state.params,
+                                  state.batch_stats, split, config, data,
+                                  runtime, quant_ranges=state.quant_ranges)
+          logger.write(step, {f'{name}_dynamic/{k}': v for k, v in
+                              record[f'{name}_dynamic'].items()})
         logger.write(step, {f'{name}/{k}': v for k, v in record[name].items()})
     meta['history'].append(record)
     bar.write(f'epoch {epoch}/{num_epochs}: test accuracy '
@@ -807,6 +873,9 @@ def _result(meta, seed, steps, nonfinite_steps):
       'nonfinite_steps': nonfinite_steps,
       'history': history,
   }
+  if 'test_dynamic' in history[-1]:
+    result['final_test_accuracy_dynamic'] = history[-1]['test_dynamic'][
+        'accuracy']
   if 'val' in history[-1]:
     vals = [r['val']['accuracy'] for r in history]
     result['test_accuracy_at_best_val'] = tests[int(np.argmax(vals))]

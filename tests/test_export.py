@@ -1,0 +1,225 @@
+"""Export to packed integers, and the integer inference path."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import mit67
+from dtq_jax import config_validation
+from dtq_jax import experiment
+from dtq_jax import export
+from dtq_jax import int_inference
+from dtq_jax import quant
+
+DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+# --------------------------------------------------------------------------
+# Bit packing.
+
+
+@pytest.mark.parametrize('bits', range(2, 9))
+def test_pack_round_trip(bits):
+  rng = np.random.default_rng(bits)
+  for count in (0, 1, 7, 8, 9, 1001):
+    codes = rng.integers(0, 2**bits, size=count)
+    if count:
+      codes[0], codes[-1] = 2**bits - 1, 0  # Both extremes.
+    packed = export.pack(codes, bits)
+    assert packed.dtype == np.uint8
+    assert packed.size == math.ceil(count * bits / 8)  # No padding to bytes.
+    np.testing.assert_array_equal(export.unpack(packed, bits, count), codes)
+
+
+def test_pack_layout():
+  # 4 bits: two codes per byte, the first in the low nibble.
+  np.testing.assert_array_equal(export.pack([1, 2, 15, 0, 7], 4),
+                                [0x21, 0x0F, 0x07])
+  # 5 bits: 8 codes in 5 bytes, LSB first. Codes 31, 0, 1: bits
+  # 11111 00000 10000 -> byte 0 = 0b00011111, byte 1 = 0b00000100 (bit 10).
+  np.testing.assert_array_equal(export.pack([31, 0, 1], 5), [0x1F, 0x04])
+  assert export.pack(np.zeros(8), 5).size == 5
+  with pytest.raises(ValueError, match='outside'):
+    export.pack([16], 4)
+  with pytest.raises(ValueError, match='bytes'):
+    export.unpack(np.zeros(3, np.uint8), 4, 7)
+
+
+# --------------------------------------------------------------------------
+# Integer convolution against the fake-quant convolution.
+
+
+def _np_terms(codes_a, codes_w, strides, padding, groups):
+  """A, B, C, D of int_inference by explicit loops over valid taps."""
+  codes_a = np.asarray(codes_a, np.int64)
+  codes_w = np.asarray(codes_w, np.int64)
+  (pt, pb), (pl, pr) = padding
+  n, h, w, cin = codes_a.shape
+  kh, kw, cin_g, cout = codes_w.shape
+  padded = np.pad(codes_a, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  valid = np.pad(np.ones((1, h, w, cin), np.int64),
+                 ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  ho = (h + pt + pb - kh) // strides[0] + 1
+  wo = (w + pl + pr - kw) // strides[1] + 1
+  terms = [np.zeros((n, ho, wo, cout), np.int64) for _ in range(4)]
+  per_group = cout // groups
+  for i in range(ho):
+    for j in range(wo):
+      rows = slice(i * strides[0], i * strides[0] + kh)
+      cols = slice(j * strides[1], j * strides[1] + kw)
+      for o in range(cout):
+        g = o // per_group
+        chans = slice(g * cin_g, (g + 1) * cin_g)
+        a = padded[:, rows, cols, chans]
+        m = valid[:, rows, cols, chans]
+        wk = codes_w[..., o]
+        terms[0][:, i, j, o] = np.sum(a * wk, axis=(1, 2, 3))
+        terms[1][:, i, j, o] = np.sum(a, axis=(1, 2, 3))
+        terms[2][:, i, j, o] = np.sum(m * wk)
+        terms[3][:, i, j, o] = np.sum(m)
+  return terms
+
+
+@pytest.mark.parametrize('groups,cin,cout,k,stride,pad,bits,axis', [
+    (1, 3, 4, 3, 1, 1, 4, None),   # 3x3, zero padding at the border.
+    (1, 3, 4, 3, 2, 1, 5, None),   # strided, 5 bits.
+    (4, 4, 4, 3, 2, 1, 4, None),   # depthwise.
+    (2, 4, 6, 1, 1, 0, 8, -1),     # grouped 1x1, per-channel kernel ranges.
+    (1, 3, 2, 3, 1, 0, 2, None),   # no padding, 2 bits.
+])
+def test_int_conv_matches_fake_quant_conv(groups, cin, cout, k, stride, pad,
+                                          bits, axis):
+  rng = np.random.default_rng(k * 10 + groups + bits)
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, cin // groups, cout)), jnp.float32)
+  lo_a, hi_a = -0.8, 1.3  # Static range: some inputs are clipped.
+  padding = ((pad, pad), (pad, pad))
+  strides = (stride, stride)
+  squeeze = (lambda v: v.reshape(-1)) if axis is not None else (
+      lambda v: v.reshape(()))
+
+  @jax.jit
+  def compute(x, w):
+    codes_a = quant.quantize(x, bits, lo_a, hi_a)
+    xq = quant.fake_quant_range(x, bits, lo_a, hi_a)
+    lo_w, hi_w = quant.tensor_range(w, axis)
+    codes_w = quant.quantize(w, bits, lo_w, hi_w)
+    wq = quant.fake_quant(w, bits, axis=axis)
+    terms = int_inference.int_conv_terms(codes_a, codes_w, strides, padding,
+                                         groups)
+    y = int_inference.int_conv(x, codes_w, squeeze(lo_w), squeeze(hi_w),
+                               bits, lo_a, hi_a, bits, strides, padding,
+                               groups)
+    ref = jax.lax.conv_general_dilated(xq, wq, strides, padding,
+                                       dimension_numbers=DIMS,
+                                       feature_group_count=groups)
+    return dict(codes_a=codes_a, xq=xq, codes_w=codes_w, wq=wq, terms=terms,
+                dequantized_w=quant.dequantize(codes_w, bits, lo_w, hi_w),
+                y=y, ref=ref)
+
+  r = jax.device_get(compute(x, w))
+  # Codes: those of the fake quantizers, exactly.
+  s_a = np.float32((hi_a - lo_a) / (2**bits - 1))
+  np.testing.assert_array_equal(r['codes_a'],
+                                np.round((r['xq'] - np.float32(lo_a)) / s_a))
+  np.testing.assert_allclose(r['dequantized_w'], r['wq'], rtol=0, atol=1e-6)
+  assert r['codes_w'].min() == 0 and r['codes_w'].max() == 2**bits - 1
+  # The four integer sums, exactly.
+  expected = _np_terms(r['codes_a'], r['codes_w'], strides, padding, groups)
+  for got, want in zip(r['terms'], expected):
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(np.broadcast_to(got, want.shape), want)
+  # Dequantized: the float convolution of the fake-quantized tensors.
+  scale = float(np.max(np.abs(r['ref'])))
+  np.testing.assert_allclose(r['y'], r['ref'], rtol=0, atol=1e-5 * scale)
+
+
+def test_int32_overflow_is_refused():
+  int_inference.check_int32((3, 3, 512, 64), 8, 8)
+  with pytest.raises(ValueError, match='overflow'):
+    int_inference.check_int32((3, 3, 4096, 64), 8, 8)
+
+
+# --------------------------------------------------------------------------
+# Export, load, infer: a tiny trained run.
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """A finished 5-bit FT-Q run of the tiny demo ResNet on random images."""
+  root = tmp_path_factory.mktemp('folder')
+  rng = np.random.RandomState(0)
+  for c in range(3):
+    os.makedirs(root / f'class{c}')
+    for i in range(8):
+      pixels = rng.randint(0, 255, (20, 20, 3)).astype(np.uint8)
+      pixels[..., c] = 255 * (i % 2)
+      tf.io.write_file(str(root / f'class{c}' / f'{i}.png'),
+                       tf.io.encode_png(pixels))
+  c = mit67.get_config('quick,ft,5bit')
+  c.model = 'small_resnet'
+  c.model_kwargs = dict(widths=(4, 8, 8, 8))
+  c.pretrained = 'none'
+  c.dataset.root = str(root)
+  c.dataset.train_per_class = 5
+  c.dataset.test_per_class = 3
+  c.dataset.image_size = 16
+  c.dataset.resize_to = 18
+  c.num_epochs = 1
+  c.max_eval_batches = 0
+  workdir = str(tmp_path_factory.mktemp('run'))
+  experiment.run(config_validation.validate(c), workdir)
+  return workdir
+
+
+def test_export_load_infer(tiny_run, tmp_path):
+  out = str(tmp_path / 'model.dtq')
+  report_path = str(tmp_path / 'report.json')
+  assert export.main(['--workdir', tiny_run, '--out', out, '--check',
+                      '--report', report_path]) == 0
+  manifest, variables = export.read(out)
+  assert manifest['format'] == export.FORMAT
+  assert manifest['model']['bits_w'] == manifest['model']['bits_a'] == 5
+  # Every convolution but the stem is quantized and stored as 5-bit codes,
+  # packed 8 codes per 5 bytes.
+  convs = manifest['quantized_convs']
+  assert len(convs) == 11 and 'conv1' not in convs
+  for path, info in convs.items():
+    name = f'int_weights/backbone/{path}/codes'
+    shape = tuple(info['kernel_shape'])
+    assert manifest['packed'][name] == {'bits': 5, 'shape': list(shape)}
+    codes = variables['int_weights']['backbone']
+    for key in path.split('/'):
+      codes = codes[key]
+    assert codes['codes'].shape == shape and codes['codes'].max() <= 31
+  sizes = manifest['sizes']
+  kernel_elements = sum(math.prod(c['kernel_shape']) for c in convs.values())
+  assert sizes['float32_kernel_bytes'] == 4 * kernel_elements
+  assert sizes['packed_kernel_bytes'] == sum(
+      math.ceil(math.prod(c['kernel_shape']) * 5 / 8) for c in convs.values())
+  assert sizes['tensor_bytes'] < sizes['float32_same_tensors_bytes']
+  assert manifest['activation_ranges']['source'] == 'calibration'
+  assert 'fc' not in variables['params']['backbone']  # Source classifier.
+  # The integer path reproduces the static-range fake-quant evaluation.
+  with open(report_path) as f:
+    report = json.load(f)
+  assert report['test_images'] == 9
+  assert report['agreement_int_vs_static'] == 1.0
+  assert report['max_abs_logit_diff_int_vs_static'] < 1e-3
+  assert report['int']['accuracy'] == report['static_fake_quant']['accuracy']
+  # The loaded model predicts from images alone.
+  _, predict = export.load_integer_model(out)
+  logits = predict(jnp.zeros((2, 16, 16, 3)))
+  assert logits.shape == (2, 3) and np.all(np.isfinite(logits))
+
+
+def test_export_refuses_a_folder_without_a_run(tmp_path, capsys):
+  assert export.main(['--workdir', str(tmp_path), '--out',
+                      str(tmp_path / 'm.dtq')]) == 2
+  assert 'config.json' in capsys.readouterr().err
