@@ -1,0 +1,156 @@
+"""Shared helpers of the benchmark scripts: machine description, tables, output.
+
+Imported by the scripts in this folder (``python benchmarks/<script>.py`` puts
+this folder on ``sys.path``). Only the standard library here, so the PyTorch
+reference can use it without JAX.
+"""
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def add_repo_to_path():
+  """Makes ``dtq_jax`` and ``configs`` importable from the repository root."""
+  if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+
+def cpu_model():
+  """The CPU's model name from /proc/cpuinfo (or platform's guess)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.lower().startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def cpu_flags_summary():
+  """Which of the SIMD extensions that matter for GEMM the CPU has."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('flags'):
+          flags = set(line.split(':', 1)[1].split())
+          wanted = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'avx512_vnni',
+                    'amx_bf16')
+          return ','.join(w for w in wanted if w in flags) or 'none'
+  except OSError:
+    pass
+  return 'unknown'
+
+
+def usable_cores():
+  """CPU cores this process may run on (affinity), else os.cpu_count()."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def load_average():
+  try:
+    return tuple(round(x, 2) for x in os.getloadavg())
+  except OSError:
+    return None
+
+
+def git_commit():
+  """``<sha>`` of HEAD, with ``+dirty`` when the working tree has changes."""
+  def git(*args):
+    return subprocess.run(['git', '-C', REPO_ROOT, *args], capture_output=True,
+                          text=True, check=False).stdout.strip()
+  sha = git('rev-parse', 'HEAD') or 'unknown'
+  dirty = git('status', '--porcelain', '--untracked-files=no')
+  return sha + ('+dirty' if dirty else '')
+
+
+def command_line():
+  """The command that ran this script, quoted so that it can be pasted."""
+  exe = os.path.relpath(sys.executable, REPO_ROOT) if sys.executable.startswith(
+      REPO_ROOT) else sys.executable
+  script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
+  return ' '.join(shlex.quote(a) for a in [exe, script, *sys.argv[1:]])
+
+
+def machine_info(**extra):
+  """A dict describing the machine; ``extra`` adds library/device fields."""
+  info = {
+      'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime(
+          '%Y-%m-%d %H:%M:%S'),
+      'cpu': cpu_model(),
+      'cpu_simd': cpu_flags_summary(),
+      'cores_usable': usable_cores(),
+      'cores_total': os.cpu_count(),
+      'python': platform.python_version(),
+      'load_average_at_start': load_average(),
+      'git_commit': git_commit(),
+  }
+  info.update(extra)
+  return info
+
+
+def median(xs):
+  return statistics.median(xs) if xs else float('nan')
+
+
+def emit(record):
+  """Prints one JSON line (flushed, so partial runs still leave results)."""
+  print(json.dumps(record, sort_keys=False), flush=True)
+
+
+def fmt(value, digits=3):
+  """Short human formatting for table cells."""
+  if value is None:
+    return '-'
+  if isinstance(value, float):
+    if value != value:  # NaN
+      return '-'
+    if abs(value) >= 100:
+      return f'{value:.0f}'
+    if abs(value) >= 10:
+      return f'{value:.1f}'
+    return f'{value:.{digits}g}'
+  return str(value)
+
+
+def markdown_table(rows, columns):
+  """``columns``: list of (header, key or callable(row))."""
+  lines = ['| ' + ' | '.join(h for h, _ in columns) + ' |',
+           '|' + '|'.join('---' for _ in columns) + '|']
+  for row in rows:
+    cells = []
+    for _, key in columns:
+      value = key(row) if callable(key) else row.get(key)
+      cells.append(fmt(value))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def write_report(path, title, info, table, records, notes=()):
+  """Writes the Markdown report: command, commit, machine, table, raw JSON."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  info = dict(info, load_average_at_end=load_average())
+  lines = [f'# {title}', '', 'Command (from the repository root):', '',
+           '```sh', command_line(), '```', '']
+  lines += [f'- {k}: {v}' for k, v in info.items()]
+  lines += ['', table, '']
+  if notes:
+    lines += [*notes, '']
+  lines += ['Raw records (one JSON object per measured variant):', '',
+            '```json']
+  lines += [json.dumps(r) for r in records]
+  lines += ['```', '']
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines))
+  print(f'wrote {path}', file=sys.stderr)

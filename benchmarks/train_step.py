@@ -1,0 +1,515 @@
+"""Throughput and compile time of the full DTQ train step (the one main.py runs).
+
+The step is built exactly as ``train.train_and_evaluate`` builds it
+(``build_networks``, ``init_params``, ``make_optimizer``, ``make_train_step``,
+``jax.jit`` with the Runtime's shardings and the state donated), from a config
+of the paper recipe (``configs/common.py``; ``configs/fmnist.py`` for
+``small_resnet``). Weights are random (the teacher is a random network and the
+student starts from it, as it would start from the pretrained one); one random
+batch is placed on the device once and reused.
+
+For each model, in one process, the variants are (``--variants``):
+
+  dtq    DTQ at --bits (CE + KL + AFA, teacher forward, attention)
+  dtq32  the same step with a full-precision student (bits 32/32): the cost
+         of fake quantization is t(dtq) / t(dtq32)
+  ft     FT-Q at --bits (CE only, no teacher, no transfer terms): the cost of
+         transfer is t(dtq) / t(ft)
+
+each optionally also with ``quant.pointwise_as_dot`` (``--pointwise_as_dot``).
+
+Per variant: one JSON line with the compile time, the median step time, images
+per second, XLA's FLOP count of the compiled step (``cost_analysis()``), the
+achieved GFLOP/s and the memory XLA plans for the step (``memory_analysis()``),
+then a Markdown table; ``--out`` writes it with the command, git commit and
+machine. Timing: every variant of a model is built, compiled and warmed up
+(``--warmup`` steps) first; then ``--rounds`` rounds each time ``--steps``
+steps of every variant in turn (interleaving spreads load changes of a shared
+machine over all variants). Steps are dispatched without waiting; the wall
+time of all timed steps (one ``block_until_ready`` at the end of each run of
+``--steps``) gives images/s, and the completion times of the individual steps
+(observed one step behind the dispatch, so the queue never runs dry) give the
+median step time.
+
+Examples:
+
+  python benchmarks/train_step.py --model=small_resnet --batch=64 \
+      --image_size=28 --steps=20
+  python benchmarks/train_step.py --model=resnet50,mobilenet_v2 --batch=16 \
+      --steps=3 --pointwise_as_dot --out=results/train_step_cpu.md
+"""
+
+import argparse
+import gc
+import hashlib
+import os
+import re
+import sys
+import time
+
+import bench_util
+
+bench_util.add_repo_to_path()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from configs import common  # pylint: disable=wrong-import-position
+from configs import fmnist  # pylint: disable=wrong-import-position
+from dtq_jax import train  # pylint: disable=wrong-import-position
+
+VARIANTS = ('dtq', 'dtq32', 'ft')
+MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
+          'mobilenet_v2', 'small_resnet')
+
+
+def parse_bits(text):
+  """'4' -> (4, 4); '4/8' -> (4, 8) (weights / activations)."""
+  parts = text.split('/')
+  if len(parts) == 1:
+    parts = parts * 2
+  if len(parts) != 2:
+    raise argparse.ArgumentTypeError(f'--bits {text!r}: use K or W/A')
+  return int(parts[0]), int(parts[1])
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--model', default='resnet50',
+                 help='comma-separated: ' + ', '.join(MODELS))
+  p.add_argument('--batch', type=int, default=16, help='global batch size')
+  p.add_argument('--image_size', type=int, default=None,
+                 help='default: 224 (28 for small_resnet)')
+  p.add_argument('--bits', type=parse_bits, default=(4, 4),
+                 help='student bits: K or W/A (default 4)')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='config.compute_dtype')
+  p.add_argument('--steps', type=int, default=5, help='timed steps')
+  p.add_argument('--warmup', type=int, default=2,
+                 help='untimed steps after compilation')
+  p.add_argument('--rounds', type=int, default=1,
+                 help='time all variants this many times in turn (--steps '
+                 'each round; the median is over all timed steps)')
+  p.add_argument('--variants', default=','.join(VARIANTS),
+                 help='comma-separated subset of ' + ', '.join(VARIANTS))
+  p.add_argument('--pointwise_as_dot', nargs='?', const='both', default='off',
+                 choices=('off', 'on', 'both'),
+                 help='quant.pointwise_as_dot: off (default), on, or both '
+                 '(the flag alone: every variant with and without)')
+  p.add_argument('--num_classes', type=int, default=None,
+                 help='target classes (default 257, Caltech-256; 5 for '
+                 'small_resnet)')
+  p.add_argument('--num_source_classes', type=int, default=None,
+                 help='source classifier outputs (default 1000; 5 for '
+                 'small_resnet)')
+  p.add_argument('--lr', type=float, default=None,
+                 help='learning rate (default: the config\'s, 0.01); the '
+                 'step\'s cost does not depend on it, but random weights at '
+                 'a high rate can diverge to non-finite steps')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--dump_hlo', default=None,
+                 help='folder: write each variant\'s optimized HLO text there')
+  p.add_argument('--out', default=None,
+                 help='Markdown report path; {backend} is replaced by the '
+                 'backend name (e.g. results/train_step_{backend}.md)')
+  args = p.parse_args(argv)
+  args.model = [m.strip() for m in args.model.split(',') if m.strip()]
+  for m in args.model:
+    if m not in MODELS:
+      p.error(f'--model {m!r}: allowed {", ".join(MODELS)}')
+  args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+  for v in args.variants:
+    if v not in VARIANTS:
+      p.error(f'--variants {v!r}: allowed {", ".join(VARIANTS)}')
+  if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+    p.error('--steps and --rounds must be >= 1 and --warmup >= 0')
+  return args
+
+
+def make_config(model, method, bits, dtype, pointwise_as_dot, batch,
+                image_size, lr=None):
+  """The run config main.py would use, with the benchmark's overrides."""
+  if model == 'small_resnet':
+    config = fmnist.get_config()
+  else:
+    config = common.paper_config(
+        dict(name='image_folder', root='unused'),
+        model if model in common.NETWORKS else None)
+    config.model = model
+    config.dtq.temperature = common.TEMPERATURE.get(model, 60.0)
+  config.method = method
+  config.bits_w, config.bits_a = bits
+  config.compute_dtype = dtype
+  config.quant.pointwise_as_dot = pointwise_as_dot
+  config.batch_size = batch
+  config.dataset.image_size = image_size
+  if lr is not None:
+    config.optim.lr = lr
+  return config
+
+
+def variant_list(args):
+  """(name, method, bits, pointwise_as_dot) of every variant to measure."""
+  pw_values = {'off': (False,), 'on': (True,), 'both': (False, True)}[
+      args.pointwise_as_dot]
+  out = []
+  for pw in pw_values:
+    for v in args.variants:
+      method = 'ft' if v == 'ft' else 'dtq'
+      bits = (32, 32) if v == 'dtq32' else args.bits
+      name = f'{method}_w{bits[0]}a{bits[1]}' + ('+pwdot' if pw else '')
+      out.append((name, method, bits, pw))
+  return out
+
+
+def _cost(compiled):
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+    cost = cost[0] if cost else {}
+  return cost or {}
+
+
+def _memory(compiled, device):
+  """Memory XLA plans for the step, and the device's peak if it reports it."""
+  out = {}
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    m = None
+  if m is not None:
+    mb = lambda b: round(b / 2**20, 1)
+    out['mem_args_mb'] = mb(m.argument_size_in_bytes)
+    out['mem_out_mb'] = mb(m.output_size_in_bytes)
+    out['mem_alias_mb'] = mb(m.alias_size_in_bytes)
+    out['mem_temp_mb'] = mb(m.temp_size_in_bytes)
+    # XLA:CPU fills peak_memory_in_bytes with the argument size only, so it
+    # is reported for other backends.
+    peak = getattr(m, 'peak_memory_in_bytes', 0) or 0
+    if jax.default_backend() == 'cpu':
+      peak = 0
+    # Arguments + outputs + temporaries, donated (aliased) buffers once.
+    out['mem_total_mb'] = mb(m.argument_size_in_bytes +
+                             m.output_size_in_bytes -
+                             m.alias_size_in_bytes + m.temp_size_in_bytes)
+    if peak:
+      out['mem_peak_mb'] = mb(peak)
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and 'peak_bytes_in_use' in stats:
+    # Process-wide peak so far (it includes earlier variants).
+    out['device_peak_mb_so_far'] = round(stats['peak_bytes_in_use'] / 2**20, 1)
+  return out
+
+
+def random_batch(seed, batch, image_shape, num_classes):
+  """The benchmark's input batch: standard-normal images, random labels."""
+  rs = np.random.RandomState(seed)
+  return {'image': rs.standard_normal((batch,) + image_shape).astype(
+              np.float32),
+          'label': rs.randint(0, num_classes, (batch,)).astype(np.int32)}
+
+
+# BatchNorm momentum of the models (models/resnet.py batch_norm: PyTorch's
+# 0.1 is 0.9 here); used to solve the running-average update for the batch
+# statistics.
+_BN_MOMENTUM = 0.9
+
+
+def make_teacher(args, model, image_size, channels, num_classes, num_source):
+  """Random full-precision teacher variables with calibrated BatchNorm.
+
+  A random network in inference mode with the initial running statistics
+  (mean 0, variance 1) does not normalise anything: activations grow through
+  the 50 layers of ResNet-50 and the KL/AFA terms overflow within a few
+  steps (non-finite steps would then be timed). So the running statistics
+  are set to the statistics of the benchmark batch itself (one forward pass
+  in training mode, the running-average update solved for the batch
+  statistics), as a pretrained teacher's would roughly be: the teacher's
+  maps and logits are then of a realistic size.
+  """
+  base = make_config(model, 'dtq', (32, 32), args.dtype, False, args.batch,
+                     image_size)
+  net = train.build_networks(base, num_classes, num_source).teacher
+  images = jnp.asarray(random_batch(args.seed, args.batch,
+                                    (image_size, image_size, channels),
+                                    num_classes)['image'])
+  k_init, k_drop = jax.random.split(jax.random.PRNGKey(args.seed + 1))
+
+  @jax.jit
+  def init_and_calibrate(images):
+    variables = net.init(k_init, images[:1], train=False)
+    _, updated = net.apply(variables, images, train=True,
+                           mutable=['batch_stats'], rngs={'dropout': k_drop})
+    stats = jax.tree.map(
+        lambda new, old: (new - _BN_MOMENTUM * old) / (1 - _BN_MOMENTUM),
+        updated['batch_stats'], variables['batch_stats'])
+    return {'params': variables['params'], 'batch_stats': stats}
+
+  return init_and_calibrate(images)
+
+
+class Variant:
+  """One compiled variant of the step, with its state, batch and timings."""
+
+  def __init__(self, args, model, name, method, bits, pw, teacher_vars,
+               image_size, channels, num_classes, num_source, runtime):
+    self.model, self.name, self.method, self.bits, self.pw = (
+        model, name, method, bits, pw)
+    self.args, self.image_size = args, image_size
+    config = make_config(model, method, bits, args.dtype, pw, args.batch,
+                         image_size, args.lr)
+    image_shape = (image_size, image_size, channels)
+    nets = train.build_networks(config, num_classes, num_source)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(args.seed))
+    params, batch_stats = train.init_params(nets, init_rng, image_shape,
+                                            teacher_vars)
+    # Schedule lengths only place the learning-rate drop; any values do.
+    tx, _ = train.make_optimizer(config, params, nets.student.classifier_name,
+                                 steps_per_epoch=100, num_epochs=75)
+    self.state = runtime.replicate(train.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+        opt_state=tx.init(params), rng=state_rng,
+        nonfinite_steps=jnp.zeros((), jnp.int32)))
+    self.frozen = runtime.replicate({'teacher': teacher_vars,
+                                     'delta_weights': None})
+    self.batch = runtime.put_batch(
+        random_batch(args.seed, args.batch, image_shape, num_classes))
+
+    # Exactly as train.train_and_evaluate jits the step.
+    step_fn = jax.jit(
+        train.make_train_step(config, nets, tx),
+        in_shardings=(runtime.replicated, runtime.batch, runtime.replicated),
+        out_shardings=(runtime.replicated, runtime.replicated),
+        donate_argnums=(0,))
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(self.state, self.batch, self.frozen)
+    t1 = time.perf_counter()
+    self.compiled = lowered.compile()
+    t2 = time.perf_counter()
+    self.lower_s, self.xla_compile_s = t1 - t0, t2 - t1
+    hlo = self.compiled.as_text()
+    # Identical programs (e.g. pointwise_as_dot on a network without 1x1
+    # stride-1 convolutions) are flagged in the summary.
+    self.hlo_hash = hashlib.sha1(
+        re.sub(r'metadata=\{[^}]*\}', '', hlo).encode()).hexdigest()[:12]
+    if args.dump_hlo:
+      os.makedirs(args.dump_hlo, exist_ok=True)
+      path = os.path.join(args.dump_hlo,
+                          f'{model}_{name}_b{args.batch}.hlo.txt')
+      with open(path, 'w') as f:
+        f.write(hlo)
+    del hlo
+    self.first_s = None
+    self.metrics = None
+    self.intervals = []
+    self.timed_s = 0.0
+    self.timed_steps = 0
+
+  def _step(self):
+    self.state, self.metrics = self.compiled(self.state, self.batch,
+                                             self.frozen)
+    return self.metrics
+
+  def warm_up(self):
+    # The first execution separately: it can carry one-time costs.
+    t = time.perf_counter()
+    jax.block_until_ready(self._step())
+    self.first_s = time.perf_counter() - t
+    for _ in range(max(self.args.warmup - 1, 0)):
+      self._step()
+    jax.block_until_ready((self.state, self.metrics))
+
+  def time_steps(self, steps):
+    """Dispatches ``steps`` steps without waiting; records completions.
+
+    Step i-1 is waited for only after step i has been dispatched, so the
+    device always has queued work; the wall time of the whole loop ends with
+    one block_until_ready.
+    """
+    done, previous = [], None
+    start = time.perf_counter()
+    for _ in range(steps):
+      metrics = self._step()
+      if previous is not None:
+        jax.block_until_ready(previous)
+        done.append(time.perf_counter())
+      previous = metrics
+    jax.block_until_ready((self.state, self.metrics))
+    end = time.perf_counter()
+    done.append(end)
+    self.intervals.extend(np.diff([start] + done).tolist())
+    self.timed_s += end - start
+    self.timed_steps += steps
+
+  def record(self):
+    args = self.args
+    step_s = float(np.median(self.intervals))
+    cost = _cost(self.compiled)
+    flops = float(cost.get('flops', float('nan')))
+    metrics = jax.device_get(self.metrics)
+    record = {
+        'model': self.model,
+        'variant': self.name,
+        'method': self.method,
+        'bits_w': self.bits[0],
+        'bits_a': self.bits[1],
+        'pointwise_as_dot': self.pw,
+        'batch': args.batch,
+        'image_size': self.image_size,
+        'dtype': args.dtype,
+        'backend': jax.default_backend(),
+        'steps': self.timed_steps,
+        'img_per_s': round(args.batch * self.timed_steps / self.timed_s, 3),
+        'step_ms': round(step_s * 1e3, 2),
+        'step_ms_min': round(min(self.intervals) * 1e3, 2),
+        'step_ms_max': round(max(self.intervals) * 1e3, 2),
+        'first_step_s': round(self.first_s, 3),
+        'hlo_hash': self.hlo_hash,
+        'compile_s': round(self.lower_s + self.xla_compile_s, 2),
+        'lower_s': round(self.lower_s, 2),
+        'xla_compile_s': round(self.xla_compile_s, 2),
+        'gflop_per_step': round(flops / 1e9, 2),
+        'gflop_per_image': round(flops / 1e9 / args.batch, 3),
+        'gflop_per_s': round(flops / 1e9 / step_s, 1),
+        'bytes_accessed_gb': round(
+            float(cost.get('bytes accessed', float('nan'))) / 1e9, 2),
+        'loss': float(metrics['loss']),
+        'finite': bool(metrics['finite']),
+        # Steps whose loss or gradient was not finite (their update was
+        # skipped); the timings of such a run are suspect.
+        'nonfinite_steps': int(jax.device_get(self.state.nonfinite_steps)),
+    }
+    record.update(_memory(self.compiled, jax.devices()[0]))
+    return record
+
+  def release(self):
+    del self.state, self.frozen, self.batch, self.compiled, self.metrics
+    gc.collect()
+
+
+COLUMNS = [
+    ('model', 'model'),
+    ('variant', 'variant'),
+    ('img/s', 'img_per_s'),
+    ('step ms (median)', 'step_ms'),
+    ('x time of first variant', 'time_ratio'),
+    ('compile s', 'compile_s'),
+    ('GFLOP/step (XLA)', 'gflop_per_step'),
+    ('GFLOP/s', 'gflop_per_s'),
+    ('XLA memory MB (args+out+temp)', 'mem_total_mb'),
+    ('temp MB', 'mem_temp_mb'),
+    ('device peak MB', 'mem_peak_mb'),
+]
+
+
+def summary_lines(records):
+  """The ratios the benchmark exists for, per model."""
+  lines = []
+  by_model = {}
+  for r in records:
+    by_model.setdefault(r['model'], {})[r['variant']] = r
+  for model, rs in by_model.items():
+    for suffix in ('', '+pwdot'):
+      q = [r for n, r in rs.items() if n.startswith('dtq_') and
+           n.endswith(suffix) and (suffix or '+' not in n) and
+           r['bits_w'] != 32]
+      fp = [r for n, r in rs.items() if n == f'dtq_w32a32{suffix}']
+      ft = [r for n, r in rs.items() if n.startswith('ft_') and
+            n.endswith(suffix) and (suffix or '+' not in n)]
+      tag = f'{model}{" (pointwise_as_dot)" if suffix else ""}'
+      if q and fp:
+        lines.append(f'- {tag}: quantization costs x'
+                     f'{q[0]["step_ms"] / fp[0]["step_ms"]:.2f} '
+                     f'({q[0]["variant"]} vs {fp[0]["variant"]})')
+      if q and ft:
+        lines.append(f'- {tag}: teacher + transfer terms cost x'
+                     f'{q[0]["step_ms"] / ft[0]["step_ms"]:.2f} '
+                     f'({q[0]["variant"]} vs {ft[0]["variant"]})')
+    for n, r in rs.items():
+      if n.endswith('+pwdot') and n[:-len('+pwdot')] in rs:
+        base = rs[n[:-len('+pwdot')]]
+        same = (' (the same compiled program: this is the run\'s noise)'
+                if base.get('hlo_hash') == r.get('hlo_hash') else '')
+        lines.append(f'- {model}: pointwise_as_dot speeds {base["variant"]} '
+                     f'up x{base["step_ms"] / r["step_ms"]:.2f}{same}')
+  return lines
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  # Honest compile times: no persistent compilation cache.
+  jax.config.update('jax_enable_compilation_cache', False)
+  runtime = train.Runtime()
+  n_dev = len(jax.devices())
+  if args.batch % n_dev:
+    sys.exit(f'--batch {args.batch} must be a multiple of the {n_dev} devices')
+  device = jax.devices()[0]
+  info = bench_util.machine_info(
+      jax=jax.__version__, backend=jax.default_backend(),
+      device_kind=device.device_kind, device_count=n_dev,
+      xla_flags=os.environ.get('XLA_FLAGS', ''))
+  print('# ' + ', '.join(f'{k}={v}' for k, v in info.items()),
+        file=sys.stderr, flush=True)
+
+  records = []
+  for model in args.model:
+    small = model == 'small_resnet'
+    image_size = args.image_size or (28 if small else 224)
+    channels = 1 if small else 3
+    num_classes = args.num_classes or (5 if small else 257)
+    num_source = args.num_source_classes or (5 if small else 1000)
+    # The teacher (random, full precision) is the same for every variant.
+    teacher_vars = make_teacher(args, model, image_size, channels,
+                                num_classes, num_source)
+    # Compile every variant first, then time them in --rounds interleaved
+    # rounds, so that load changes on a shared machine hit all variants alike.
+    variants = []
+    for name, method, bits, pw in variant_list(args):
+      print(f'# {model} {name}: building and compiling ...', file=sys.stderr,
+            flush=True)
+      v = Variant(args, model, name, method, bits, pw, teacher_vars,
+                  image_size, channels, num_classes, num_source, runtime)
+      v.warm_up()
+      variants.append(v)
+    for r in range(args.rounds):
+      for v in variants:
+        print(f'# {model} {v.name}: timing round {r + 1}/{args.rounds} ...',
+              file=sys.stderr, flush=True)
+        v.time_steps(args.steps)
+    first = None
+    for v in variants:
+      rec = v.record()
+      v.release()
+      if rec['nonfinite_steps']:
+        print(f'# WARNING: {model} {v.name}: {rec["nonfinite_steps"]} '
+              'non-finite steps (lower --lr?)', file=sys.stderr, flush=True)
+      first = first or rec
+      rec['time_ratio'] = round(rec['step_ms'] / first['step_ms'], 3)
+      records.append(rec)
+      bench_util.emit(rec)
+    del variants, teacher_vars
+    gc.collect()
+
+  table = bench_util.markdown_table(records, COLUMNS)
+  notes = summary_lines(records)
+  notes.append(
+      '\nimg/s: batch x steps / wall time of the timed steps (one '
+      'block_until_ready at the end); step ms: median time between step '
+      'completions; compile s: trace + lower + XLA compile (no persistent '
+      'cache); GFLOP: XLA cost_analysis() of the compiled step; memory: XLA '
+      'memory_analysis() of the compiled step (donated state counted once).')
+  print()
+  print(table)
+  print('\n'.join(notes))
+  if args.out:
+    path = args.out.replace('{backend}', jax.default_backend())
+    bench_util.write_report(
+        path, f'DTQ train step ({", ".join(args.model)}, batch {args.batch}, '
+        f'{args.dtype}, bits {args.bits[0]}/{args.bits[1]})',
+        info, table, records, notes)
+
+
+if __name__ == '__main__':
+  main()
