@@ -137,6 +137,28 @@ def conv_im2col(spec, x, k):
                     k.reshape(kh * kw * k.shape[2], k.shape[3]))
 
 
+def conv_dwshift(spec, x, k):
+  """Depthwise kxk conv as k*k shifted elementwise multiply-adds."""
+  kh, kw = spec['kernel_size']
+  sh, sw = spec['strides']
+  (pt, pb), (pl, pr) = _pads(spec)
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  ho = (xp.shape[1] - kh) // sh + 1
+  wo = (xp.shape[2] - kw) // sw + 1
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      term = xp[:, i:i + (ho - 1) * sh + 1:sh,
+                j:j + (wo - 1) * sw + 1:sw, :] * k[i, j, 0]
+      y = term if y is None else y + term
+  return y
+
+
+def is_depthwise(spec):
+  return (spec['groups'] > 1 and spec['groups'] == spec['in_shape'][-1] and
+          spec['features'] == spec['groups'])
+
+
 # ---------------------------------------------------------------------------
 # Collecting the network's convolutions.
 
@@ -242,6 +264,9 @@ def implementations(spec, prototypes):
     if spec['kernel_size'] != (1, 1) and spec['groups'] == 1:
       out['S q im2col'] = ('S', proto_fn(spec, bw, ba, conv_im2col))
       out['T im2col'] = ('T', proto_fn(spec, fp, fp, conv_im2col))
+    if is_depthwise(spec):
+      out['S q dwshift'] = ('S', proto_fn(spec, bw, ba, conv_dwshift))
+      out['T dwshift'] = ('T', proto_fn(spec, fp, fp, conv_dwshift))
   return out
 
 

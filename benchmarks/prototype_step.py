@@ -17,6 +17,7 @@ Candidates (``--candidates``, comma-separated, each a '+'-joined set):
             downsample) computed as subsample + matrix product
   im2col    kxk convolutions (k > 1, no groups) as one matrix product over
             the concatenated shifted slices
+  dwshift   depthwise kxk convolutions as k*k shifted multiply-adds
 
   python benchmarks/prototype_step.py --model=resnet50 --batch=16 --steps=2 \
       --rounds=2 --candidates=product,pwdot,pwdot+fastq,pwdot+fastq+s2dot
@@ -38,7 +39,7 @@ from dtq_jax import train  # pylint: disable=wrong-import-position
 import conv_profile  # pylint: disable=wrong-import-position
 import train_step  # pylint: disable=wrong-import-position
 
-KNOWN = ('product', 'pwdot', 'fastq', 's2dot', 'im2col')
+KNOWN = ('product', 'pwdot', 'fastq', 's2dot', 'im2col', 'dwshift')
 
 
 @contextlib.contextmanager
@@ -62,7 +63,7 @@ def make_fake_quant(original):
   return fake_quant
 
 
-def make_conv(original, s2dot, im2col):
+def make_conv(original, s2dot, im2col, dwshift=False):
   """A lax.conv_general_dilated that routes some NHWC/HWIO convs to dots."""
 
   def conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -81,6 +82,16 @@ def make_conv(original, s2dot, im2col):
         return conv_profile.conv_s2dot(spec, lhs, rhs)
       if im2col and (kh, kw) != (1, 1):
         return conv_profile.conv_im2col(spec, lhs, rhs)
+    depthwise = (dimension_numbers == ('NHWC', 'HWIO', 'NHWC') and
+                 feature_group_count > 1 and rhs.shape[2] == 1 and
+                 rhs.shape[3] == feature_group_count == lhs.shape[3] and
+                 not lhs_dilation and not rhs_dilation and not kwargs and
+                 not isinstance(padding, str))
+    if dwshift and depthwise:
+      spec = dict(kernel_size=tuple(rhs.shape[:2]),
+                  strides=tuple(window_strides),
+                  padding=tuple(tuple(p) for p in padding))
+      return conv_profile.conv_dwshift(spec, lhs, rhs)
     return original(lhs, rhs, window_strides, padding, lhs_dilation,
                     rhs_dilation, dimension_numbers, feature_group_count,
                     **kwargs)
@@ -126,11 +137,11 @@ def main(argv=None):
         if 'fastq' in parts:
           stack.enter_context(patched(quant, 'fake_quant',
                                       make_fake_quant(quant.fake_quant)))
-        if parts & {'s2dot', 'im2col'}:
+        if parts & {'s2dot', 'im2col', 'dwshift'}:
           stack.enter_context(patched(
               jax.lax, 'conv_general_dilated',
               make_conv(jax.lax.conv_general_dilated, 's2dot' in parts,
-                        'im2col' in parts)))
+                        'im2col' in parts, 'dwshift' in parts)))
         v = train_step.Variant(args, model, name, method, bits,
                                'pwdot' in parts, teacher_vars, image_size,
                                channels, num_classes, num_source, runtime)
