@@ -509,7 +509,11 @@ def main(argv=None):
                'are synchronous on CPU); img/s: batch x steps / wall time; '
                'GFLOP: torch.utils.flop_counter over one whole step '
                '(convolutions and matrix products; elementwise ops such as '
-               'the fake quantization are not counted).')
+               'the fake quantization are not counted). The counter charges a '
+               'depthwise convolution\'s backward as if it were dense (C times '
+               'its real cost), so MobileNetV2\'s GFLOP and GFLOP/s are '
+               'inflated about 5x; its forward count (0.60 GFLOP per 224 px '
+               'image) is right.')
   print()
   print(table)
   print('\n'.join(notes))

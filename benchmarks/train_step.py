@@ -498,8 +498,11 @@ def main(argv=None):
       '\nimg/s: batch x steps / wall time of the timed steps (one '
       'block_until_ready at the end); step ms: median time between step '
       'completions; compile s: trace + lower + XLA compile (no persistent '
-      'cache); GFLOP: XLA cost_analysis() of the compiled step; memory: XLA '
-      'memory_analysis() of the compiled step (donated state counted once).')
+      'cache); GFLOP: XLA cost_analysis() of the compiled step (what XLA '
+      'executes: for depthwise convolutions, as in MobileNetV2, XLA runs the '
+      'kernel gradient as a dense convolution, C times the nominal work, and '
+      'counts it so); memory: XLA memory_analysis() of the compiled step '
+      '(donated state counted once).')
   print()
   print(table)
   print('\n'.join(notes))
