@@ -83,7 +83,8 @@ def main(argv):
     if e.errno not in _WRITE_ERRORS:
       raise
     # A full disk or a workdir that became unwritable during the run.
-    print(f'error: cannot write the run in {workdir}: {e}', file=sys.stderr)
+    print(f'error: cannot write the run in {workdir}: {e}',
+          file=_silence_stderr(), flush=True)
     sys.exit(2)
   except train.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -96,6 +97,25 @@ def main(argv):
 # Errors of writing files that mean the disk or the workdir, not a bug.
 _WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES,
                  errno.EPERM, errno.EROFS, errno.ENOTDIR)
+
+
+def _silence_stderr():
+  """Sends what is still written to stderr to /dev/null; returns the real one.
+
+  When a checkpoint write fails, orbax's other writes are still in flight in
+  TensorStore's threads; as they fail too they print tracebacks ("Event loop
+  is closed", "exception was never retrieved") until the process is gone.
+  They would bury the one-line error, which already says all they would.
+
+  Returns:
+    A text stream on the original stderr.
+  """
+  sys.stderr.flush()
+  original = os.fdopen(os.dup(2), 'w')
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  os.close(devnull)
+  return original
 
 
 def _resume_command(workdir):
