@@ -41,6 +41,37 @@ def normalize_padding(padding, ndim):
   return _normalize_padding(padding, ndim)
 
 
+def _depthwise_as_shifts(x, kernel, strides, pads):
+  """Depthwise convolution as a sum of shifted, scaled copies of the input.
+
+  XLA:CPU runs a grouped convolution with one channel per group far below the
+  speed of the elementwise arithmetic it amounts to; ``kh * kw`` strided
+  slices of the padded input, each times one row of the kernel, are the same
+  sum and fuse into one loop.
+
+  Args:
+    x: NHWC input.
+    kernel: (kh, kw, C) filters, one per channel.
+    strides: (sh, sw).
+    pads: ((top, bottom), (left, right)).
+
+  Returns:
+    NHWC output, as ``lax.conv_general_dilated`` with ``feature_group_count=C``.
+  """
+  kh, kw = kernel.shape[:2]
+  sh, sw = strides
+  xp = jnp.pad(x, ((0, 0),) + tuple(tuple(p) for p in pads) + ((0, 0),))
+  ho = (xp.shape[1] - kh) // sh + 1
+  wo = (xp.shape[2] - kw) // sw + 1
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      term = xp[:, i:i + (ho - 1) * sh + 1:sh,
+                j:j + (wo - 1) * sw + 1:sw, :] * kernel[i, j]
+      y = term if y is None else y + term
+  return y
+
+
 class QuantConv(nn.Module):
   """2-D convolution whose kernel and input are fake-quantized.
 
@@ -61,9 +92,16 @@ class QuantConv(nn.Module):
     weight_range_axis: ``None`` (paper: one range per kernel) or ``-1`` for one
       range per output channel (opt-in).
     range_grad: whether gradient reaches the range ends (paper: True).
-    pointwise_as_dot: compute 1x1 stride-1 convolutions as a matrix product
-      instead of ``lax.conv_general_dilated``. Same maths; on XLA:CPU it is
-      several times faster (see benchmarks/). Off by default.
+    pointwise_as_dot: compute 1x1 convolutions without padding as a matrix
+      product (strided ones: of the subsampled input) instead of
+      ``lax.conv_general_dilated``. Same maths; on XLA:CPU several times
+      faster (see benchmarks/). Off by default.
+    depthwise_as_shifts: compute depthwise convolutions (one filter per
+      input channel, as in MobileNetV2) as ``kh * kw`` shifted elementwise
+      multiply-adds. Same maths; on XLA:CPU much faster than its grouped
+      convolution (see benchmarks/). Off by default.
+    fused_vjp: fake-quantize with ``quant.fake_quant_fused``'s hand-derived
+      backward pass (same values and gradient). Off by default.
     act_ranges: 'dynamic' (paper: the input's range is its min and max over
       the whole batch) or 'static' (opt-in: the range stored in the
       ``'quant_ranges'`` collection, ``lo``/``hi``; inputs outside it are
@@ -92,6 +130,8 @@ class QuantConv(nn.Module):
   weight_range_axis: Optional[int] = None
   range_grad: bool = True
   pointwise_as_dot: bool = False
+  depthwise_as_shifts: bool = False
+  fused_vjp: bool = False
   act_ranges: str = 'dynamic'
   range_stat: str = 'ema'
   range_momentum: float = 0.9
@@ -125,24 +165,34 @@ class QuantConv(nn.Module):
 
     x = self._quantize_input(x)
     kernel = quant.fake_quant(kernel, self.bits_w, axis=self.weight_range_axis,
-                              range_grad=self.range_grad)
+                              range_grad=self.range_grad,
+                              fused_vjp=self.fused_vjp)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
-    strides = tuple(self.strides)
-    padding = _normalize_padding(self.padding, len(kernel_size))
-    is_pointwise = (kernel_size == (1, 1) and strides == (1, 1) and
-                    self.feature_group_count == 1 and
-                    padding in ('SAME', 'VALID', ((0, 0), (0, 0))))
-    if self.pointwise_as_dot and is_pointwise:
-      y = jnp.einsum('nhwc,cd->nhwd', x, kernel[0, 0])
-    else:
-      y = jax.lax.conv_general_dilated(
-          x, kernel, window_strides=strides, padding=padding,
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-          feature_group_count=self.feature_group_count)
+    y = self._convolve(x, kernel)
     if bias is not None:
       y = y + bias
     return y
+
+  def _convolve(self, x, kernel):
+    """The convolution proper, by ``lax`` or by one of the rewrites."""
+    strides = tuple(self.strides)
+    kernel_size = kernel.shape[:2]
+    pads = _normalize_padding(self.padding, 2)
+    if isinstance(pads, str):
+      pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel_size, strides, pads)
+    no_padding = all(tuple(p) == (0, 0) for p in pads)
+    if (self.pointwise_as_dot and kernel_size == (1, 1) and no_padding and
+        self.feature_group_count == 1):
+      sh, sw = strides
+      return jnp.einsum('nhwc,cd->nhwd', x[:, ::sh, ::sw, :], kernel[0, 0])
+    if (self.depthwise_as_shifts and kernel.shape[2] == 1 and
+        self.feature_group_count == x.shape[-1] == self.features):
+      return _depthwise_as_shifts(x, kernel[:, :, 0, :], strides, pads)
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=strides, padding=pads,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=self.feature_group_count)
 
   def _quantize_input(self, x):
     """Fake-quantizes the input with a dynamic or stored range."""
@@ -156,7 +206,8 @@ class QuantConv(nn.Module):
       return quant.fake_quant_range(x, self.bits_a, lo.value, hi.value)
     if self.is_mutable_collection(RANGES) and not self.is_initializing():
       self._update_range(x)
-    return quant.fake_quant(x, self.bits_a, range_grad=self.range_grad)
+    return quant.fake_quant(x, self.bits_a, range_grad=self.range_grad,
+                            fused_vjp=self.fused_vjp)
 
   def _range_variables(self, with_count=False):
     zero = lambda: jnp.zeros((), jnp.float32)

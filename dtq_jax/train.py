@@ -115,13 +115,16 @@ def build_networks(config, num_classes, num_source_classes):
     A ``Networks``.
   """
   dtype = jnp.dtype(config.compute_dtype)
-  conv_kwargs = dict(pointwise_as_dot=config.quant.pointwise_as_dot)
+  # Same maths, different kernels: the teacher runs them too.
+  conv_kwargs = dict(pointwise_as_dot=config.quant.pointwise_as_dot,
+                     depthwise_as_shifts=config.quant.depthwise_as_shifts)
   kwargs = dict(config.get('model_kwargs', {}) or {})
   bits_w, bits_a = student_bits(config)
   student_conv_kwargs = dict(
       conv_kwargs,
       weight_range_axis=-1 if config.quant.per_channel_weights else None,
-      range_grad=config.quant.range_grad)
+      range_grad=config.quant.range_grad,
+      fused_vjp=config.quant.fused_vjp)
   if static_ranges(config):
     # Training stays dynamic (the paper's); these say how the collected
     # ranges follow the batches.

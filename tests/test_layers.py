@@ -201,37 +201,101 @@ def test_bits_32_equals_flax_conv(features, kernel_size, strides, padding,
   np.testing.assert_array_equal(y, expected)
 
 
-@pytest.mark.parametrize('bits,padding,use_bias', [
-    (4, 0, False),
-    (4, 'SAME', True),
-    (5, 'VALID', False),
-    (32, 0, True),
-    (4, ((0, 0), (0, 0)), False),
-])
-def test_pointwise_as_dot_matches_conv(bits, padding, use_bias):
-  x = _inputs((2, 7, 7, 16))
-  kwargs = dict(padding=padding, use_bias=use_bias, bits_w=bits, bits_a=bits)
-  conv = layers.QuantConv(24, (1, 1), **kwargs)
-  dot = layers.QuantConv(24, (1, 1), pointwise_as_dot=True, **kwargs)
-  variables, y = _init_apply(conv, x)
-  y_dot = dot.apply(variables, x)
-  np.testing.assert_allclose(y_dot, y, rtol=1e-5, atol=1e-5)
+def _assert_same_function(module, rewritten, x, seed=1):
+  """Same outputs, and same gradients for the input and every parameter."""
+  variables, y = _init_apply(module, x, seed)
+  np.testing.assert_allclose(rewritten.apply(variables, x), y, rtol=1e-5,
+                             atol=1e-5)
+  g = _inputs(y.shape, seed=seed + 1)
+
+  def grads(m):
+    return jax.jit(jax.grad(lambda v, x: jnp.sum(g * m.apply(v, x)),
+                            argnums=(0, 1)))(variables, x)
+
+  # Float32 summation order differs. The input's min and max elements also
+  # get the range term, a sum over the whole tensor: there the difference
+  # reaches ~1e-4 of the gradient's scale; a wrong rewrite is off by O(1).
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(
+          a, b, rtol=1e-4, atol=1e-3 * float(np.max(np.abs(b)))),
+      grads(rewritten), grads(module))
 
 
-@pytest.mark.parametrize('kernel_size,strides,groups', [
-    ((3, 3), (1, 1), 1),  # Not 1x1.
-    ((1, 1), (2, 2), 1),  # Strided.
-    ((1, 1), (1, 1), 4),  # Grouped.
+@pytest.mark.parametrize('bits,padding,use_bias,strides,size', [
+    (4, 0, False, (1, 1), 7),
+    (4, 'SAME', True, (1, 1), 7),
+    (5, 'VALID', False, (1, 1), 7),
+    (32, 0, True, (1, 1), 7),
+    (4, ((0, 0), (0, 0)), False, (1, 1), 7),
+    (4, 0, False, (2, 2), 8),  # ResNet's downsample shortcut.
+    (4, 'SAME', False, (2, 2), 7),  # Odd size: ceil(7 / 2) outputs.
+    (5, 'VALID', True, (2, 1), 7),
 ])
-def test_pointwise_as_dot_leaves_other_convs_alone(kernel_size, strides,
+def test_pointwise_as_dot_matches_conv(bits, padding, use_bias, strides, size):
+  x = _inputs((2, size, size, 16))
+  kwargs = dict(padding=padding, use_bias=use_bias, bits_w=bits, bits_a=bits,
+                strides=strides)
+  _assert_same_function(
+      layers.QuantConv(24, (1, 1), **kwargs),
+      layers.QuantConv(24, (1, 1), pointwise_as_dot=True, **kwargs), x)
+
+
+@pytest.mark.parametrize('kernel_size,padding,groups', [
+    ((3, 3), 0, 1),  # Not 1x1.
+    ((1, 1), 1, 1),  # Padded.
+    ((1, 1), 0, 4),  # Grouped.
+])
+def test_pointwise_as_dot_leaves_other_convs_alone(kernel_size, padding,
                                                    groups):
   x = _inputs((2, 8, 8, 8))
-  kwargs = dict(strides=strides, padding=0, feature_group_count=groups,
+  kwargs = dict(padding=padding, feature_group_count=groups,
                 use_bias=False, bits_w=4, bits_a=4)
   conv = layers.QuantConv(8, kernel_size, **kwargs)
   dot = layers.QuantConv(8, kernel_size, pointwise_as_dot=True, **kwargs)
   variables, y = _init_apply(conv, x)
   np.testing.assert_array_equal(dot.apply(variables, x), y)
+
+
+@pytest.mark.parametrize('kernel,strides,padding,size,bits,use_bias', [
+    ((3, 3), (1, 1), 1, 8, 4, False),  # MobileNetV2's stride-1 blocks.
+    ((3, 3), (2, 2), 1, 8, 4, False),  # Its stride-2 ones (even size).
+    ((3, 3), (2, 2), 1, 7, 5, True),
+    ((3, 3), (2, 2), 'SAME', 9, 4, False),
+    ((5, 3), (1, 2), ((2, 1), (0, 1)), 9, 32, True),
+    ((3, 3), (1, 1), 'VALID', 6, 4, False),
+])
+def test_depthwise_as_shifts_matches_grouped_conv(kernel, strides, padding,
+                                                  size, bits, use_bias):
+  x = _inputs((2, size, size, 6))
+  kwargs = dict(strides=strides, padding=padding, feature_group_count=6,
+                use_bias=use_bias, bits_w=bits, bits_a=bits)
+  _assert_same_function(
+      layers.QuantConv(6, kernel, **kwargs),
+      layers.QuantConv(6, kernel, depthwise_as_shifts=True, **kwargs), x)
+
+
+@pytest.mark.parametrize('features,groups', [
+    (12, 6),  # Channel multiplier 2.
+    (6, 3),  # Two channels per group.
+    (6, 1),  # Not grouped.
+])
+def test_depthwise_as_shifts_leaves_other_convs_alone(features, groups):
+  x = _inputs((2, 8, 8, 6))
+  kwargs = dict(padding=1, feature_group_count=groups, use_bias=False,
+                bits_w=4, bits_a=4)
+  conv = layers.QuantConv(features, (3, 3), **kwargs)
+  shifts = layers.QuantConv(features, (3, 3), depthwise_as_shifts=True,
+                            **kwargs)
+  variables, y = _init_apply(conv, x)
+  np.testing.assert_array_equal(shifts.apply(variables, x), y)
+
+
+def test_fused_vjp_conv_matches_autodiff():
+  x = _inputs((2, 9, 9, 4))
+  kwargs = dict(padding=1, bits_w=4, bits_a=4)
+  _assert_same_function(layers.QuantConv(6, (3, 3), **kwargs),
+                        layers.QuantConv(6, (3, 3), fused_vjp=True, **kwargs),
+                        x)
 
 
 @pytest.mark.parametrize('size,kernel,stride,pad', [

@@ -429,6 +429,31 @@ def test_bits_4_differs(name, px):
   assert np.max(np.abs(q_features['taps'][0] - features['taps'][0])) > 1e-3
 
 
+@pytest.mark.parametrize('name,px', RUN_MODELS[1:])
+def test_speed_switches_leave_the_network_unchanged(name, px):
+  # pointwise_as_dot (1x1 and strided 1x1 shortcuts), depthwise_as_shifts
+  # (MobileNetV2) and fused_vjp: same logits, same gradients.
+  x = _images(px)
+  switches = dict(pointwise_as_dot=True, depthwise_as_shifts=True,
+                  fused_vjp=True)
+  plain = models.create_model(name, num_classes=10, bits_w=4, bits_a=4)
+  fast = models.create_model(name, num_classes=10, bits_w=4, bits_a=4,
+                             conv_kwargs=switches)
+  variables = _random_variables(_shapes(plain, x))
+
+  def loss_and_grad(model):
+    def loss(params):
+      logits, _ = model.apply(dict(variables, params=params), x, train=False)
+      return jnp.sum(logits * jnp.arange(10.0))
+    return jax.jit(jax.value_and_grad(loss))(variables['params'])
+
+  (value, grads), (fast_value, fast_grads) = map(loss_and_grad, (plain, fast))
+  np.testing.assert_allclose(fast_value, value, rtol=1e-4)
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=0, atol=1e-3 * scale), fast_grads, grads)
+
+
 def test_train_updates_batch_stats():
   model = models.create_model('small_resnet', num_classes=10, bits_w=4,
                               bits_a=4)

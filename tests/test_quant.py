@@ -162,14 +162,16 @@ def _closed_form_grad(x, g, bits, range_grad=True):
 
 # Jitted once per (shape, bits, options): eager JAX compiles every primitive
 # of the backward pass separately, which would dominate the test time.
-@functools.partial(jax.jit, static_argnames=('bits', 'axis', 'range_grad'))
-def _grad(x, g, bits, axis=None, range_grad=True):
+@functools.partial(jax.jit,
+                   static_argnames=('bits', 'axis', 'range_grad', 'fused_vjp'))
+def _grad(x, g, bits, axis=None, range_grad=True, fused_vjp=False):
   return jax.grad(lambda v: jnp.sum(g * quant.fake_quant(
-      v, bits, axis=axis, range_grad=range_grad)))(x)
+      v, bits, axis=axis, range_grad=range_grad, fused_vjp=fused_vjp)))(x)
 
 
-_jit_fake_quant = jax.jit(quant.fake_quant,
-                          static_argnames=('bits', 'axis', 'range_grad'))
+_jit_fake_quant = jax.jit(
+    quant.fake_quant,
+    static_argnames=('bits', 'axis', 'range_grad', 'fused_vjp'))
 
 
 @pytest.mark.parametrize('bits', [2, 4, 5, 8])
@@ -344,3 +346,66 @@ def test_round_ste_is_custom_vjp_with_identity_grad():
   g = _np([1.0, -2.0, 3.0, 0.5, 0.25, 7.0])
   grad = jax.grad(lambda v: jnp.sum(g * quant.round_ste(v)))(jnp.asarray(x))
   np.testing.assert_array_equal(grad, g)
+
+
+# --------------------------------------------------------------------------
+# fused_vjp: the hand-derived backward pass (opt-in speed-up).
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('bits', [2, 4, 5, 8])
+def test_fused_vjp_same_values_and_closed_form_grad(bits):
+  x = _normal(bits, (6, 9))
+  g = _normal(100 + bits, x.shape)
+  np.testing.assert_array_equal(
+      _jit_fake_quant(x, bits=bits, fused_vjp=True),
+      _jit_fake_quant(x, bits=bits))
+  fused = _grad(x, g, bits, fused_vjp=True)
+  np.testing.assert_allclose(fused, _closed_form_grad(x, g, bits), rtol=1e-5,
+                             atol=1e-5)
+  # Autodiff differs only by float32 rounding (e.g. (g * s) / s).
+  np.testing.assert_allclose(fused, _grad(x, g, bits), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_vjp_by_hand_with_ties():
+  # The worked example of test_ties_share_the_range_term_evenly: two ties
+  # for the max, three for the min.
+  x = _np([5.0, -1.0, 0.37, 5.0, -1.0, 2.71, -1.0, 1.13])
+  g = _np([0.2, 0.4, 1.3, -0.7, 0.1, 0.9, -0.3, 1.7])
+  grad = np.asarray(_grad(jnp.asarray(x), jnp.asarray(g), 4, fused_vjp=True))
+  u = (x.astype(np.float64) + 1.0) / (6.0 / 15)
+  residual_sum = np.sum(g * (np.round(u) - u))
+  extra = grad - g
+  np.testing.assert_allclose(extra[[0, 3]], residual_sum / 15 / 2, rtol=1e-5)
+  np.testing.assert_allclose(extra[[1, 4, 6]], -residual_sum / 15 / 3,
+                             rtol=1e-5)
+  np.testing.assert_array_equal(extra[[2, 5, 7]], 0.0)
+
+
+def test_fused_vjp_constant_tensor_and_bfloat16():
+  x = jnp.full((3, 4), 0.7, jnp.float32)
+  g = jnp.arange(12.0).reshape(3, 4)
+  np.testing.assert_array_equal(quant.fake_quant(x, 4, fused_vjp=True), x)
+  np.testing.assert_array_equal(_grad(x, g, 4, fused_vjp=True), g)
+  xb = _normal(3, (16, 16)).astype(jnp.bfloat16)
+  q = quant.fake_quant(xb, 4, fused_vjp=True)
+  assert q.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(q, np.float32),
+                                np.asarray(quant.fake_quant(xb, 4), np.float32))
+  gb = jax.grad(lambda v: jnp.sum(quant.fake_quant(v, 4, fused_vjp=True)))(xb)
+  assert gb.dtype == jnp.bfloat16
+
+
+def test_fused_vjp_under_vmap_and_ignored_where_it_does_not_apply():
+  xs = _normal(0, (3, 5, 6)) * jnp.array([0.1, 1.0, 10.0])[:, None, None]
+  g = _normal(1, xs.shape)
+  grads = jax.vmap(lambda x, g: _grad(x, g, 4, fused_vjp=True))(xs, g)
+  for i in range(3):
+    np.testing.assert_allclose(grads[i], _closed_form_grad(xs[i], g[i], 4),
+                               rtol=1e-5, atol=1e-5)
+  # Per-channel ranges and range_grad=False keep the autodiff path.
+  w = _normal(2, (3, 3, 4, 5))
+  gw = _normal(4, w.shape)
+  for kwargs in (dict(axis=-1), dict(range_grad=False)):
+    np.testing.assert_array_equal(_grad(w, gw, 4, fused_vjp=True, **kwargs),
+                                  _grad(w, gw, 4, **kwargs))
