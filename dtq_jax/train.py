@@ -673,6 +673,8 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
     Interrupted: SIGTERM/SIGINT; the current step was checkpointed.
   """
   from dtq_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  # Orbax takes only absolute checkpoint paths.
+  workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   result_path = os.path.join(workdir, 'result.json')
   if os.path.exists(result_path):

@@ -90,6 +90,17 @@ def test_run_writes_checkpoints_events_and_summary(image_folder, tmp_path,
   assert os.path.getmtime(os.path.join(workdir, 'summary.json')) == mtime
 
 
+def test_relative_workdir(image_folder, tmp_path, monkeypatch):
+  # main.py's default workdir (runs/<config>-<time>) is relative; orbax
+  # accepts only absolute checkpoint paths.
+  monkeypatch.chdir(tmp_path)
+  summary = experiment.run(folder_config(image_folder), os.path.join(
+      'runs', 'relative'))
+  assert summary['final_test_accuracy'] >= 0
+  run = tmp_path / 'runs' / 'relative' / 'seed_1'
+  assert os.listdir(run / 'checkpoints') and os.listdir(run / 'best')
+
+
 def test_resume_after_interruption_matches_uninterrupted(
     image_folder, tmp_path, monkeypatch):
   config = folder_config(image_folder, 'dtq', checkpoint_every_steps=1)
