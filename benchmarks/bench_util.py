@@ -109,6 +109,18 @@ def emit(record):
   print(json.dumps(record, sort_keys=False), flush=True)
 
 
+def time_rounds(model, variants, rounds, steps):
+  """Times ``variants`` in turn, ``rounds`` times (``v.time_steps(steps)``).
+
+  Interleaving spreads load changes of a shared machine over all variants.
+  """
+  for r in range(rounds):
+    for v in variants:
+      print(f'# {model} {v.name}: timing round {r + 1}/{rounds} ...',
+            file=sys.stderr, flush=True)
+      v.time_steps(steps)
+
+
 def fmt(value, digits=3):
   """Short human formatting for table cells."""
   if value is None:

@@ -9,19 +9,25 @@ for each distinct shape, jitted on the present backend:
               image batch, only the kernel gradient)
   S q         the same with the product's fake quantization (--bits), i.e.
               what the DTQ step does per conv (``layers.QuantConv``)
-  S q pwdot   the same with ``pointwise_as_dot=True`` (1x1 stride-1 only)
   T fp        the teacher's conv: forward only, full precision
-  T pwdot     the same with ``pointwise_as_dot=True``
 
-and, with ``--prototypes``, candidate implementations that are NOT product
-code (defined here to measure suggestions):
+and the same with the product's opt-in speed-ups (``config.quant`` switches,
+``QuantConv`` attributes; same maths), each where it changes the conv:
 
-  S q fastq   fake quantization with a hand-written VJP (same values and the
-              same gradient as quant.fake_quant, ties included) + the best
-              product conv for the shape
-  S q s2dot   1x1 stride-2 (ResNet downsample) as subsample + matrix product
-  S q im2col  kxk convs as one matrix product over the k*k shifted slices
-  T s2dot / T im2col   the same forward-only for the teacher
+  S q pwdot, S fp pwdot, T pwdot      pointwise_as_dot (1x1 convs without
+                                      padding, strided ones included)
+  S q shifts, S fp shifts, T shifts   depthwise_as_shifts (depthwise convs)
+  S q fused   fused_vjp (quant.fake_quant_fused: the quantizer's
+              hand-derived backward pass; quantized convs)
+  S q all     all three switches on (where pwdot or shifts applies; elsewhere
+              all = fused)
+
+and, with ``--prototypes``, a candidate implementation that is NOT product
+code (defined here to measure the suggestion):
+
+  S q im2col  kxk convs as one matrix product over the k*k shifted slices,
+              quantized with fused_vjp's quantizer (compare with S q fused)
+  T im2col    the same forward-only for the teacher
 
 Each (shape, implementation) is timed ``--reps`` times, interleaved with all
 others (load changes hit everything alike); the per-call median (or min,
@@ -32,11 +38,12 @@ optimizer) is the difference to train_step.py's step time.
 
   python benchmarks/conv_profile.py --model=resnet50 --batch=16 --reps=5 \
       --prototypes --out=results/conv_profile_cpu.md
+  python benchmarks/conv_profile.py --model=small_resnet --batch=8 --reps=1 \
+      --only='S q,S q pwdot,S q fused'
 """
 
 import argparse
 import collections
-import functools
 import sys
 import time
 
@@ -57,69 +64,16 @@ import train_step as train_step_bench  # pylint: disable=wrong-import-position
 
 
 # ---------------------------------------------------------------------------
-# Prototypes (not product code).
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def fast_fake_quant(x, bits):
-  """quant.fake_quant(x, bits) (per tensor, range_grad=True), own VJP.
-
-  Backward: g + [x is max] * t / (n * count_max) - [x is min] * t /
-  (n * count_min) with t = sum(g * (round(u) - u)), n = 2**bits - 1: the
-  gradient METHOD.md specifies (the lo terms cancel), computed in one
-  reduction pass and one elementwise pass.
-  """
-  return _fq_fwd(x, bits)[0]
-
-
-def _fq_fwd(x, bits):
-  xf = x.astype(jnp.float32)
-  lo, hi = jnp.min(xf), jnp.max(xf)
-  scale = (hi - lo) / (2**bits - 1)
-  degenerate = scale <= 0
-  safe = jnp.where(degenerate, 1.0, scale)
-  q = jnp.round((xf - lo) / safe) * safe + lo
-  return jnp.where(degenerate, xf, q).astype(x.dtype), (x, lo, hi, safe,
-                                                        degenerate)
-
-
-def _fq_bwd(bits, res, g):
-  x, lo, hi, safe, degenerate = res
-  xf, gf = x.astype(jnp.float32), g.astype(jnp.float32)
-  u = (xf - lo) / safe
-  t = jnp.sum(gf * (jnp.round(u) - u))
-  is_hi, is_lo = xf == hi, xf == lo
-  n_hi = jnp.sum(is_hi.astype(jnp.float32))
-  n_lo = jnp.sum(is_lo.astype(jnp.float32))
-  c = jnp.where(degenerate, 0.0, t / (2**bits - 1))
-  dx = gf + c * (is_hi.astype(jnp.float32) / n_hi -
-                 is_lo.astype(jnp.float32) / n_lo)
-  return (dx.astype(g.dtype),)
-
-
-fast_fake_quant.defvjp(_fq_fwd, _fq_bwd)
-
-
-def _maybe_fast_quant(x, bits):
-  return x if bits == quant.FULL_PRECISION else fast_fake_quant(x, bits)
+# Padding, and the im2col prototype (not product code).
 
 
 def _pads(spec):
-  p = spec['padding']
-  if isinstance(p, int):
-    return ((p, p), (p, p))
-  if isinstance(p, str):
-    if p == 'VALID':
-      return ((0, 0), (0, 0))
-    kh, kw = spec['kernel_size']
-    return (((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2))
-  return tuple(tuple(q) for q in p)
-
-
-def conv_s2dot(spec, x, k):
-  """1x1 conv with stride s and no padding = subsample, then matmul."""
-  sh, sw = spec['strides']
-  return jnp.einsum('nhwc,cd->nhwd', x[:, ::sh, ::sw, :], k[0, 0])
+  """((top, bottom), (left, right)) of a spec's padding, as QuantConv pads."""
+  pads = layers.normalize_padding(spec['padding'], 2)
+  if isinstance(pads, str):
+    pads = jax.lax.padtype_to_pads(spec['in_shape'][1:3],
+                                   spec['kernel_size'], spec['strides'], pads)
+  return tuple(tuple(p) for p in pads)
 
 
 def conv_im2col(spec, x, k):
@@ -137,23 +91,6 @@ def conv_im2col(spec, x, k):
                     k.reshape(kh * kw * k.shape[2], k.shape[3]))
 
 
-def conv_dwshift(spec, x, k):
-  """Depthwise kxk conv as k*k shifted elementwise multiply-adds."""
-  kh, kw = spec['kernel_size']
-  sh, sw = spec['strides']
-  (pt, pb), (pl, pr) = _pads(spec)
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  ho = (xp.shape[1] - kh) // sh + 1
-  wo = (xp.shape[2] - kw) // sw + 1
-  y = None
-  for i in range(kh):
-    for j in range(kw):
-      term = xp[:, i:i + (ho - 1) * sh + 1:sh,
-                j:j + (wo - 1) * sw + 1:sw, :] * k[i, j, 0]
-      y = term if y is None else y + term
-  return y
-
-
 def is_depthwise(spec):
   return (spec['groups'] > 1 and spec['groups'] == spec['in_shape'][-1] and
           spec['features'] == spec['groups'])
@@ -165,7 +102,7 @@ def is_depthwise(spec):
 
 def collect_convs(model, batch, image_size, bits):
   """Specs of every QuantConv call of the student, in call order."""
-  config = train_step_bench.make_config(model, 'dtq', bits, 'float32', False,
+  config = train_step_bench.make_config(model, 'dtq', bits, 'float32', {},
                                         batch, image_size)
   small = model == 'small_resnet'
   num_source = 5 if small else 1000
@@ -199,9 +136,25 @@ def spec_key(c):
           c['groups'], c['bits_w'], c['bits_a'])
 
 
-def is_pointwise(spec):
-  return (spec['kernel_size'] == (1, 1) and spec['strides'] == (1, 1) and
-          spec['groups'] == 1)
+# The product's switches (train_step.SWITCHES) by their short names in the
+# implementation names.
+LABELS = {'pointwise_as_dot': 'pwdot', 'depthwise_as_shifts': 'shifts',
+          'fused_vjp': 'fused'}
+
+
+def conv_rewrites(spec):
+  """The product's convolution switches that change this conv.
+
+  QuantConv's conditions: pointwise_as_dot for 1x1 convs without padding and
+  groups, depthwise_as_shifts for depthwise convs.
+  """
+  out = []
+  if (spec['kernel_size'] == (1, 1) and spec['groups'] == 1 and
+      _pads(spec) == ((0, 0), (0, 0))):
+    out.append('pointwise_as_dot')
+  if is_depthwise(spec):
+    out.append('depthwise_as_shifts')
+  return out
 
 
 def fwd_flops(spec, out_shape):
@@ -215,58 +168,45 @@ def fwd_flops(spec, out_shape):
 # Implementations to time.
 
 
-def module_fn(spec, bits_w, bits_a, pointwise_as_dot):
+def module_fn(spec, bits_w, bits_a, switches=None):
+  """The product's QuantConv for ``spec``; ``switches``: {attribute: bool}."""
   conv = layers.QuantConv(
       features=spec['features'], kernel_size=spec['kernel_size'],
       strides=spec['strides'], padding=spec['padding'],
       feature_group_count=spec['groups'], use_bias=False, bits_w=bits_w,
-      bits_a=bits_a, pointwise_as_dot=pointwise_as_dot)
+      bits_a=bits_a, **(switches or {}))
   return lambda x, k: conv.apply({'params': {'kernel': k}}, x)
 
 
 def proto_fn(spec, bits_w, bits_a, conv_impl):
   def f(x, k):
-    x = _maybe_fast_quant(x, bits_a)
-    k = _maybe_fast_quant(k, bits_w)
+    x = quant.fake_quant(x, bits_a, fused_vjp=True)
+    k = quant.fake_quant(k, bits_w, fused_vjp=True)
     return conv_impl(spec, x, k)
   return f
-
-
-def product_conv(spec, x, k):
-  if is_pointwise(spec):
-    return jnp.einsum('nhwc,cd->nhwd', x, k[0, 0])
-  return jax.lax.conv_general_dilated(
-      x, k, spec['strides'], _pads(spec),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=spec['groups'])
 
 
 def implementations(spec, prototypes):
   """name -> (kind, fn); kind 'S' = fwd+bwd (student), 'T' = fwd (teacher)."""
   bw, ba = spec['bits_w'], spec['bits_a']
   fp = quant.FULL_PRECISION
-  out = {'S fp': ('S', module_fn(spec, fp, fp, False)),
-         'S q': ('S', module_fn(spec, bw, ba, False)),
-         'T fp': ('T', module_fn(spec, fp, fp, False))}
-  pw = is_pointwise(spec)
-  if pw:
-    out['S q pwdot'] = ('S', module_fn(spec, bw, ba, True))
-    out['S fp pwdot'] = ('S', module_fn(spec, fp, fp, True))
-    out['T pwdot'] = ('T', module_fn(spec, fp, fp, True))
-  if prototypes:
-    if bw != fp or ba != fp:
-      out['S q fastq'] = ('S', proto_fn(spec, bw, ba, product_conv))
-    s2 = (spec['kernel_size'] == (1, 1) and spec['strides'] != (1, 1) and
-          spec['groups'] == 1 and _pads(spec) == ((0, 0), (0, 0)))
-    if s2:
-      out['S q s2dot'] = ('S', proto_fn(spec, bw, ba, conv_s2dot))
-      out['T s2dot'] = ('T', proto_fn(spec, fp, fp, conv_s2dot))
-    if spec['kernel_size'] != (1, 1) and spec['groups'] == 1:
-      out['S q im2col'] = ('S', proto_fn(spec, bw, ba, conv_im2col))
-      out['T im2col'] = ('T', proto_fn(spec, fp, fp, conv_im2col))
-    if is_depthwise(spec):
-      out['S q dwshift'] = ('S', proto_fn(spec, bw, ba, conv_dwshift))
-      out['T dwshift'] = ('T', proto_fn(spec, fp, fp, conv_dwshift))
+  out = {'S fp': ('S', module_fn(spec, fp, fp)),
+         'S q': ('S', module_fn(spec, bw, ba)),
+         'T fp': ('T', module_fn(spec, fp, fp))}
+  rewrites = conv_rewrites(spec)
+  for switch in rewrites:
+    on, label = {switch: True}, LABELS[switch]
+    out[f'S q {label}'] = ('S', module_fn(spec, bw, ba, on))
+    out[f'S fp {label}'] = ('S', module_fn(spec, fp, fp, on))
+    out[f'T {label}'] = ('T', module_fn(spec, fp, fp, on))
+  if bw != fp or ba != fp:
+    out['S q fused'] = ('S', module_fn(spec, bw, ba, {'fused_vjp': True}))
+    if rewrites:
+      out['S q all'] = ('S', module_fn(
+          spec, bw, ba, {s: True for s in train_step_bench.SWITCHES}))
+  if prototypes and spec['kernel_size'] != (1, 1) and spec['groups'] == 1:
+    out['S q im2col'] = ('S', proto_fn(spec, bw, ba, conv_im2col))
+    out['T im2col'] = ('T', proto_fn(spec, fp, fp, conv_im2col))
   return out
 
 
@@ -309,7 +249,8 @@ def parse_args(argv=None):
   p.add_argument('--reps', type=int, default=5)
   p.add_argument('--stat', default='median', choices=('median', 'min'))
   p.add_argument('--prototypes', action='store_true',
-                 help='also time the candidate implementations')
+                 help='also time the candidate implementation (im2col, not '
+                 'product code)')
   p.add_argument('--only', default=None,
                  help='comma-separated implementation names to time')
   p.add_argument('--out', default=None, help='Markdown report path')
@@ -340,7 +281,7 @@ def main(argv=None):
                                     spec['features'])
     k = jnp.asarray(
         (rs.standard_normal(kshape) * 0.05).astype(np.float32))
-    out = jax.eval_shape(module_fn(spec, 32, 32, False), x, k)
+    out = jax.eval_shape(module_fn(spec, 32, 32), x, k)
     g = jnp.asarray(rs.standard_normal(out.shape).astype(np.float32))
     impls = implementations(spec, args.prototypes)
     desc = (f'{spec["kernel_size"][0]}x{spec["kernel_size"][1]}'
@@ -417,27 +358,38 @@ def main(argv=None):
       return min(vals) if vals else None
     return choose
 
-  protos_s = [n for n in impl_names if n.startswith('S q ') and
-              n not in ('S q pwdot',)]
-  protos_t = [n for n in impl_names if n.startswith('T ') and n != 'T fp']
+  def first(*names):
+    """Per shape, the first of ``names`` it has (a switch that does not
+    change a conv leaves it as it is)."""
+    def choose(times):
+      return next((times[n] for n in names if n in times), None)
+    return choose
+
   estimates = [
-      ('student fwd+bwd, full precision (lax.conv)', total(pick('S fp'))),
-      ('student fwd+bwd, full precision, pointwise_as_dot',
-       total(pick('S fp pwdot', 'S fp')) if 'S fp pwdot' in impl_names
-       else None),
-      ('student fwd+bwd, quantized: the product default', total(pick('S q'))),
-      ('student fwd+bwd, quantized, pointwise_as_dot',
-       total(lambda t: t.get('S q pwdot', t.get('S q')))),
-      ('teacher fwd (lax.conv)', total(pick('T fp'))),
-      ('teacher fwd, pointwise_as_dot',
-       total(lambda t: t.get('T pwdot', t.get('T fp')))),
+      ('student fwd+bwd, full precision (lax.conv)', total(first('S fp'))),
+      ('student fwd+bwd, full precision, pointwise_as_dot + '
+       'depthwise_as_shifts',
+       total(first('S fp pwdot', 'S fp shifts', 'S fp'))),
+      ('student fwd+bwd, quantized: the product default',
+       total(first('S q'))),
+  ] + [
+      (f'student fwd+bwd, quantized, {switch}',
+       total(first(f'S q {label}', 'S q')))
+      for switch, label in LABELS.items()
+  ] + [
+      ('student fwd+bwd, quantized, all switches',
+       total(first('S q all', 'S q fused', 'S q'))),
+      ('teacher fwd (lax.conv)', total(first('T fp'))),
+      ('teacher fwd, pointwise_as_dot + depthwise_as_shifts (fused_vjp: '
+       'not quantized)',
+       total(first('T pwdot', 'T shifts', 'T fp'))),
   ]
   if args.prototypes:
     estimates += [
-        ('student fwd+bwd, quantized, best of product + prototypes',
-         total(pick('S q', 'S q pwdot', *protos_s))),
-        ('teacher fwd, best of product + prototypes',
-         total(pick('T fp', 'T pwdot', *protos_t))),
+        ('student fwd+bwd, quantized, best of product + prototype',
+         total(pick(*[n for n in impl_names if n.startswith('S q')]))),
+        ('teacher fwd, best of product + prototype',
+         total(pick(*[n for n in impl_names if n.startswith('T ')]))),
     ]
   est_lines = ['| estimate (sum over all convs of count x time) | ms |',
                '|---|---|']
@@ -462,9 +414,11 @@ def main(argv=None):
         [record], [
             'S = student conv forward + backward (input and kernel '
             'gradients); T = teacher conv forward; q = fake-quantized '
-            '(product QuantConv); pwdot = pointwise_as_dot; fastq / s2dot / '
-            'im2col = prototypes defined in benchmarks/conv_profile.py (not '
-            'product code). Times are per call.'])
+            '(product QuantConv); pwdot / shifts / fused = QuantConv with '
+            'pointwise_as_dot / depthwise_as_shifts / fused_vjp; all = all '
+            'three; im2col = prototype defined in benchmarks/conv_profile.py '
+            '(not product code), with fused_vjp\'s quantizer. Times are per '
+            'call.'])
 
 
 if __name__ == '__main__':

@@ -408,7 +408,10 @@ class Variant:
         'method': self.method,
         'bits_w': self.bits[0],
         'bits_a': self.bits[1],
+        # train_step.py's quant switches (SWITCHES): not applicable here.
         'pointwise_as_dot': None,
+        'depthwise_as_shifts': None,
+        'fused_vjp': None,
         'batch': args.batch,
         'image_size': args.image_size,
         'dtype': args.dtype,
@@ -476,11 +479,7 @@ def main(argv=None):
                     device)
       var.warm_up()
       variants.append(var)
-    for r in range(args.rounds):
-      for var in variants:
-        print(f'# {model} {var.name}: timing round {r + 1}/{args.rounds} ...',
-              file=sys.stderr, flush=True)
-        var.time_steps(args.steps)
+    bench_util.time_rounds(model, variants, args.rounds, args.steps)
     first = None
     for var in variants:
       rec = var.record()

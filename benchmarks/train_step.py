@@ -16,7 +16,15 @@ For each model, in one process, the variants are (``--variants``):
   ft     FT-Q at --bits (CE only, no teacher, no transfer terms): the cost of
          transfer is t(dtq) / t(ft)
 
-each optionally also with ``quant.pointwise_as_dot`` (``--pointwise_as_dot``).
+each once per set of the product's opt-in speed-ups (``--speedups``: a
+comma-separated list of switch sets, each 'none', 'all' or a '+'-joined subset
+of the ``config.quant`` switches pointwise_as_dot, depthwise_as_shifts and
+fused_vjp; same maths, other kernels). A variant's name carries its set
+(``dtq_w4a4``, ``dtq_w4a4+all``, ``dtq_w4a4+pointwise_as_dot+fused_vjp``)
+and its JSON line the value of every switch. The summary gives, per set, the
+cost of quantization (dtq vs dtq32) and of transfer (dtq vs ft), and per
+non-empty set the speed-up of each variant over the same variant with none
+(when 'none' is measured too).
 
 Per variant: one JSON line with the compile time, the median step time, images
 per second, XLA's FLOP count of the compiled step (``cost_analysis()``), the
@@ -36,10 +44,14 @@ Examples:
   python benchmarks/train_step.py --model=small_resnet --batch=64 \
       --image_size=28 --steps=20
   python benchmarks/train_step.py --model=resnet50,mobilenet_v2 --batch=16 \
-      --steps=3 --pointwise_as_dot --out=results/train_step_cpu.md
+      --steps=3 --speedups=none,all --out=results/train_step_cpu.md
+  python benchmarks/train_step.py --model=mobilenet_v2 --batch=16 --steps=3 \
+      --variants=dtq --speedups=none,depthwise_as_shifts,all
 """
 
 import argparse
+import collections
+import contextlib
 import gc
 import hashlib
 import os
@@ -60,6 +72,8 @@ from configs import fmnist  # pylint: disable=wrong-import-position
 from dtq_jax import train  # pylint: disable=wrong-import-position
 
 VARIANTS = ('dtq', 'dtq32', 'ft')
+# The opt-in speed-ups of config.quant (same maths, other kernels).
+SWITCHES = ('pointwise_as_dot', 'depthwise_as_shifts', 'fused_vjp')
 MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
           'mobilenet_v2', 'small_resnet')
 
@@ -72,6 +86,27 @@ def parse_bits(text):
   if len(parts) != 2:
     raise argparse.ArgumentTypeError(f'--bits {text!r}: use K or W/A')
   return int(parts[0]), int(parts[1])
+
+
+def parse_switch_set(text):
+  """'none', 'all' or 'a+b' (names in SWITCHES) -> {switch: bool, ...}."""
+  text = text.strip()
+  if text in ('none', 'all'):
+    return {s: text == 'all' for s in SWITCHES}
+  names = [n.strip() for n in text.split('+')]
+  for n in names:
+    if n not in SWITCHES:
+      raise ValueError(f'unknown speed-up {n!r} in {text!r}; use none, all, '
+                       f'or a +-joined subset of {", ".join(SWITCHES)}')
+  return {s: s in names for s in SWITCHES}
+
+
+def switch_label(switches):
+  """'none', 'all' or the '+'-joined switches that are on (SWITCHES order)."""
+  on = [s for s in SWITCHES if switches.get(s)]
+  if not on:
+    return 'none'
+  return 'all' if len(on) == len(SWITCHES) else '+'.join(on)
 
 
 def parse_args(argv=None):
@@ -95,10 +130,10 @@ def parse_args(argv=None):
                  'each round; the median is over all timed steps)')
   p.add_argument('--variants', default=','.join(VARIANTS),
                  help='comma-separated subset of ' + ', '.join(VARIANTS))
-  p.add_argument('--pointwise_as_dot', nargs='?', const='both', default='off',
-                 choices=('off', 'on', 'both'),
-                 help='quant.pointwise_as_dot: off (default), on, or both '
-                 '(the flag alone: every variant with and without)')
+  p.add_argument('--speedups', default='none',
+                 help='comma-separated switch sets, each measured for every '
+                 'variant: none (default), all, or a +-joined subset of ' +
+                 ', '.join(SWITCHES) + ' (config.quant switches)')
   p.add_argument('--num_classes', type=int, default=None,
                  help='target classes (default 257, Caltech-256; 5 for '
                  'small_resnet)')
@@ -124,14 +159,32 @@ def parse_args(argv=None):
   for v in args.variants:
     if v not in VARIANTS:
       p.error(f'--variants {v!r}: allowed {", ".join(VARIANTS)}')
+  sets = args.speedups.split(',')
+  args.speedups = []
+  for text in sets:
+    if not text.strip():
+      continue
+    try:
+      switches = parse_switch_set(text)
+    except ValueError as e:
+      p.error(f'--speedups: {e}')
+    if switches in args.speedups:
+      p.error(f'--speedups: {switch_label(switches)} is given twice')
+    args.speedups.append(switches)
+  if not args.speedups:
+    p.error('--speedups: give at least one set (none: the product default)')
   if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
     p.error('--steps and --rounds must be >= 1 and --warmup >= 0')
   return args
 
 
-def make_config(model, method, bits, dtype, pointwise_as_dot, batch,
-                image_size, lr=None):
-  """The run config main.py would use, with the benchmark's overrides."""
+def make_config(model, method, bits, dtype, switches, batch, image_size,
+                lr=None):
+  """The run config main.py would use, with the benchmark's overrides.
+
+  ``switches``: {name: bool} for config.quant's speed-ups (SWITCHES); those
+  not named keep the config's default (off).
+  """
   if model == 'small_resnet':
     config = fmnist.get_config()
   else:
@@ -143,7 +196,11 @@ def make_config(model, method, bits, dtype, pointwise_as_dot, batch,
   config.method = method
   config.bits_w, config.bits_a = bits
   config.compute_dtype = dtype
-  config.quant.pointwise_as_dot = pointwise_as_dot
+  for name, on in (switches or {}).items():
+    if name not in SWITCHES:
+      raise ValueError(f'unknown quant switch {name!r}; known: '
+                       f'{", ".join(SWITCHES)}')
+    config.quant[name] = bool(on)
   config.batch_size = batch
   config.dataset.image_size = image_size
   if lr is not None:
@@ -151,17 +208,25 @@ def make_config(model, method, bits, dtype, pointwise_as_dot, batch,
   return config
 
 
+# One variant to measure: ``switches`` as for make_config; ``patch``, if not
+# None, is called with no arguments for a context manager that is entered
+# while the step is built and traced (prototype_step.py patches with it).
+VariantSpec = collections.namedtuple(
+    'VariantSpec', ('name', 'method', 'bits', 'switches', 'patch'),
+    defaults=(None,))
+
+
 def variant_list(args):
-  """(name, method, bits, pointwise_as_dot) of every variant to measure."""
-  pw_values = {'off': (False,), 'on': (True,), 'both': (False, True)}[
-      args.pointwise_as_dot]
+  """The VariantSpecs to measure: every variant with every switch set."""
   out = []
-  for pw in pw_values:
+  for switches in args.speedups:
+    label = switch_label(switches)
     for v in args.variants:
       method = 'ft' if v == 'ft' else 'dtq'
       bits = (32, 32) if v == 'dtq32' else args.bits
-      name = f'{method}_w{bits[0]}a{bits[1]}' + ('+pwdot' if pw else '')
-      out.append((name, method, bits, pw))
+      name = f'{method}_w{bits[0]}a{bits[1]}' + (
+          '' if label == 'none' else '+' + label)
+      out.append(VariantSpec(name, method, bits, switches))
   return out
 
 
@@ -229,7 +294,7 @@ def make_teacher(args, model, image_size, channels, num_classes, num_source):
   statistics), as a pretrained teacher's would roughly be: the teacher's
   maps and logits are then of a realistic size.
   """
-  base = make_config(model, 'dtq', (32, 32), args.dtype, False, args.batch,
+  base = make_config(model, 'dtq', (32, 32), args.dtype, {}, args.batch,
                      image_size)
   net = train.build_networks(base, num_classes, num_source).teacher
   images = jnp.asarray(random_batch(args.seed, args.batch,
@@ -253,13 +318,13 @@ def make_teacher(args, model, image_size, channels, num_classes, num_source):
 class Variant:
   """One compiled variant of the step, with its state, batch and timings."""
 
-  def __init__(self, args, model, name, method, bits, pw, teacher_vars,
+  def __init__(self, args, model, name, method, bits, switches, teacher_vars,
                image_size, channels, num_classes, num_source, runtime):
-    self.model, self.name, self.method, self.bits, self.pw = (
-        model, name, method, bits, pw)
+    self.model, self.name, self.method, self.bits = model, name, method, bits
     self.args, self.image_size = args, image_size
-    config = make_config(model, method, bits, args.dtype, pw, args.batch,
-                         image_size, args.lr)
+    config = make_config(model, method, bits, args.dtype, switches,
+                         args.batch, image_size, args.lr)
+    self.switches = {s: bool(config.quant[s]) for s in SWITCHES}
     image_shape = (image_size, image_size, channels)
     nets = train.build_networks(config, num_classes, num_source)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(args.seed))
@@ -290,8 +355,8 @@ class Variant:
     t2 = time.perf_counter()
     self.lower_s, self.xla_compile_s = t1 - t0, t2 - t1
     hlo = self.compiled.as_text()
-    # Identical programs (e.g. pointwise_as_dot on a network without 1x1
-    # stride-1 convolutions) are flagged in the summary.
+    # Identical programs (e.g. depthwise_as_shifts on a network without
+    # depthwise convolutions) are flagged in the summary.
     self.hlo_hash = hashlib.sha1(
         re.sub(r'metadata=\{[^}]*\}', '', hlo).encode()).hexdigest()[:12]
     if args.dump_hlo:
@@ -355,7 +420,7 @@ class Variant:
         'method': self.method,
         'bits_w': self.bits[0],
         'bits_a': self.bits[1],
-        'pointwise_as_dot': self.pw,
+        **self.switches,
         'batch': args.batch,
         'image_size': self.image_size,
         'dtype': args.dtype,
@@ -404,37 +469,89 @@ COLUMNS = [
 ]
 
 
+def variant_kind(record):
+  """'dtq', 'dtq32' or 'ft' (VARIANTS) of a record."""
+  if record['method'] == 'ft':
+    return 'ft'
+  return 'dtq32' if (record['bits_w'], record['bits_a']) == (32, 32) else 'dtq'
+
+
 def summary_lines(records):
-  """The ratios the benchmark exists for, per model."""
+  """The ratios the benchmark exists for, per model and switch set."""
   lines = []
   by_model = {}
   for r in records:
-    by_model.setdefault(r['model'], {})[r['variant']] = r
-  for model, rs in by_model.items():
-    for suffix in ('', '+pwdot'):
-      q = [r for n, r in rs.items() if n.startswith('dtq_') and
-           n.endswith(suffix) and (suffix or '+' not in n) and
-           r['bits_w'] != 32]
-      fp = [r for n, r in rs.items() if n == f'dtq_w32a32{suffix}']
-      ft = [r for n, r in rs.items() if n.startswith('ft_') and
-            n.endswith(suffix) and (suffix or '+' not in n)]
-      tag = f'{model}{" (pointwise_as_dot)" if suffix else ""}'
+    label = switch_label(r)
+    by_model.setdefault(r['model'], {}).setdefault(label, {}).setdefault(
+        variant_kind(r), r)
+  for model, sets in by_model.items():
+    for label, kinds in sets.items():
+      tag = model if label == 'none' else f'{model} ({label})'
+      q, fp, ft = kinds.get('dtq'), kinds.get('dtq32'), kinds.get('ft')
       if q and fp:
         lines.append(f'- {tag}: quantization costs x'
-                     f'{q[0]["step_ms"] / fp[0]["step_ms"]:.2f} '
-                     f'({q[0]["variant"]} vs {fp[0]["variant"]})')
+                     f'{q["step_ms"] / fp["step_ms"]:.2f} '
+                     f'({q["variant"]} vs {fp["variant"]})')
       if q and ft:
         lines.append(f'- {tag}: teacher + transfer terms cost x'
-                     f'{q[0]["step_ms"] / ft[0]["step_ms"]:.2f} '
-                     f'({q[0]["variant"]} vs {ft[0]["variant"]})')
-    for n, r in rs.items():
-      if n.endswith('+pwdot') and n[:-len('+pwdot')] in rs:
-        base = rs[n[:-len('+pwdot')]]
+                     f'{q["step_ms"] / ft["step_ms"]:.2f} '
+                     f'({q["variant"]} vs {ft["variant"]})')
+    for label, kinds in sets.items():
+      if label == 'none':
+        continue
+      for kind, r in kinds.items():
+        base = sets.get('none', {}).get(kind)
+        if base is None:
+          continue
         same = (' (the same compiled program: this is the run\'s noise)'
                 if base.get('hlo_hash') == r.get('hlo_hash') else '')
-        lines.append(f'- {model}: pointwise_as_dot speeds {base["variant"]} '
-                     f'up x{base["step_ms"] / r["step_ms"]:.2f}{same}')
+        lines.append(f'- {model} ({label}): speeds {base["variant"]} up x'
+                     f'{base["step_ms"] / r["step_ms"]:.2f} '
+                     f'({r["variant"]}){same}')
   return lines
+
+
+def measure_model(args, model, specs, runtime):
+  """Builds, compiles, warms up and times ``specs`` on one model; its records.
+
+  The teacher (random, full precision) is the same for every variant. Every
+  variant is compiled first, then all are timed in --rounds interleaved
+  rounds, so that load changes on a shared machine hit all variants alike.
+  Each record is printed as a JSON line; ``time_ratio`` is relative to the
+  first spec.
+  """
+  small = model == 'small_resnet'
+  image_size = args.image_size or (28 if small else 224)
+  channels = 1 if small else 3
+  num_classes = args.num_classes or (5 if small else 257)
+  num_source = args.num_source_classes or (5 if small else 1000)
+  teacher_vars = make_teacher(args, model, image_size, channels, num_classes,
+                              num_source)
+  variants = []
+  for spec in specs:
+    print(f'# {model} {spec.name}: building and compiling ...',
+          file=sys.stderr, flush=True)
+    with spec.patch() if spec.patch else contextlib.nullcontext():
+      v = Variant(args, model, spec.name, spec.method, spec.bits,
+                  spec.switches, teacher_vars, image_size, channels,
+                  num_classes, num_source, runtime)
+    v.warm_up()
+    variants.append(v)
+  bench_util.time_rounds(model, variants, args.rounds, args.steps)
+  records, first = [], None
+  for v in variants:
+    rec = v.record()
+    v.release()
+    if rec['nonfinite_steps']:
+      print(f'# WARNING: {model} {v.name}: {rec["nonfinite_steps"]} '
+            'non-finite steps (lower --lr?)', file=sys.stderr, flush=True)
+    first = first or rec
+    rec['time_ratio'] = round(rec['step_ms'] / first['step_ms'], 3)
+    records.append(rec)
+    bench_util.emit(rec)
+  del variants, teacher_vars
+  gc.collect()
+  return records
 
 
 def main(argv=None):
@@ -455,42 +572,7 @@ def main(argv=None):
 
   records = []
   for model in args.model:
-    small = model == 'small_resnet'
-    image_size = args.image_size or (28 if small else 224)
-    channels = 1 if small else 3
-    num_classes = args.num_classes or (5 if small else 257)
-    num_source = args.num_source_classes or (5 if small else 1000)
-    # The teacher (random, full precision) is the same for every variant.
-    teacher_vars = make_teacher(args, model, image_size, channels,
-                                num_classes, num_source)
-    # Compile every variant first, then time them in --rounds interleaved
-    # rounds, so that load changes on a shared machine hit all variants alike.
-    variants = []
-    for name, method, bits, pw in variant_list(args):
-      print(f'# {model} {name}: building and compiling ...', file=sys.stderr,
-            flush=True)
-      v = Variant(args, model, name, method, bits, pw, teacher_vars,
-                  image_size, channels, num_classes, num_source, runtime)
-      v.warm_up()
-      variants.append(v)
-    for r in range(args.rounds):
-      for v in variants:
-        print(f'# {model} {v.name}: timing round {r + 1}/{args.rounds} ...',
-              file=sys.stderr, flush=True)
-        v.time_steps(args.steps)
-    first = None
-    for v in variants:
-      rec = v.record()
-      v.release()
-      if rec['nonfinite_steps']:
-        print(f'# WARNING: {model} {v.name}: {rec["nonfinite_steps"]} '
-              'non-finite steps (lower --lr?)', file=sys.stderr, flush=True)
-      first = first or rec
-      rec['time_ratio'] = round(rec['step_ms'] / first['step_ms'], 3)
-      records.append(rec)
-      bench_util.emit(rec)
-    del variants, teacher_vars
-    gc.collect()
+    records += measure_model(args, model, variant_list(args), runtime)
 
   table = bench_util.markdown_table(records, COLUMNS)
   notes = summary_lines(records)
