@@ -83,6 +83,27 @@ def command_line():
   return ' '.join(shlex.quote(a) for a in [exe, script, *sys.argv[1:]])
 
 
+def check_model_variant_args(parser, args, models, variants):
+  """Splits --model/--variants into lists (each name checked) and checks the
+  step counts: the options train_step.py and torch_reference.py share.
+
+  Args:
+    parser: the argparse parser (its ``error`` reports a bad value).
+    args: the parsed namespace; ``model`` and ``variants`` are replaced by
+      lists.
+    models: allowed model names.
+    variants: allowed variant names.
+  """
+  for flag, allowed in (('model', models), ('variants', variants)):
+    names = [n.strip() for n in getattr(args, flag).split(',') if n.strip()]
+    for n in names:
+      if n not in allowed:
+        parser.error(f'--{flag} {n!r}: allowed {", ".join(allowed)}')
+    setattr(args, flag, names)
+  if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+    parser.error('--steps and --rounds must be >= 1 and --warmup >= 0')
+
+
 def machine_info(**extra):
   """A dict describing the machine; ``extra`` adds library/device fields."""
   info = {

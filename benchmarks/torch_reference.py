@@ -307,16 +307,7 @@ def parse_args(argv=None):
                  help='skip the FLOP count (one extra step per variant)')
   p.add_argument('--out', default=None, help='Markdown report path')
   args = p.parse_args(argv)
-  args.model = [m.strip() for m in args.model.split(',') if m.strip()]
-  for m in args.model:
-    if m not in MODELS:
-      p.error(f'--model {m!r}: allowed {", ".join(MODELS)}')
-  args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
-  for v in args.variants:
-    if v not in VARIANTS:
-      p.error(f'--variants {v!r}: allowed {", ".join(VARIANTS)}')
-  if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
-    p.error('--steps and --rounds must be >= 1 and --warmup >= 0')
+  bench_util.check_model_variant_args(p, args, MODELS, VARIANTS)
   return args
 
 

@@ -151,14 +151,7 @@ def parse_args(argv=None):
                  help='Markdown report path; {backend} is replaced by the '
                  'backend name (e.g. results/train_step_{backend}.md)')
   args = p.parse_args(argv)
-  args.model = [m.strip() for m in args.model.split(',') if m.strip()]
-  for m in args.model:
-    if m not in MODELS:
-      p.error(f'--model {m!r}: allowed {", ".join(MODELS)}')
-  args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
-  for v in args.variants:
-    if v not in VARIANTS:
-      p.error(f'--variants {v!r}: allowed {", ".join(VARIANTS)}')
+  bench_util.check_model_variant_args(p, args, MODELS, VARIANTS)
   sets = args.speedups.split(',')
   args.speedups = []
   for text in sets:
@@ -173,8 +166,6 @@ def parse_args(argv=None):
     args.speedups.append(switches)
   if not args.speedups:
     p.error('--speedups: give at least one set (none: the product default)')
-  if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
-    p.error('--steps and --rounds must be >= 1 and --warmup >= 0')
   return args
 
 
