@@ -2,15 +2,12 @@
 
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from configs import mit67
 from dtq_jax import config_validation
 from dtq_jax import experiment
 from dtq_jax import export
@@ -151,28 +148,10 @@ def test_int32_overflow_is_refused():
 
 
 @pytest.fixture(scope='module')
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, tiny_folder):
   """A finished 5-bit FT-Q run of the tiny demo ResNet on random images."""
-  root = tmp_path_factory.mktemp('folder')
-  rng = np.random.RandomState(0)
-  for c in range(3):
-    os.makedirs(root / f'class{c}')
-    for i in range(8):
-      pixels = rng.randint(0, 255, (20, 20, 3)).astype(np.uint8)
-      pixels[..., c] = 255 * (i % 2)
-      tf.io.write_file(str(root / f'class{c}' / f'{i}.png'),
-                       tf.io.encode_png(pixels))
-  c = mit67.get_config('quick,ft,5bit')
-  c.model = 'small_resnet'
-  c.model_kwargs = dict(widths=(4, 8, 8, 8))
-  c.pretrained = 'none'
-  c.dataset.root = str(root)
-  c.dataset.train_per_class = 5
-  c.dataset.test_per_class = 3
-  c.dataset.image_size = 16
-  c.dataset.resize_to = 18
-  c.num_epochs = 1
-  c.max_eval_batches = 0
+  root, config = tiny_folder
+  c = config(root, 'quick,ft,5bit')
   workdir = str(tmp_path_factory.mktemp('run'))
   experiment.run(config_validation.validate(c), workdir)
   return workdir

@@ -63,7 +63,7 @@ def _write_png(path, pixels):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
+def env(tmp_path_factory, class_images):
   """An image folder, the tiny config file and a shared cache folder.
 
   Each class has exactly the 10 readable images the config uses (6 train,
@@ -73,13 +73,8 @@ def env(tmp_path_factory):
   """
   base = tmp_path_factory.mktemp('faults')
   root = base / 'folder'
-  rng = np.random.RandomState(0)
-  for c in range(3):
-    os.makedirs(root / f'class{c}')
-    for i in range(10):
-      pixels = rng.randint(0, 255, (40, 40, 3)).astype(np.uint8)
-      pixels[..., c] = 255 * (i % 2)
-      _write_png(root / f'class{c}' / f'{i}.png', pixels)
+  class_images(root, 10, 40)
+  rng = np.random.RandomState(1)
   gray = rng.randint(0, 255, (40, 40, 1)).astype(np.uint8)
   alpha = np.full((40, 40, 1), 128, np.uint8)
   _write_png(root / 'class0' / '0.png', gray)

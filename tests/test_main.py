@@ -10,7 +10,6 @@ import chex
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from configs import food101
 from configs import mit67
@@ -23,17 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def image_folder(tmp_path_factory):
+def image_folder(tmp_path_factory, class_images):
   """3 classes x 10 random 40x40 RGB images, <root>/<class>/<image>."""
   root = tmp_path_factory.mktemp('folder')
-  rng = np.random.RandomState(0)
-  for c in range(3):
-    os.makedirs(root / f'class{c}')
-    for i in range(10):
-      pixels = rng.randint(0, 255, (40, 40, 3)).astype(np.uint8)
-      pixels[..., c] = 255 * (i % 2)  # Some signal per class.
-      tf.io.write_file(str(root / f'class{c}' / f'{i}.png'),
-                       tf.io.encode_png(pixels))
+  class_images(root, 10, 40)
   return str(root)
 
 

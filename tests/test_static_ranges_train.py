@@ -3,38 +3,17 @@
 import json
 import os
 
-import numpy as np
 import pytest
-import tensorflow as tf
 
-from configs import mit67
 from dtq_jax import calibration
 from dtq_jax import config_validation
 from dtq_jax import experiment
 from dtq_jax import export
 
 
-def test_static_run_collects_evaluates_and_exports(tmp_path):
-  root = tmp_path / 'folder'
-  rng = np.random.RandomState(0)
-  for c in range(3):
-    os.makedirs(root / f'class{c}')
-    for i in range(8):
-      pixels = rng.randint(0, 255, (20, 20, 3)).astype(np.uint8)
-      pixels[..., c] = 255 * (i % 2)
-      tf.io.write_file(str(root / f'class{c}' / f'{i}.png'),
-                       tf.io.encode_png(pixels))
-  c = mit67.get_config('quick,ft')
-  c.model = 'small_resnet'
-  c.model_kwargs = dict(widths=(4, 8, 8, 8))
-  c.pretrained = 'none'
-  c.dataset.root = str(root)
-  c.dataset.train_per_class = 5
-  c.dataset.test_per_class = 3
-  c.dataset.image_size = 16
-  c.dataset.resize_to = 18
-  c.num_epochs = 1
-  c.max_eval_batches = 0
+def test_static_run_collects_evaluates_and_exports(tmp_path, tiny_folder):
+  root, config = tiny_folder
+  c = config(root)
   c.quant.act_ranges = 'static'
   workdir = str(tmp_path / 'run')
   summary = experiment.run(config_validation.validate(c), workdir)

@@ -1,0 +1,71 @@
+"""Fixtures shared by the end-to-end tests: tiny image folders and configs."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import mit67
+
+
+def write_class_images(root, per_class, size, num_classes=3, seed=0):
+  """Writes ``root/class<c>/<i>.png``: random RGB images with a class signal.
+
+  Channel ``c`` of every odd image of class ``c`` is saturated (even ones:
+  zero), so a network can learn something in a few steps.
+
+  Args:
+    root: folder (created).
+    per_class: images per class.
+    size: image height and width.
+    num_classes: classes.
+    seed: NumPy seed of the pixels.
+  """
+  rng = np.random.RandomState(seed)
+  for c in range(num_classes):
+    os.makedirs(os.path.join(root, f'class{c}'))
+    for i in range(per_class):
+      pixels = rng.randint(0, 255, (size, size, 3)).astype(np.uint8)
+      pixels[..., c] = 255 * (i % 2)
+      tf.io.write_file(os.path.join(str(root), f'class{c}', f'{i}.png'),
+                       tf.io.encode_png(pixels))
+
+
+@pytest.fixture(name='class_images', scope='session')
+def class_images_fixture():
+  """``write_class_images``, for tests that build their own folders."""
+  return write_class_images
+
+
+def tiny_folder_config(root, variant='quick,ft'):
+  """mit67's ':quick' config shrunk to the tiny demo ResNet on 16 px images.
+
+  Args:
+    root: an image folder of ``write_class_images(root, 8, 20)``.
+    variant: mit67 config variant tokens.
+
+  Returns:
+    An unvalidated ConfigDict (5 training and 3 test images per class, one
+    epoch, every test image evaluated).
+  """
+  c = mit67.get_config(variant)
+  c.model = 'small_resnet'
+  c.model_kwargs = dict(widths=(4, 8, 8, 8))
+  c.pretrained = 'none'
+  c.dataset.root = str(root)
+  c.dataset.train_per_class = 5
+  c.dataset.test_per_class = 3
+  c.dataset.image_size = 16
+  c.dataset.resize_to = 18
+  c.num_epochs = 1
+  c.max_eval_batches = 0
+  return c
+
+
+@pytest.fixture(name='tiny_folder', scope='session')
+def tiny_folder_fixture(tmp_path_factory):
+  """3 classes x 8 random 20x20 images, and ``tiny_folder_config`` for it."""
+  root = tmp_path_factory.mktemp('tiny_folder')
+  write_class_images(root, 8, 20)
+  return root, tiny_folder_config
