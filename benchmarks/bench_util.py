@@ -5,6 +5,7 @@ this folder on ``sys.path``). Only the standard library here, so the PyTorch
 reference can use it without JAX.
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -81,6 +82,42 @@ def command_line():
       REPO_ROOT) else sys.executable
   script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
   return ' '.join(shlex.quote(a) for a in [exe, script, *sys.argv[1:]])
+
+
+def parse_bits(text):
+  """'4' -> (4, 4); '4/8' -> (4, 8) (weights / activations)."""
+  parts = text.split('/')
+  if len(parts) == 1:
+    parts = parts * 2
+  if len(parts) != 2:
+    raise argparse.ArgumentTypeError(f'--bits {text!r}: use K or W/A')
+  return int(parts[0]), int(parts[1])
+
+
+def add_step_args(parser, models, variants):
+  """The options train_step.py and torch_reference.py share.
+
+  --model, --bits, --steps, --warmup, --rounds and --variants; checked by
+  ``check_model_variant_args`` after parsing.
+
+  Args:
+    parser: an argparse parser.
+    models: allowed model names.
+    variants: allowed variant names (all by default).
+  """
+  parser.add_argument('--model', default='resnet50',
+                      help='comma-separated: ' + ', '.join(models))
+  parser.add_argument('--bits', type=parse_bits, default=(4, 4),
+                      help='student bits: K or W/A (default 4)')
+  parser.add_argument('--steps', type=int, default=5, help='timed steps')
+  parser.add_argument('--warmup', type=int, default=2,
+                      help='untimed steps after building the step')
+  parser.add_argument('--rounds', type=int, default=1,
+                      help='time all variants this many times in turn '
+                      '(--steps each round; the median is over all timed '
+                      'steps)')
+  parser.add_argument('--variants', default=','.join(variants),
+                      help='comma-separated subset of ' + ', '.join(variants))
 
 
 def check_model_variant_args(parser, args, models, variants):

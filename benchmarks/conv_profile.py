@@ -245,7 +245,7 @@ def parse_args(argv=None):
                  choices=train_step_bench.MODELS)
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--image_size', type=int, default=None)
-  p.add_argument('--bits', type=train_step_bench.parse_bits, default=(4, 4))
+  p.add_argument('--bits', type=bench_util.parse_bits, default=(4, 4))
   p.add_argument('--reps', type=int, default=5)
   p.add_argument('--stat', default='median', choices=('median', 'min'))
   p.add_argument('--prototypes', action='store_true',

@@ -269,33 +269,15 @@ class DTQStep:
 # Benchmark.
 
 
-def parse_bits(text):
-  parts = text.split('/')
-  if len(parts) == 1:
-    parts = parts * 2
-  if len(parts) != 2:
-    raise argparse.ArgumentTypeError(f'--bits {text!r}: use K or W/A')
-  return int(parts[0]), int(parts[1])
-
-
 def parse_args(argv=None):
   p = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--model', default='resnet50',
-                 help='comma-separated: ' + ', '.join(MODELS))
+  bench_util.add_step_args(p, MODELS, VARIANTS)
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--image_size', type=int, default=224)
-  p.add_argument('--bits', type=parse_bits, default=(4, 4),
-                 help='student bits: K or W/A (default 4)')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                  help='bfloat16: torch.autocast')
-  p.add_argument('--steps', type=int, default=5, help='timed steps')
-  p.add_argument('--warmup', type=int, default=2, help='untimed first steps')
-  p.add_argument('--rounds', type=int, default=1,
-                 help='time all variants this many times in turn')
-  p.add_argument('--variants', default=','.join(VARIANTS),
-                 help='comma-separated subset of ' + ', '.join(VARIANTS))
   p.add_argument('--threads', type=int, default=bench_util.usable_cores(),
                  help='torch.set_num_threads (default: all usable cores, '
                  'as XLA:CPU uses)')

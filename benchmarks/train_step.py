@@ -78,16 +78,6 @@ MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
           'mobilenet_v2', 'small_resnet')
 
 
-def parse_bits(text):
-  """'4' -> (4, 4); '4/8' -> (4, 8) (weights / activations)."""
-  parts = text.split('/')
-  if len(parts) == 1:
-    parts = parts * 2
-  if len(parts) != 2:
-    raise argparse.ArgumentTypeError(f'--bits {text!r}: use K or W/A')
-  return int(parts[0]), int(parts[1])
-
-
 def parse_switch_set(text):
   """'none', 'all' or 'a+b' (names in SWITCHES) -> {switch: bool, ...}."""
   text = text.strip()
@@ -113,23 +103,12 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--model', default='resnet50',
-                 help='comma-separated: ' + ', '.join(MODELS))
+  bench_util.add_step_args(p, MODELS, VARIANTS)
   p.add_argument('--batch', type=int, default=16, help='global batch size')
   p.add_argument('--image_size', type=int, default=None,
                  help='default: 224 (28 for small_resnet)')
-  p.add_argument('--bits', type=parse_bits, default=(4, 4),
-                 help='student bits: K or W/A (default 4)')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                  help='config.compute_dtype')
-  p.add_argument('--steps', type=int, default=5, help='timed steps')
-  p.add_argument('--warmup', type=int, default=2,
-                 help='untimed steps after compilation')
-  p.add_argument('--rounds', type=int, default=1,
-                 help='time all variants this many times in turn (--steps '
-                 'each round; the median is over all timed steps)')
-  p.add_argument('--variants', default=','.join(VARIANTS),
-                 help='comma-separated subset of ' + ', '.join(VARIANTS))
   p.add_argument('--speedups', default='none',
                  help='comma-separated switch sets, each measured for every '
                  'variant: none (default), all, or a +-joined subset of ' +
