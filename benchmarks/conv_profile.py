@@ -44,6 +44,7 @@ optimizer) is the difference to train_step.py's step time.
 
 import argparse
 import collections
+import functools
 import sys
 import time
 
@@ -54,8 +55,10 @@ bench_util.add_repo_to_path()
 import flax.linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from dtq_jax import config_validation  # pylint: disable=wrong-import-position
 from dtq_jax import layers  # pylint: disable=wrong-import-position
 from dtq_jax import quant  # pylint: disable=wrong-import-position
 from dtq_jax import train  # pylint: disable=wrong-import-position
@@ -210,22 +213,23 @@ def implementations(spec, prototypes):
   return out
 
 
-def build_timer(kind, fn, x, k, g, input_grad=True):
+def build_timer(kind, fn, x, k, g, input_grad=True, compiler_options=None):
+  jit = functools.partial(jax.jit, compiler_options=compiler_options)
   if kind == 'T':
-    f = jax.jit(fn)
+    f = jit(fn)
     args = (x, k)
   elif not input_grad:
     # The stem: the step differentiates its kernel, not the images.
     def fwd_bwd_kernel(x, k, g):
       _, vjp = jax.vjp(lambda k: fn(x, k), k)
       return vjp(g)
-    f = jax.jit(fwd_bwd_kernel)
+    f = jit(fwd_bwd_kernel)
     args = (x, k, g)
   else:
     def fwd_bwd(x, k, g):
       _, vjp = jax.vjp(fn, x, k)
       return vjp(g)
-    f = jax.jit(fwd_bwd)
+    f = jit(fwd_bwd)
     args = (x, k, g)
   compiled = f.lower(*args).compile()
   jax.block_until_ready(compiled(*args))  # warm-up
@@ -251,6 +255,10 @@ def parse_args(argv=None):
   p.add_argument('--prototypes', action='store_true',
                  help='also time the candidate implementation (im2col, not '
                  'product code)')
+  p.add_argument('--cpu_convolutions', default='eigen',
+                 choices=config_validation.CPU_CONVOLUTIONS,
+                 help='config.cpu_convolutions for every timed function '
+                 '(XLA:CPU only)')
   p.add_argument('--only', default=None,
                  help='comma-separated implementation names to time')
   p.add_argument('--out', default=None, help='Markdown report path')
@@ -271,6 +279,8 @@ def main(argv=None):
   for c in calls:
     groups.setdefault(spec_key(c), []).append(c)
   only = set(args.only.split(',')) if args.only else None
+  options = train.compiler_options(
+      ml_collections.ConfigDict({'cpu_convolutions': args.cpu_convolutions}))
 
   rs = np.random.RandomState(0)
   timers, shapes = {}, []
@@ -299,7 +309,8 @@ def main(argv=None):
       if only and name not in only:
         continue
       timers[(len(shapes) - 1, name)] = build_timer(
-          kind, fn, x, k, g, input_grad=members[0] is not calls[0])
+          kind, fn, x, k, g, input_grad=members[0] is not calls[0],
+          compiler_options=options)
 
   samples = collections.defaultdict(list)
   for rep in range(args.reps):
@@ -398,6 +409,7 @@ def main(argv=None):
   record = {'model': args.model, 'batch': args.batch,
             'image_size': image_size, 'bits': list(args.bits),
             'stat': args.stat, 'reps': args.reps,
+            'cpu_convolutions': args.cpu_convolutions,
             'estimates_ms': {n: v for n, v in estimates},
             'shapes': [{k: v for k, v in s.items() if k != 'key'}
                        for s in shapes]}
@@ -410,7 +422,8 @@ def main(argv=None):
     bench_util.write_report(
         args.out, f'Convolutions of the DTQ step, {args.model}, batch '
         f'{args.batch}, {image_size} px, bits {args.bits[0]}/{args.bits[1]} '
-        f'({args.stat} of {args.reps})', info, table + '\n\n' + est_table,
+        f'({args.stat} of {args.reps}; cpu_convolutions='
+        f'{args.cpu_convolutions})', info, table + '\n\n' + est_table,
         [record], [
             'S = student conv forward + backward (input and kernel '
             'gradients); T = teacher conv forward; q = fake-quantized '

@@ -36,7 +36,6 @@ bench_util.add_repo_to_path()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from dtq_jax import train  # pylint: disable=wrong-import-position
 
 import conv_profile  # pylint: disable=wrong-import-position
 import train_step  # pylint: disable=wrong-import-position
@@ -106,7 +105,6 @@ def main(argv=None):
   except ValueError as e:
     p.error(str(e))
   jax.config.update('jax_enable_compilation_cache', False)
-  runtime = train.Runtime()
   info = bench_util.machine_info(
       jax=jax.__version__, backend=jax.default_backend(),
       device_kind=jax.devices()[0].device_kind)
@@ -115,11 +113,11 @@ def main(argv=None):
   method = 'ft' if args.variants == ['ft'] else 'dtq'
   bits = (32, 32) if args.variants == ['dtq32'] else args.bits
   specs = [train_step.VariantSpec(f'{method}_w{bits[0]}a{bits[1]}:{cand}',
-                                  method, bits, switches, patch)
+                                  method, bits, switches, patch=patch)
            for cand, (switches, patch) in zip(candidates, parsed)]
   records = []
   for model in args.model:
-    records += train_step.measure_model(args, model, specs, runtime)
+    records += train_step.measure_model(args, model, specs)
   table = bench_util.markdown_table(records, train_step.COLUMNS)
   print()
   print(table)

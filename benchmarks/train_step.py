@@ -69,11 +69,15 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import common  # pylint: disable=wrong-import-position
 from configs import fmnist  # pylint: disable=wrong-import-position
+from dtq_jax import config_validation  # pylint: disable=wrong-import-position
 from dtq_jax import train  # pylint: disable=wrong-import-position
 
 VARIANTS = ('dtq', 'dtq32', 'ft')
 # The opt-in speed-ups of config.quant (same maths, other kernels).
 SWITCHES = ('pointwise_as_dot', 'depthwise_as_shifts', 'fused_vjp')
+# The product's config.cpu_convolutions (variant names mark the others).
+_DEFAULT_CONVS = common.paper_config(
+    dict(name='image_folder', root='unused')).cpu_convolutions
 MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
           'mobilenet_v2', 'small_resnet')
 
@@ -113,6 +117,12 @@ def parse_args(argv=None):
                  help='comma-separated switch sets, each measured for every '
                  'variant: none (default), all, or a +-joined subset of ' +
                  ', '.join(SWITCHES) + ' (config.quant switches)')
+  p.add_argument('--cpu_convolutions', default='eigen',
+                 help='comma-separated values of config.cpu_convolutions, '
+                 'each measured for every variant and switch set: ' +
+                 ', '.join(config_validation.CPU_CONVOLUTIONS) +
+                 ' (XLA:CPU only; the first is the baseline of the '
+                 'comparison lines)')
   p.add_argument('--num_classes', type=int, default=None,
                  help='target classes (default 257, Caltech-256; 5 for '
                  'small_resnet)')
@@ -145,15 +155,25 @@ def parse_args(argv=None):
     args.speedups.append(switches)
   if not args.speedups:
     p.error('--speedups: give at least one set (none: the product default)')
+  args.cpu_convolutions = [c.strip() for c in args.cpu_convolutions.split(',')
+                           if c.strip()]
+  for c in args.cpu_convolutions:
+    if c not in config_validation.CPU_CONVOLUTIONS:
+      p.error(f'--cpu_convolutions: unknown {c!r}; allowed: '
+              f'{", ".join(config_validation.CPU_CONVOLUTIONS)}')
+  if not args.cpu_convolutions or len(set(args.cpu_convolutions)) != len(
+      args.cpu_convolutions):
+    p.error('--cpu_convolutions: give each value once')
   return args
 
 
 def make_config(model, method, bits, dtype, switches, batch, image_size,
-                lr=None):
+                lr=None, cpu_convolutions=None):
   """The run config main.py would use, with the benchmark's overrides.
 
   ``switches``: {name: bool} for config.quant's speed-ups (SWITCHES); those
-  not named keep the config's default (off).
+  not named keep the config's default (off). ``cpu_convolutions``: None keeps
+  the config's.
   """
   if model == 'small_resnet':
     config = fmnist.get_config()
@@ -175,28 +195,34 @@ def make_config(model, method, bits, dtype, switches, batch, image_size,
   config.dataset.image_size = image_size
   if lr is not None:
     config.optim.lr = lr
+  if cpu_convolutions is not None:
+    config.cpu_convolutions = cpu_convolutions
   return config
 
 
-# One variant to measure: ``switches`` as for make_config; ``patch``, if not
-# None, is called with no arguments for a context manager that is entered
-# while the step is built and traced (prototype_step.py patches with it).
+# One variant to measure: ``switches`` and ``cpu_convolutions`` as for
+# make_config; ``patch``, if not None, is called with no arguments for a
+# context manager that is entered while the step is built and traced
+# (prototype_step.py patches with it).
 VariantSpec = collections.namedtuple(
-    'VariantSpec', ('name', 'method', 'bits', 'switches', 'patch'),
-    defaults=(None,))
+    'VariantSpec',
+    ('name', 'method', 'bits', 'switches', 'cpu_convolutions', 'patch'),
+    defaults=(None, None))
 
 
 def variant_list(args):
-  """The VariantSpecs to measure: every variant with every switch set."""
+  """The VariantSpecs to measure: every variant, switch set and library."""
   out = []
-  for switches in args.speedups:
-    label = switch_label(switches)
-    for v in args.variants:
-      method = 'ft' if v == 'ft' else 'dtq'
-      bits = (32, 32) if v == 'dtq32' else args.bits
-      name = f'{method}_w{bits[0]}a{bits[1]}' + (
-          '' if label == 'none' else '+' + label)
-      out.append(VariantSpec(name, method, bits, switches))
+  for convs in args.cpu_convolutions:
+    for switches in args.speedups:
+      label = switch_label(switches)
+      for v in args.variants:
+        method = 'ft' if v == 'ft' else 'dtq'
+        bits = (32, 32) if v == 'dtq32' else args.bits
+        name = f'{method}_w{bits[0]}a{bits[1]}' + (
+            '' if label == 'none' else '+' + label) + (
+                '' if convs == _DEFAULT_CONVS else '@' + convs)
+        out.append(VariantSpec(name, method, bits, switches, convs))
   return out
 
 
@@ -288,13 +314,18 @@ def make_teacher(args, model, image_size, channels, num_classes, num_source):
 class Variant:
   """One compiled variant of the step, with its state, batch and timings."""
 
-  def __init__(self, args, model, name, method, bits, switches, teacher_vars,
-               image_size, channels, num_classes, num_source, runtime):
-    self.model, self.name, self.method, self.bits = model, name, method, bits
+  def __init__(self, args, model, spec, teacher_vars, image_size, channels,
+               num_classes, num_source):
+    self.model, self.name, self.method, self.bits = (
+        model, spec.name, spec.method, spec.bits)
     self.args, self.image_size = args, image_size
-    config = make_config(model, method, bits, args.dtype, switches,
-                         args.batch, image_size, args.lr)
+    config = make_config(model, spec.method, spec.bits, args.dtype,
+                         spec.switches, args.batch, image_size, args.lr,
+                         spec.cpu_convolutions)
     self.switches = {s: bool(config.quant[s]) for s in SWITCHES}
+    self.cpu_convolutions = config.cpu_convolutions
+    # As train.train_and_evaluate: the config's compiler options.
+    runtime = train.Runtime(compiler_options=train.compiler_options(config))
     image_shape = (image_size, image_size, channels)
     nets = train.build_networks(config, num_classes, num_source)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(args.seed))
@@ -312,12 +343,7 @@ class Variant:
     self.batch = runtime.put_batch(
         random_batch(args.seed, args.batch, image_shape, num_classes))
 
-    # Exactly as train.train_and_evaluate jits the step.
-    step_fn = jax.jit(
-        train.make_train_step(config, nets, tx),
-        in_shardings=(runtime.replicated, runtime.batch, runtime.replicated),
-        out_shardings=(runtime.replicated, runtime.replicated),
-        donate_argnums=(0,))
+    step_fn = runtime.jit_train_step(config, nets, tx)
     t0 = time.perf_counter()
     lowered = step_fn.lower(self.state, self.batch, self.frozen)
     t1 = time.perf_counter()
@@ -391,6 +417,7 @@ class Variant:
         'bits_w': self.bits[0],
         'bits_a': self.bits[1],
         **self.switches,
+        'cpu_convolutions': self.cpu_convolutions,
         'batch': args.batch,
         'image_size': self.image_size,
         'dtype': args.dtype,
@@ -447,41 +474,53 @@ def variant_kind(record):
 
 
 def summary_lines(records):
-  """The ratios the benchmark exists for, per model and switch set."""
+  """The ratios the benchmark exists for, per model, library and switch set.
+
+  Per (cpu_convolutions, switch set): the cost of quantization (dtq vs dtq32)
+  and of transfer (dtq vs ft); per non-empty switch set, its speed-up over
+  'none' with the same library; per library after the first one measured,
+  its speed-up over the first with the same switches.
+  """
   lines = []
   by_model = {}
   for r in records:
-    label = switch_label(r)
-    by_model.setdefault(r['model'], {}).setdefault(label, {}).setdefault(
-        variant_kind(r), r)
-  for model, sets in by_model.items():
-    for label, kinds in sets.items():
-      tag = model if label == 'none' else f'{model} ({label})'
-      q, fp, ft = kinds.get('dtq'), kinds.get('dtq32'), kinds.get('ft')
-      if q and fp:
-        lines.append(f'- {tag}: quantization costs x'
-                     f'{q["step_ms"] / fp["step_ms"]:.2f} '
-                     f'({q["variant"]} vs {fp["variant"]})')
-      if q and ft:
-        lines.append(f'- {tag}: teacher + transfer terms cost x'
-                     f'{q["step_ms"] / ft["step_ms"]:.2f} '
-                     f'({q["variant"]} vs {ft["variant"]})')
-    for label, kinds in sets.items():
-      if label == 'none':
-        continue
-      for kind, r in kinds.items():
-        base = sets.get('none', {}).get(kind)
-        if base is None:
-          continue
-        same = (' (the same compiled program: this is the run\'s noise)'
-                if base.get('hlo_hash') == r.get('hlo_hash') else '')
-        lines.append(f'- {model} ({label}): speeds {base["variant"]} up x'
-                     f'{base["step_ms"] / r["step_ms"]:.2f} '
-                     f'({r["variant"]}){same}')
+    by_model.setdefault(r['model'], {}).setdefault(
+        r.get('cpu_convolutions'), {}).setdefault(
+            switch_label(r), {}).setdefault(variant_kind(r), r)
+
+  def speedup(tag, base, r):
+    same = (' (the same compiled program: this is the run\'s noise)'
+            if base.get('hlo_hash') == r.get('hlo_hash') else '')
+    lines.append(f'- {tag}: speeds {base["variant"]} up x'
+                 f'{base["step_ms"] / r["step_ms"]:.2f} '
+                 f'({r["variant"]}){same}')
+
+  for model, libraries in by_model.items():
+    first_lib = next(iter(libraries))
+    for lib, sets in libraries.items():
+      where = '' if lib == first_lib else f' @{lib}'
+      for label, kinds in sets.items():
+        tag = (model if label == 'none' else f'{model} ({label})') + where
+        q, fp, ft = kinds.get('dtq'), kinds.get('dtq32'), kinds.get('ft')
+        if q and fp:
+          lines.append(f'- {tag}: quantization costs x'
+                       f'{q["step_ms"] / fp["step_ms"]:.2f} '
+                       f'({q["variant"]} vs {fp["variant"]})')
+        if q and ft:
+          lines.append(f'- {tag}: teacher + transfer terms cost x'
+                       f'{q["step_ms"] / ft["step_ms"]:.2f} '
+                       f'({q["variant"]} vs {ft["variant"]})')
+      for label, kinds in sets.items():
+        for kind, r in kinds.items():
+          if label != 'none' and kind in sets.get('none', {}):
+            speedup(f'{model} ({label}){where}', sets['none'][kind], r)
+          base = libraries[first_lib].get(label, {}).get(kind)
+          if lib != first_lib and base is not None:
+            speedup(f'{model} (cpu_convolutions={lib})', base, r)
   return lines
 
 
-def measure_model(args, model, specs, runtime):
+def measure_model(args, model, specs):
   """Builds, compiles, warms up and times ``specs`` on one model; its records.
 
   The teacher (random, full precision) is the same for every variant. Every
@@ -502,9 +541,8 @@ def measure_model(args, model, specs, runtime):
     print(f'# {model} {spec.name}: building and compiling ...',
           file=sys.stderr, flush=True)
     with spec.patch() if spec.patch else contextlib.nullcontext():
-      v = Variant(args, model, spec.name, spec.method, spec.bits,
-                  spec.switches, teacher_vars, image_size, channels,
-                  num_classes, num_source, runtime)
+      v = Variant(args, model, spec, teacher_vars, image_size, channels,
+                  num_classes, num_source)
     v.warm_up()
     variants.append(v)
   bench_util.time_rounds(model, variants, args.rounds, args.steps)
@@ -528,7 +566,6 @@ def main(argv=None):
   args = parse_args(argv)
   # Honest compile times: no persistent compilation cache.
   jax.config.update('jax_enable_compilation_cache', False)
-  runtime = train.Runtime()
   n_dev = len(jax.devices())
   if args.batch % n_dev:
     sys.exit(f'--batch {args.batch} must be a multiple of the {n_dev} devices')
@@ -542,7 +579,7 @@ def main(argv=None):
 
   records = []
   for model in args.model:
-    records += measure_model(args, model, variant_list(args), runtime)
+    records += measure_model(args, model, variant_list(args))
 
   table = bench_util.markdown_table(records, COLUMNS)
   notes = summary_lines(records)

@@ -15,6 +15,8 @@ METHODS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq')
 TFDS_DATASETS = ('caltech_birds2011', 'stanford_dogs', 'food101')
 DATASETS = ('image_folder', 'fashion_mnist') + TFDS_DATASETS
 SPECIAL_PRETRAINED = ('torchvision', 'none', 'source_task')
+# config.cpu_convolutions: XLA:CPU's kernels for convolutions (train.py).
+CPU_CONVOLUTIONS = ('eigen', 'jaxlib_default')
 
 
 class UserError(Exception):
@@ -115,6 +117,8 @@ def validate(config, device_count=None):
   _check_choice(config, 'dtq.afa_normalization', ('final', 'mean'))
   _check_positive(config, 'dtq.temperature')
   _check_choice(config, 'compute_dtype', ('float32', 'bfloat16'))
+  if 'cpu_convolutions' in config:
+    _check_choice(config, 'cpu_convolutions', CPU_CONVOLUTIONS)
   if 'act_ranges' in config.quant:
     _check_choice(config, 'quant.act_ranges', ('dynamic', 'static'))
     _check_choice(config, 'quant.range_stat', ('ema', 'mean', 'minmax'))

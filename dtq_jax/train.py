@@ -424,10 +424,47 @@ def schedule_lengths(config, num_train):
   return steps_per_epoch, num_epochs, steps_per_epoch * num_epochs
 
 
-class Runtime:
-  """The device mesh and the shardings of one process's view of it."""
+# jaxlib 0.10 hands dots, reductions and convolutions to YNNPACK
+# (DebugOptions.xla_cpu_experimental_ynn_fusion_type); 'eigen' keeps the first
+# two and leaves convolutions to XLA's Eigen kernels. A compiler option replaces
+# the whole list, so it names the two it keeps (measured in
+# benchmarks/README.md: dropping them too is slower).
+_YNN_ALL_BUT_CONVOLUTIONS = ('LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,'
+                             'LIBRARY_FUSION_TYPE_REDUCE')
 
-  def __init__(self, devices=None):
+
+def compiler_options(config, backend=None):
+  """XLA compiler options for the run's jitted functions.
+
+  On XLA:CPU, YNNPACK's convolutions (jaxlib 0.10's default) run the 1x1 and
+  56 px 3x3 convolutions of ResNet-50 1.5-4x slower than Eigen's on the
+  2-core AVX-512 machines measured in benchmarks/; ``config.cpu_convolutions
+  = 'eigen'`` (the default) selects Eigen. Other backends take no options.
+
+  Args:
+    config: the run config (``cpu_convolutions``: 'eigen', or
+      'jaxlib_default' for no options).
+    backend: platform name; default ``jax.default_backend()``.
+
+  Returns:
+    A dict for ``jax.jit(..., compiler_options=...)``, or None.
+
+  Raises:
+    ValueError: unknown ``config.cpu_convolutions``.
+  """
+  choice = config.get('cpu_convolutions', 'jaxlib_default')
+  if choice not in config_validation.CPU_CONVOLUTIONS:
+    raise ValueError(f'config.cpu_convolutions={choice!r}; allowed: '
+                     f'{", ".join(config_validation.CPU_CONVOLUTIONS)}.')
+  if (backend or jax.default_backend()) != 'cpu' or choice != 'eigen':
+    return None
+  return {'xla_cpu_experimental_ynn_fusion_type': _YNN_ALL_BUT_CONVOLUTIONS}
+
+
+class Runtime:
+  """The device mesh, its shardings and the XLA options of the run's jits."""
+
+  def __init__(self, devices=None, compiler_options=None):  # pylint: disable=redefined-outer-name
     devices = jax.devices() if devices is None else devices
     self.mesh = jax.sharding.Mesh(np.array(devices), ('data',))
     self.replicated = jax.sharding.NamedSharding(
@@ -435,6 +472,28 @@ class Runtime:
     self.batch = jax.sharding.NamedSharding(
         self.mesh, jax.sharding.PartitionSpec('data'))
     self.is_main = jax.process_index() == 0
+    self.compiler_options = compiler_options
+
+  def jit(self, fn, **kwargs):
+    """``jax.jit(fn, **kwargs)`` with the run's compiler options."""
+    return jax.jit(fn, compiler_options=self.compiler_options, **kwargs)
+
+  def jit_train_step(self, config, nets, tx):
+    """The train step on this mesh: the state replicated and donated.
+
+    Args:
+      config: the run config.
+      nets: the run's ``Networks``.
+      tx: the optimizer.
+
+    Returns:
+      ``step(state, batch, frozen) -> (state, metrics)``, jitted.
+    """
+    return self.jit(
+        make_train_step(config, nets, tx),
+        in_shardings=(self.replicated, self.batch, self.replicated),
+        out_shardings=(self.replicated, self.replicated),
+        donate_argnums=(0,))
 
   def put_batch(self, local_batch):
     """Builds global arrays from this process's slice of a global batch."""
@@ -680,7 +739,7 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
   if os.path.exists(result_path):
     with open(result_path) as f:
       return json.load(f)
-  runtime = Runtime()
+  runtime = Runtime(compiler_options=compiler_options(config))
   nets = build_networks(config, data.num_classes, num_source_classes(teacher))
   steps_per_epoch, num_epochs, total_steps = schedule_lengths(
       config, data.num_train)
@@ -723,14 +782,11 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
     state, meta = restored.state, restored.meta
     print(f'Resuming {workdir} at step {int(state.step)}.')
 
-  train_step = jax.jit(
-      make_train_step(config, nets, tx),
-      in_shardings=(runtime.replicated, runtime.batch, runtime.replicated),
-      out_shardings=(runtime.replicated, runtime.replicated),
-      donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(nets), out_shardings=runtime.replicated)
-  static_eval_step = jax.jit(make_eval_step(nets, 'static'),
-                             out_shardings=runtime.replicated)
+  train_step = runtime.jit_train_step(config, nets, tx)
+  eval_step = runtime.jit(make_eval_step(nets),
+                          out_shardings=runtime.replicated)
+  static_eval_step = runtime.jit(make_eval_step(nets, 'static'),
+                                 out_shardings=runtime.replicated)
   start_step = int(state.step)
   batches = input_pipeline.train_batches(
       data.train, config.batch_size, seed=seed, start_step=start_step,

@@ -166,6 +166,7 @@ def test_tfds_dataset_with_mock_data(tmp_path):
     ('--config.batch_size=0', 'batch_size'),
     ('--config.dataset.name=imagenet21k', 'dataset.name'),
     ('--config.dataset.root=/no/such/dir', 'dataset.root'),
+    ('--config.cpu_convolutions=onednn', 'cpu_convolutions'),
 ])
 def test_invalid_config_is_one_line_exit_2(tmp_path, override, field):
   config = 'configs/mit67.py:quick'

@@ -147,9 +147,7 @@ def test_eight_devices_match_one_device():
         config = t._config('dtq')
         rt = train.Runtime(jax.devices()[:n])
         nets, tx, state, batches, frozen, rt = t._setup(config, runtime=rt)
-        step = jax.jit(train.make_train_step(config, nets, tx),
-                       in_shardings=(rt.replicated, rt.batch, rt.replicated),
-                       out_shardings=(rt.replicated, rt.replicated))
+        step = rt.jit_train_step(config, nets, tx)
         losses = []
         for batch in batches:
           state, m = step(state, rt.put_batch(batch), frozen)
@@ -167,3 +165,57 @@ def test_eight_devices_match_one_device():
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'OK' in proc.stdout
+
+
+def test_compiler_options_pick_eigen_convolutions_on_cpu_only():
+  config = _config()
+  assert config.cpu_convolutions == 'eigen'
+  options = train.compiler_options(config, backend='cpu')
+  assert options == {'xla_cpu_experimental_ynn_fusion_type':
+                     'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,'
+                     'LIBRARY_FUSION_TYPE_REDUCE'}
+  assert train.compiler_options(config, backend='gpu') is None
+  assert train.compiler_options(config, backend='tpu') is None
+  config.cpu_convolutions = 'jaxlib_default'
+  assert train.compiler_options(config, backend='cpu') is None
+  config.cpu_convolutions = 'onednn'
+  with pytest.raises(ValueError, match='cpu_convolutions'):
+    train.compiler_options(config, backend='cpu')
+
+
+def _conv(x, k):
+  return jax.lax.conv_general_dilated(
+      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU options')
+def test_eigen_convolutions_keep_ynnpack_dots_and_reductions():
+  x, k = jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 32))
+  a = jnp.ones((256, 256))
+  library = {}
+  for choice in ('eigen', 'jaxlib_default'):
+    rt = train.Runtime(compiler_options=train.compiler_options(
+        _config(cpu_convolutions=choice)))
+    library[choice] = [
+        '__ynn_fusion' in rt.jit(f).lower(*args).compile().as_text()
+        for f, args in ((_conv, (x, k)), (jnp.matmul, (a, a)),
+                        (jnp.max, (a,)))]
+  # jaxlib 0.10 sends all three to YNNPACK; 'eigen' takes convolutions only.
+  assert library['jaxlib_default'] == [True, True, True]
+  assert library['eigen'] == [False, True, True]
+
+
+def test_cpu_convolution_choices_train_alike():
+  out = {}
+  for choice in ('eigen', 'jaxlib_default'):
+    config = _config('dtq', cpu_convolutions=choice)
+    rt = train.Runtime(compiler_options=train.compiler_options(config))
+    nets, tx, state, batches, frozen, rt = _setup(config, runtime=rt)
+    state, metrics = rt.jit_train_step(config, nets, tx)(
+        state, rt.put_batch(batches[0]), frozen)
+    out[choice] = (float(metrics['loss']), jax.device_get(state.params))
+  np.testing.assert_allclose(out['eigen'][0], out['jaxlib_default'][0],
+                             rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               out['eigen'][1], out['jaxlib_default'][1])
