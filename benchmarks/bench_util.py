@@ -153,6 +153,8 @@ def machine_info(**extra):
       'python': platform.python_version(),
       'load_average_at_start': load_average(),
       'git_commit': git_commit(),
+      # A preloaded allocator (e.g. tcmalloc) changes CPU step times.
+      'ld_preload': os.environ.get('LD_PRELOAD', ''),
   }
   info.update(extra)
   return info
