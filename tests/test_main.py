@@ -196,3 +196,17 @@ def test_batch_not_divisible_by_devices(image_folder):
   with pytest.raises(config_validation.ConfigError, match='batch_size'):
     config_validation.validate(folder_config(image_folder, batch_size=12),
                                device_count=8)
+
+
+def test_allocator_note_for_large_images_on_cpu_without_tcmalloc(
+    monkeypatch, capsys):
+  import main  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv('LD_PRELOAD', raising=False)
+  main._allocator_note(mit67.get_config())  # 224 px
+  assert 'LD_PRELOAD=' in capsys.readouterr().err
+  main._allocator_note(mit67.get_config('quick'))  # 32 px
+  assert not capsys.readouterr().err
+  monkeypatch.setenv('LD_PRELOAD',
+                     '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4')
+  main._allocator_note(mit67.get_config())
+  assert not capsys.readouterr().err
