@@ -110,7 +110,9 @@ def add_step_args(parser, models, variants):
   parser.add_argument('--bits', type=parse_bits, default=(4, 4),
                       help='student bits: K or W/A (default 4)')
   parser.add_argument('--steps', type=int, default=5, help='timed steps')
-  parser.add_argument('--warmup', type=int, default=2,
+  # A caching allocator (tcmalloc) needs about three steps of a large step
+  # before it holds all the step's buffers; later steps are the steady state.
+  parser.add_argument('--warmup', type=int, default=3,
                       help='untimed steps after building the step')
   parser.add_argument('--rounds', type=int, default=1,
                       help='time all variants this many times in turn '
