@@ -1,8 +1,9 @@
 """Throughput and compile time of the full DTQ train step (the one main.py runs).
 
 The step is built exactly as ``train.train_and_evaluate`` builds it
-(``build_networks``, ``init_params``, ``make_optimizer``, ``make_train_step``,
-``jax.jit`` with the Runtime's shardings and the state donated), from a config
+(``build_networks``, ``init_params``, ``make_optimizer``,
+``Runtime.jit_train_step``: the Runtime's shardings, the state donated, the
+config's XLA compiler options), from a config
 of the paper recipe (``configs/common.py``; ``configs/fmnist.py`` for
 ``small_resnet``). Weights are random (the teacher is a random network and the
 student starts from it, as it would start from the pretrained one); one random
@@ -16,7 +17,8 @@ For each model, in one process, the variants are (``--variants``):
   ft     FT-Q at --bits (CE only, no teacher, no transfer terms): the cost of
          transfer is t(dtq) / t(ft)
 
-each once per set of the product's opt-in speed-ups (``--speedups``: a
+each once per value of ``config.cpu_convolutions`` (``--cpu_convolutions``)
+and per set of the product's opt-in speed-ups (``--speedups``: a
 comma-separated list of switch sets, each 'none', 'all' or a '+'-joined subset
 of the ``config.quant`` switches pointwise_as_dot, depthwise_as_shifts and
 fused_vjp; same maths, other kernels). A variant's name carries its set
