@@ -255,7 +255,8 @@ def parse_args(argv=None):
   p.add_argument('--prototypes', action='store_true',
                  help='also time the candidate implementation (im2col, not '
                  'product code)')
-  p.add_argument('--cpu_convolutions', default='eigen',
+  p.add_argument('--cpu_convolutions',
+                 default=train_step_bench.DEFAULT_CPU_CONVOLUTIONS,
                  choices=config_validation.CPU_CONVOLUTIONS,
                  help='config.cpu_convolutions for every timed function '
                  '(XLA:CPU only)')

@@ -78,7 +78,7 @@ VARIANTS = ('dtq', 'dtq32', 'ft')
 # The opt-in speed-ups of config.quant (same maths, other kernels).
 SWITCHES = ('pointwise_as_dot', 'depthwise_as_shifts', 'fused_vjp')
 # The product's config.cpu_convolutions (variant names mark the others).
-_DEFAULT_CONVS = common.paper_config(
+DEFAULT_CPU_CONVOLUTIONS = common.paper_config(
     dict(name='image_folder', root='unused')).cpu_convolutions
 MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
           'mobilenet_v2', 'small_resnet')
@@ -119,7 +119,7 @@ def parse_args(argv=None):
                  help='comma-separated switch sets, each measured for every '
                  'variant: none (default), all, or a +-joined subset of ' +
                  ', '.join(SWITCHES) + ' (config.quant switches)')
-  p.add_argument('--cpu_convolutions', default='eigen',
+  p.add_argument('--cpu_convolutions', default=DEFAULT_CPU_CONVOLUTIONS,
                  help='comma-separated values of config.cpu_convolutions, '
                  'each measured for every variant and switch set: ' +
                  ', '.join(config_validation.CPU_CONVOLUTIONS) +
@@ -223,7 +223,7 @@ def variant_list(args):
         bits = (32, 32) if v == 'dtq32' else args.bits
         name = f'{method}_w{bits[0]}a{bits[1]}' + (
             '' if label == 'none' else '+' + label) + (
-                '' if convs == _DEFAULT_CONVS else '@' + convs)
+                '' if convs == DEFAULT_CPU_CONVOLUTIONS else '@' + convs)
         out.append(VariantSpec(name, method, bits, switches, convs))
   return out
 
