@@ -7,13 +7,25 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 # Runs as root directly, else through sudo when it is available.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data
+.PHONY: demo test test-torch setup data
 
 demo: setup data
 	$(PY) main.py $(ARGS)
 
 test: setup data
 	$(PY) -m pytest -q tests $(ARGS)
+
+# The torchvision parity tests, in a separate environment because the torch
+# build is large (about 5.5 GB with its CUDA libraries; it runs on the CPU).
+TORCH_VENV ?= .venv-torch
+test-torch: $(TORCH_VENV)/.installed
+	$(TORCH_VENV)/bin/python -m pytest -q tests/test_pretrained.py $(ARGS)
+
+$(TORCH_VENV)/.installed: requirements.txt requirements-torch.txt
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install -q --upgrade pip
+	$(TORCH_VENV)/bin/pip install -q -r requirements.txt -r requirements-torch.txt
+	touch $@
 
 setup: $(VENV)/.installed
 

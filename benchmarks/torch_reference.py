@@ -31,7 +31,7 @@ table; ``--out`` writes it with the command, commit and machine.
 
 Runs in the torch virtual environment (see requirements-torch.txt):
 
-  /tmp/venv-torch/bin/python benchmarks/torch_reference.py --model=resnet50 \
+  .venv-torch/bin/python benchmarks/torch_reference.py --model=resnet50 \
       --batch=16 --steps=3
 """
 

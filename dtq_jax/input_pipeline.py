@@ -44,7 +44,10 @@ import functools
 import gzip
 import math
 import os
+import socket
 import struct
+import urllib.parse
+import urllib.request
 import zlib
 from typing import Union
 
@@ -539,6 +542,9 @@ def _tfds_builder(name, data_dir):
                      f'{_one_line(e)[:200]}') from e
   if not builder.is_prepared():
     try:
+      # Offline, TFDS's downloader retries each file for minutes before it
+      # gives up; a failed connection to the download hosts says so at once.
+      _check_reachable(builder.url_infos or {})
       builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
       where = data_dir or 'the default TFDS data dir'
@@ -548,6 +554,32 @@ def _tfds_builder(name, data_dir):
           f'on a machine with internet (tfds build {name} --data_dir DIR), '
           f'copy DIR here and pass it as --config.dataset.data_dir') from e
   return builder
+
+
+def _check_reachable(urls, timeout=10.0):
+  """Raises ConnectionError unless a TCP connection to each URL's host opens.
+
+  Skipped when a proxy is configured (the hosts may then be reachable only
+  through it).
+
+  Args:
+    urls: download URLs.
+    timeout: seconds per connection attempt.
+  """
+  if urllib.request.getproxies():
+    return
+  hosts = {}
+  for url in urls:
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname:
+      hosts[parts.hostname] = parts.port or (
+          443 if parts.scheme == 'https' else 80)
+  for host, port in hosts.items():
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+      raise ConnectionError(f'cannot reach {host}:{port} (offline?): '
+                            f'{_one_line(e)[:80]}') from e
 
 
 def _tfds_read(builder, split, encoded=True):

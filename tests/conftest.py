@@ -4,9 +4,38 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
+
+# TensorFlow and Triton (which torchvision pulls in through torch._dynamo)
+# both carry LLVM, and importing Triton after TensorFlow crashes the process
+# with a segmentation fault. Where the optional torch extra is installed
+# (requirements-torch.txt), import torchvision first so that the parity tests
+# of test_pretrained.py run.
+try:
+  import torchvision  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  pass
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from configs import mit67
+from dtq_jax import input_pipeline
+
+_CHECK_REACHABLE = input_pipeline._check_reachable  # pylint: disable=protected-access
+
+
+@pytest.fixture(autouse=True)
+def _no_download_host_probe(monkeypatch):
+  """Tests run offline, and tfds.testing.mock_data fakes only the download.
+
+  ``input_pipeline`` probes the download hosts before TFDS downloads, which
+  would fail every mock_data test here.
+  """
+  monkeypatch.setattr(input_pipeline, '_check_reachable', lambda urls: None)
+
+
+@pytest.fixture(name='check_reachable')
+def check_reachable_fixture():
+  """The real download-host probe, for the test of it."""
+  return _CHECK_REACHABLE
 
 
 def write_class_images(root, per_class, size, num_classes=3, seed=0):
@@ -51,6 +80,7 @@ def tiny_folder_config(root, variant='quick,ft'):
   """
   c = mit67.get_config(variant)
   c.model = 'small_resnet'
+  c.dtq.temperature = 60.0  # the paper's ResNet-50 value
   c.model_kwargs = dict(widths=(4, 8, 8, 8))
   c.pretrained = 'none'
   c.dataset.root = str(root)

@@ -9,6 +9,7 @@ import base64
 import gzip
 import itertools
 import os
+import socket
 import struct
 
 import numpy as np
@@ -505,6 +506,40 @@ def test_tfds_offline_error(tmp_path, monkeypatch):
     ip.tfds_splits('stanford_dogs', data_dir=str(tmp_path))
   _assert_one_line(e, "'stanford_dogs'", str(tmp_path),
                    '--config.dataset.data_dir')
+
+
+def test_tfds_offline_fails_fast_without_downloading(tmp_path, monkeypatch,
+                                                    check_reachable):
+  # Offline, TFDS's own downloader retries for minutes; the hosts are probed
+  # first. No proxy, so the probe runs.
+  for var in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY',
+              'all_proxy', 'ALL_PROXY'):
+    monkeypatch.delenv(var, raising=False)
+  probed = []
+
+  def no_dns(address, timeout=None):
+    probed.append((address, timeout))
+    raise socket.gaierror(-2, 'Name or service not known')
+
+  def must_not_download(*unused_args, **unused_kwargs):
+    raise AssertionError('download_and_prepare ran')
+
+  monkeypatch.setattr(socket, 'create_connection', no_dns)
+  monkeypatch.setattr(ip, '_check_reachable', check_reachable)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
+                      must_not_download)
+  with pytest.raises(FileNotFoundError) as e:
+    ip.tfds_splits('food101', data_dir=str(tmp_path))
+  _assert_one_line(e, "'food101'", 'cannot reach data.vision.ee.ethz.ch:80',
+                   '--config.dataset.data_dir')
+  assert probed == [(('data.vision.ee.ethz.ch', 80), 10.0)]
+
+  # Behind a proxy the direct probe would be wrong: TFDS downloads.
+  monkeypatch.setenv('https_proxy', 'http://proxy.example:3128')
+  monkeypatch.setenv('http_proxy', 'http://proxy.example:3128')
+  with pytest.raises(FileNotFoundError, match='download_and_prepare ran'):
+    ip.tfds_splits('food101', data_dir=str(tmp_path))
+  assert len(probed) == 1
 
 
 # ---------------------------------------------------------------------------
