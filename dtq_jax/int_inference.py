@@ -133,7 +133,11 @@ class IntConv(layers.QuantConv):
   @nn.compact
   def __call__(self, x):
     kernel_size = tuple(self.kernel_size)
-    strides = tuple(self.strides)
+    strides = layers.pair(self.strides, 'strides')
+    if (layers.pair(self.input_dilation, 'input_dilation') != (1, 1) or
+        layers.pair(self.kernel_dilation, 'kernel_dilation') != (1, 1)):
+      raise ValueError(f'{self.name}: integer inference covers undilated '
+                       'convolutions only.')
     groups = self.feature_group_count
     padding = layers.normalize_padding(self.padding, len(kernel_size))
     shape = kernel_size + (x.shape[-1] // groups, self.features)

@@ -36,6 +36,26 @@ def _normalize_padding(padding, ndim):
   return tuple(tuple(p) for p in padding)
 
 
+def pair(value, name):
+  """An int or a 2-sequence of ints as a (height, width) tuple.
+
+  Args:
+    value: ``n`` (the same on both axes, as ``flax.linen.Conv`` accepts) or
+      ``(n_h, n_w)``.
+    name: the attribute's name, for the error message.
+
+  Returns:
+    ``(n_h, n_w)``.
+  """
+  if isinstance(value, int):
+    return (value, value)
+  value = tuple(value)
+  if len(value) != 2:
+    raise ValueError(f'{name}={value!r}: QuantConv is 2-D; give an int or two '
+                     'ints.')
+  return value
+
+
 def normalize_padding(padding, ndim):
   """'SAME'/'VALID' unchanged; an int or pairs as ((lo, hi), ...) per dim."""
   return _normalize_padding(padding, ndim)
@@ -75,16 +95,23 @@ def _depthwise_as_shifts(x, kernel, strides, pads):
 class QuantConv(nn.Module):
   """2-D convolution whose kernel and input are fake-quantized.
 
-  Parameters are named like ``flax.linen.Conv`` (``kernel`` in HWIO layout,
-  optional ``bias``), so checkpoints and weight conversion do not depend on the
-  bit widths.
+  A drop-in for ``flax.linen.Conv`` on batched NHWC images: the first
+  attributes have ``nn.Conv``'s names, order and meaning, and parameters are
+  named like its (``kernel`` in HWIO layout, optional ``bias``), so
+  checkpoints and weight conversion do not depend on the bit widths.
+  ``nn.Conv``'s 1-D/3-D, unbatched, 'CIRCULAR'/'CAUSAL' and ``mask`` cases
+  are not supported.
 
   Attributes:
     features: number of output channels.
     kernel_size: (height, width) of the kernel.
-    strides: (height, width) strides.
+    strides: (height, width) strides, or one int for both.
     padding: 'SAME', 'VALID', an int (symmetric, as in PyTorch) or a sequence
       of (low, high) pairs.
+    input_dilation: (height, width) dilation of the input, or one int
+      (``lax.conv_general_dilated``'s ``lhs_dilation``).
+    kernel_dilation: (height, width) dilation of the kernel (atrous
+      convolution), or one int.
     feature_group_count: groups; equal to the input channels for depthwise.
     use_bias: whether to add a bias.
     bits_w: bit width of the kernel (32 = full precision).
@@ -121,8 +148,10 @@ class QuantConv(nn.Module):
   """
   features: int
   kernel_size: Sequence[int]
-  strides: Sequence[int] = (1, 1)
+  strides: Union[int, Sequence[int]] = (1, 1)
   padding: PaddingLike = 'SAME'
+  input_dilation: Union[int, Sequence[int]] = 1
+  kernel_dilation: Union[int, Sequence[int]] = 1
   feature_group_count: int = 1
   use_bias: bool = True
   bits_w: int = quant.FULL_PRECISION
@@ -176,21 +205,28 @@ class QuantConv(nn.Module):
 
   def _convolve(self, x, kernel):
     """The convolution proper, by ``lax`` or by one of the rewrites."""
-    strides = tuple(self.strides)
+    strides = pair(self.strides, 'strides')
+    input_dilation = pair(self.input_dilation, 'input_dilation')
+    kernel_dilation = pair(self.kernel_dilation, 'kernel_dilation')
     kernel_size = kernel.shape[:2]
     pads = _normalize_padding(self.padding, 2)
-    if isinstance(pads, str):
-      pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel_size, strides, pads)
-    no_padding = all(tuple(p) == (0, 0) for p in pads)
-    if (self.pointwise_as_dot and kernel_size == (1, 1) and no_padding and
-        self.feature_group_count == 1):
-      sh, sw = strides
-      return jnp.einsum('nhwc,cd->nhwd', x[:, ::sh, ::sw, :], kernel[0, 0])
-    if (self.depthwise_as_shifts and kernel.shape[2] == 1 and
-        self.feature_group_count == x.shape[-1] == self.features):
-      return _depthwise_as_shifts(x, kernel[:, :, 0, :], strides, pads)
+    # The rewrites cover undilated convolutions only; lax resolves 'SAME' with
+    # dilations itself.
+    if input_dilation == kernel_dilation == (1, 1):
+      if isinstance(pads, str):
+        pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel_size, strides,
+                                       pads)
+      no_padding = all(tuple(p) == (0, 0) for p in pads)
+      if (self.pointwise_as_dot and kernel_size == (1, 1) and no_padding and
+          self.feature_group_count == 1):
+        sh, sw = strides
+        return jnp.einsum('nhwc,cd->nhwd', x[:, ::sh, ::sw, :], kernel[0, 0])
+      if (self.depthwise_as_shifts and kernel.shape[2] == 1 and
+          self.feature_group_count == x.shape[-1] == self.features):
+        return _depthwise_as_shifts(x, kernel[:, :, 0, :], strides, pads)
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=strides, padding=pads,
+        lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=self.feature_group_count)
 

@@ -17,6 +17,7 @@ the authors' PyTorch code computes, and it is the default here.
 """
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,9 @@ def check_bits(bits, name='bits'):
   Returns:
     ``bits`` unchanged.
   """
-  if isinstance(bits, bool) or not isinstance(bits, int) or (
+  # Any integer type (NumPy's included, as configs loaded from arrays hold);
+  # bool is an int subclass but never a bit width.
+  if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or (
       bits not in ALLOWED_BITS):
     raise ValueError(
         f'{name}={bits!r} is not supported; allowed: 2..16, or 32 for full '
@@ -82,7 +85,8 @@ def fake_quant(x, bits, *, axis=None, range_grad=True, fused_vjp=False):
   Args:
     x: floating-point array (float32 or bfloat16; the range is computed in
       float32 whatever the input dtype).
-    bits: 2..16, or 32 for the identity. Must be a Python int.
+    bits: 2..16, or 32 for the identity; an integer known at trace time
+      (Python or NumPy int, not a traced value).
     axis: ``None`` (paper: one range for the whole tensor) or an int or tuple
       of ints naming the axes that keep their own range (e.g. ``-1`` for the
       output channels of an HWIO convolution kernel). Opt-in.

@@ -201,6 +201,35 @@ def test_bits_32_equals_flax_conv(features, kernel_size, strides, padding,
   np.testing.assert_array_equal(y, expected)
 
 
+@pytest.mark.parametrize('args,kwargs', [
+    ((6, (3, 3), 2), {}),  # strides as one int, as nn.Conv takes it
+    ((6, (3, 3), (1, 1), 'SAME', 1, 2), {}),  # nn.Conv's positional order
+    ((6, (3, 3)), dict(kernel_dilation=(2, 1), padding='VALID')),
+    ((6, (3, 3)), dict(input_dilation=2, strides=2, padding=1)),
+])
+def test_drop_in_for_flax_conv_arguments(args, kwargs):
+  x = _inputs()
+  ours = layers.QuantConv(*args, bits_w=32, bits_a=32, **kwargs)
+  theirs = nn.Conv(*args, **kwargs)
+  variables, y = _init_apply(ours, x)
+  np.testing.assert_array_equal(y, theirs.apply(variables, x))
+  # Quantized, against lax on the quantized operands; the rewrites (asked
+  # for) must step aside for dilated convolutions.
+  quantized = layers.QuantConv(*args, bits_w=4, bits_a=5, pointwise_as_dot=True,
+                               depthwise_as_shifts=True, **kwargs)
+  variables, y = _init_apply(quantized, x)
+  expected = theirs.apply(
+      {'params': {'kernel': np_fake_quant(variables['params']['kernel'], 4),
+                  'bias': variables['params']['bias']}},
+      np_fake_quant(x, 5))
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_not_two_dimensional_is_an_error():
+  with pytest.raises(ValueError, match=r'strides=\(1, 1, 1\).*2-D'):
+    _init_apply(layers.QuantConv(6, (3, 3), strides=(1, 1, 1)), _inputs())
+
+
 def _assert_same_function(module, rewritten, x, seed=1):
   """Same outputs, and same gradients for the input and every parameter."""
   variables, y = _init_apply(module, x, seed)

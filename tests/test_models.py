@@ -283,6 +283,7 @@ def _as_torch_keys(variables):
     ('resnet18', _torchvision_resnet_keys((2, 2, 2, 2), bottleneck=False)),
     ('resnet34', _torchvision_resnet_keys((3, 4, 6, 3), bottleneck=False)),
     ('resnet50', _torchvision_resnet_keys((3, 4, 6, 3), bottleneck=True)),
+    ('resnet101', _torchvision_resnet_keys((3, 4, 23, 3), bottleneck=True)),
     ('resnet152', _torchvision_resnet_keys((3, 8, 36, 3), bottleneck=True)),
     ('mobilenet_v2', _torchvision_mobilenet_v2_keys()),
 ])
@@ -406,7 +407,8 @@ def _run(name, px, variant):
   return jax.jit(functools.partial(model.apply, train=False))(variables, x)
 
 
-@pytest.mark.parametrize('name,px', RUN_MODELS)
+# Bottleneck blocks (ResNet-50/101/152) are only traced elsewhere; run one.
+@pytest.mark.parametrize('name,px', RUN_MODELS + [('resnet50', 32)])
 def test_bits_32_equals_full_precision_conv(name, px):
   logits, features = _run(name, px, 'quant32')
   ref_logits, ref_features = _run(name, px, 'float')

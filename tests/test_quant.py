@@ -5,6 +5,7 @@ formulas of METHOD.md ("Quantizer"), never by calling the implementation.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +116,11 @@ def test_bits_32_is_identity():
 @pytest.mark.parametrize('bits', [0, 1, 17, 31, 33, 64, -4, 4.0, 32.0, True,
                                   False, '4', None])
 def test_bad_bits_raise(bits):
-  with pytest.raises(ValueError):
+  # The message names the value and the allowed ones.
+  allowed = rf'{re.escape(repr(bits))} is not supported; allowed: 2\.\.16, or 32'
+  with pytest.raises(ValueError, match=allowed):
     quant.check_bits(bits)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=allowed):
     quant.fake_quant(jnp.ones((3,)), bits)
 
 
@@ -125,6 +128,13 @@ def test_bad_bits_raise(bits):
 def test_good_bits_accepted(bits):
   assert quant.check_bits(bits) == bits
   assert quant.fake_quant(jnp.arange(4.0), bits).shape == (4,)
+
+
+def test_numpy_integer_bits_accepted():
+  x = jnp.arange(6.0)
+  assert quant.check_bits(np.int64(4)) == 4
+  np.testing.assert_array_equal(quant.fake_quant(x, np.int32(4)),
+                                quant.fake_quant(x, 4))
 
 
 # --------------------------------------------------------------------------
@@ -304,6 +314,15 @@ def test_bfloat16_matches_float32_then_cast(bits):
   expected = quant.fake_quant(x.astype(jnp.float32), bits).astype(jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(q, np.float32),
                                 np.asarray(expected, np.float32))
+  # The autodiff gradient stays in bfloat16 and follows the float32 one.
+  g = _normal(bits + 1, x.shape)
+  grad = jax.grad(lambda v: jnp.sum(quant.fake_quant(v, bits) * g))
+  dx = grad(x)
+  assert dx.dtype == jnp.bfloat16
+  assert np.all(np.isfinite(np.asarray(dx, np.float32)))
+  dx32 = grad(x.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(dx, np.float32), dx32,
+                             atol=0.05 * np.abs(dx32).max())
 
 
 @pytest.mark.parametrize('axis', [-1, 0, (0, 3)])
