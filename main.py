@@ -153,7 +153,13 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f'error: {str(e).splitlines()[0]}', file=sys.stderr)
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    message = lines[0]
+    if 'Traceback' in str(e):
+      # A config file that raised (e.g. an unknown ':variant'): its exception,
+      # the last line, is what the user needs; the traceback is not.
+      message = f'{message} {lines[-1]}'
+    print(f'error: {message}', file=sys.stderr)
     sys.exit(2)
 
 

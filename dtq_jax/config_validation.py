@@ -115,7 +115,19 @@ def validate(config, device_count=None):
                         f'must be divisible by the {device_count} devices.')
   _check_choice(config, 'dtq.attention', ('learned', 'uniform'))
   _check_choice(config, 'dtq.afa_normalization', ('final', 'mean'))
-  _check_positive(config, 'dtq.temperature')
+  by_model = config.dtq.get('temperature_by_model') or {}
+  uses_dtq = 'dtq' in (config.method,) + tuple(
+      config.get('compare_methods') or ())
+  if config.dtq.temperature == 0 and config.model in by_model:
+    _check_positive(config, f'dtq.temperature_by_model.{config.model}')
+  elif config.dtq.temperature == 0 and uses_dtq:
+    raise ConfigError('dtq.temperature', 0.0,
+                      f'0 takes the value for model={config.model!r} from '
+                      'dtq.temperature_by_model, which has none; allowed: a '
+                      'number > 0, or 0 with one of '
+                      f'{", ".join(sorted(by_model)) or "(none)"}.')
+  elif config.dtq.temperature != 0:
+    _check_positive(config, 'dtq.temperature')
   _check_choice(config, 'compute_dtype', ('float32', 'bfloat16'))
   if 'cpu_convolutions' in config:
     _check_choice(config, 'cpu_convolutions', CPU_CONVOLUTIONS)
@@ -148,6 +160,11 @@ def _check_dataset(config):
     raise ConfigError('dataset.root', d.root,
                       'no such directory; point it at <root>/<class>/<image> '
                       'or <root>/{train,test}/<class>/<image> (see README).')
+  if d.name in TFDS_DATASETS and d.data_dir and not os.path.isdir(d.data_dir):
+    raise ConfigError('dataset.data_dir', d.data_dir,
+                      'no such directory; create it (TFDS then downloads and '
+                      "prepares the dataset there) or use '' for TFDS's "
+                      'default data dir.')
   if d.name == 'fashion_mnist':
     classes = list(range(10))
     for field in ('source_classes', 'target_classes'):

@@ -461,7 +461,9 @@ def write(path, tensors, manifest):
   tmp = f'{path}.tmp.{os.getpid()}'
   try:
     safetensors.numpy.save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+        # order='C', not np.ascontiguousarray: that turns 0-d ranges into
+        # shape (1,), and the format says shape ().
+        {k: np.asarray(v, order='C') for k, v in tensors.items()}, tmp,
         metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
     os.replace(tmp, path)
   finally:

@@ -76,6 +76,7 @@ CONVERTED_SUFFIX = '.flax.safetensors'
 COLLECTIONS = ('params', 'batch_stats')
 _NO_PRETRAINED = ('', 'none')
 # Longest list of problems shown in one conversion error.
+_IN_FIRST_LINE = 3
 _MAX_LISTED_ERRORS = 40
 
 # Axis permutations: torch OIHW (depthwise: (C, 1, H, W)) -> Flax HWIO
@@ -214,7 +215,12 @@ def _raise_if(errors, what):
     return
   shown = errors[:_MAX_LISTED_ERRORS]
   more = len(errors) - len(shown)
-  lines = [f'{len(errors)} problem(s) converting {what}:'] + [
+  # The first line names the first problems too: callers that show one line
+  # (main.py's errors) still say which tensors.
+  head = '; '.join(errors[:_IN_FIRST_LINE])
+  if len(errors) > _IN_FIRST_LINE:
+    head += f'; ... ({len(errors) - _IN_FIRST_LINE} more)'
+  lines = [f'{len(errors)} problem(s) converting {what}: {head}'] + [
       f'  {e}' for e in shown] + ([f'  ... and {more} more'] if more else [])
   raise ConversionError('\n'.join(lines))
 

@@ -239,6 +239,23 @@ def _feature_extractor(backbone_params, classifier_name):
   return {k: v for k, v in backbone_params.items() if k != classifier_name}
 
 
+def kl_temperature(config):
+  """The KL term's softmax temperature of a run.
+
+  Args:
+    config: the run config. ``dtq.temperature`` > 0 is used as it is; 0
+      (the paper configs' default) means the value for ``config.model`` in
+      ``dtq.temperature_by_model`` (60 for ResNet-50, 30 for MobileNetV2).
+
+  Returns:
+    The temperature, a float.
+  """
+  c = config.dtq
+  if c.temperature:
+    return float(c.temperature)
+  return float(c.temperature_by_model[config.model])
+
+
 def compute_losses(config, nets, params, batch_stats, images, labels, frozen,
                    dropout_rng, quant_ranges=None):
   """All loss terms of the configured method for one batch.
@@ -283,7 +300,7 @@ def compute_losses(config, nets, params, batch_stats, images, labels, frozen,
   if method == 'dtq':
     c = config.dtq
     terms['kl'] = c.kl_weight * losses.kl_divergence(
-        source_logits, teacher_logits, c.temperature)
+        source_logits, teacher_logits, kl_temperature(config))
     if nets.attention is None or c.attention == 'uniform':
       weights = transfer.TransferAttention(uniform=True).apply(
           {}, teacher_feats['taps'])

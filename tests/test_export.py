@@ -177,6 +177,12 @@ def test_export_load_infer(tiny_run, tmp_path):
     for key in path.split('/'):
       codes = codes[key]
     assert codes['codes'].shape == shape and codes['codes'].max() <= 31
+    # Per-tensor ranges are scalars, as the format documents.
+    assert codes['lo'].shape == codes['hi'].shape == ()
+    ranges = variables['quant_ranges']['backbone']
+    for key in path.split('/'):
+      ranges = ranges[key]
+    assert ranges['lo'].shape == ranges['hi'].shape == ()
   sizes = manifest['sizes']
   kernel_elements = sum(math.prod(c['kernel_shape']) for c in convs.values())
   assert sizes['float32_kernel_bytes'] == 4 * kernel_elements

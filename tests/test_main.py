@@ -1,6 +1,7 @@
 """End-to-end runs of the program on tiny data the tests make themselves."""
 
 import glob
+import importlib
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ def tiny(config, method='ft'):
   """Shrinks a paper config's ':quick' variant further for tests."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.model = 'small_resnet'
+  config.dtq.temperature = 60.0  # the paper's ResNet-50 value
   config.model_kwargs = dict(widths=(4, 8, 8, 8))
   config.method = method
   config.pretrained = 'none'
@@ -49,16 +51,8 @@ def folder_config(root, method='ft', **overrides):
   return config_validation.validate(c)
 
 
-@pytest.mark.parametrize('method', ['ft', 'dtq'])
-def test_run_writes_checkpoints_events_and_summary(image_folder, tmp_path,
-                                                    method, monkeypatch):
-  # The train step of a whole run (all epochs and evaluations) compiles once.
-  chex.clear_trace_counter()
-  make_step = train.make_train_step
-  monkeypatch.setattr(train, 'make_train_step', lambda *a: (
-      chex.assert_max_traces(make_step(*a), n=1)))
-  workdir = str(tmp_path / 'run')
-  summary = experiment.run(folder_config(image_folder, method), workdir)
+def _assert_run_outputs(workdir, summary, method):
+  """A finished run's summary, checkpoints, events and metrics are there."""
   for key in ('final_test_accuracy', 'best_test_accuracy', 'final_test_std',
               'best_test_std', 'wall_time_s', 'config'):
     assert key in summary
@@ -75,6 +69,19 @@ def test_run_writes_checkpoints_events_and_summary(image_folder, tmp_path,
   if method == 'dtq':
     assert any('train/loss_afa' in l and 'train/attention_entropy_3' in l
                for l in lines)
+
+
+@pytest.mark.parametrize('method', ['ft', 'dtq'])
+def test_run_writes_checkpoints_events_and_summary(image_folder, tmp_path,
+                                                    method, monkeypatch):
+  # The train step of a whole run (all epochs and evaluations) compiles once.
+  chex.clear_trace_counter()
+  make_step = train.make_train_step
+  monkeypatch.setattr(train, 'make_train_step', lambda *a: (
+      chex.assert_max_traces(make_step(*a), n=1)))
+  workdir = str(tmp_path / 'run')
+  summary = experiment.run(folder_config(image_folder, method), workdir)
+  _assert_run_outputs(workdir, summary, method)
   # A finished run is never overwritten: rerunning returns the stored summary.
   mtime = os.path.getmtime(os.path.join(workdir, 'summary.json'))
   assert experiment.run(folder_config(image_folder, method),
@@ -145,15 +152,17 @@ def test_repeats_and_validation_split(image_folder, tmp_path):
   assert summary['final_test_std'] == pytest.approx(np.std(finals))
 
 
-def test_tfds_dataset_with_mock_data(tmp_path):
+@pytest.mark.parametrize('method', ['ft', 'dtq'])
+def test_tfds_dataset_with_mock_data(tmp_path, method):
   tfds = pytest.importorskip('tensorflow_datasets')
-  c = tiny(food101.get_config('quick'))
+  c = tiny(food101.get_config('quick'), method)
   c.batch_size = 4
   c.eval_batch_size = 4
+  workdir = str(tmp_path / 'run')
   with tfds.testing.mock_data(num_examples=12):
-    summary = experiment.run(config_validation.validate(c),
-                             str(tmp_path / 'run'))
+    summary = experiment.run(config_validation.validate(c), workdir)
   assert 0 <= summary['final_test_accuracy'] <= 100
+  _assert_run_outputs(workdir, summary, method)
 
 
 @pytest.mark.parametrize('override, field', [
@@ -189,7 +198,56 @@ def test_unknown_config_variant_is_one_line_exit_2(tmp_path):
       text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
-  assert len(lines) == 1 and 'resnet9000' in lines[0], proc.stderr
+  assert len(lines) == 1, proc.stderr
+  assert 'unknown config variant resnet9000; allowed:' in lines[0]
+  assert 'mobilenet_v2' in lines[0] and 'Traceback' not in proc.stderr
+
+
+PAPER_CONFIGS = ('mit67', 'caltech256_30', 'caltech256_60', 'cub200',
+                 'stanford_dogs', 'food101')
+
+
+@pytest.mark.parametrize('name', PAPER_CONFIGS)
+@pytest.mark.parametrize('arg', ['', 'mobilenet_v2,5bit', 'quick', 'ft,32bit'])
+def test_paper_configs_load_and_validate(name, arg, tmp_path):
+  config = importlib.import_module(f'configs.{name}').get_config(arg)
+  if config.dataset.name == 'image_folder':
+    config.dataset.root = str(tmp_path)
+  config_validation.validate(config, device_count=1)
+  mobilenet = 'mobilenet_v2' in arg
+  assert config.model == ('mobilenet_v2' if mobilenet else 'resnet50')
+  assert config.bits_w == config.bits_a == (
+      5 if '5bit' in arg else 32 if '32bit' in arg else 4)
+  assert config.method == ('ft' if 'ft' in arg else 'dtq')
+  # METHOD.md: T = 60 for ResNet-50, 30 for MobileNetV2.
+  assert train.kl_temperature(config) == (30.0 if mobilenet else 60.0)
+
+
+def test_temperature_follows_a_model_override(tmp_path):
+  config = mit67.get_config()
+  config.dataset.root = str(tmp_path)
+  assert train.kl_temperature(config) == 60.0
+  config.model = 'mobilenet_v2'  # as --config.model=mobilenet_v2 does
+  assert train.kl_temperature(config) == 30.0
+  config.dtq.temperature = 12.0  # an explicit value wins
+  assert train.kl_temperature(config) == 12.0
+  config.dtq.temperature = 0.0
+  config.model = 'resnet18'  # no paper value: an error where DTQ runs
+  config.method = 'ft'
+  config_validation.validate(config, device_count=1)
+  config.method = 'dtq'
+  with pytest.raises(config_validation.ConfigError,
+                     match=r'config\.dtq\.temperature=0\.0 .*resnet50'):
+    config_validation.validate(config, device_count=1)
+
+
+def test_missing_tfds_data_dir(tmp_path):
+  config = food101.get_config('quick')
+  config.dataset.data_dir = str(tmp_path / 'nosuch')
+  with pytest.raises(config_validation.ConfigError,
+                     match=r'config\.dataset\.data_dir=.*no such directory'):
+    config_validation.validate(config, device_count=1)
+  assert not (tmp_path / 'nosuch').exists()
 
 
 def test_batch_not_divisible_by_devices(image_folder):

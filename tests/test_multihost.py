@@ -68,6 +68,7 @@ def get_config():
   c = mit67.get_config('quick,dtq')  # batch 8, 3 steps an epoch.
   c.num_epochs = 1  # 3 training steps, then one evaluation.
   c.model = 'small_resnet'
+  c.dtq.temperature = 60.0  # the paper's ResNet-50 value
   c.model_kwargs = dict(widths=(4, 8, 8, 8))
   c.pretrained = 'none'
   c.cache_dir = {cache!r}

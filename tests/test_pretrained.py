@@ -22,14 +22,19 @@ import socket
 import sys
 import threading
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 
+from configs import mit67
+from dtq_jax import config_validation
+from dtq_jax import experiment
 from dtq_jax import models
 from dtq_jax import pretrained
+from dtq_jax import train
 
 # --- A hand-written generator of torchvision's state_dict names -------------
 # Each entry is (torch key, torch shape, expected Flax path or None). It
@@ -551,3 +556,40 @@ def test_parity_with_torchvision(name, tmp_path):
     ours = np.asarray(ours).transpose(0, 3, 1, 2)  # NHWC -> NCHW
     assert ours.shape == theirs.shape, (k, ours.shape, theirs.shape)
     _assert_close(ours, theirs, f'{name} tap {k}')
+
+
+def test_pretrained_file_starts_teacher_and_student(tmp_path):
+  # config.pretrained = a file: the teacher is the converted network, the
+  # student starts from a copy of it, and the source classifier is the
+  # converted 1000-way fc (the frozen-fc training rule is in test_train).
+  state = random_state_dict(torchvision_entries('resnet18'))
+  path = str(tmp_path / 'resnet18.safetensors')
+  safetensors.numpy.save_file(state, path)
+  config = mit67.get_config('quick')
+  config.model = 'resnet18'
+  config.pretrained = path
+  config.cache_dir = str(tmp_path / 'cache')
+  teacher = experiment.load_teacher(config, data=None)
+  expected = pretrained.load_torchvision('resnet18', path)
+  chex.assert_trees_all_equal(teacher, expected)
+  np.testing.assert_array_equal(teacher['params']['fc']['kernel'],
+                                state['fc.weight'].T)
+
+  nets = train.build_networks(config, num_classes=3,
+                              num_source_classes=train.num_source_classes(
+                                  teacher))
+  params, batch_stats = train.init_params(nets, jax.random.PRNGKey(0),
+                                          (32, 32, 3), teacher)
+  chex.assert_trees_all_equal(params['backbone'], teacher['params'])
+  chex.assert_trees_all_equal(batch_stats, teacher['batch_stats'])
+  assert set(params) == {'backbone', 'head', 'attention'}
+
+  # A file that does not fit: one line that still names the tensor.
+  del state['layer2.1.bn1.running_var']
+  safetensors.numpy.save_file(state, path)
+  with pytest.raises(config_validation.UserError) as e:
+    experiment.load_teacher(config, data=None)
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith(f'pretrained={path!r}: 1 problem(s)')
+  assert 'missing layer2.1.bn1.running_var' in message
