@@ -225,6 +225,20 @@ def write_report(path, title, info, table, records, notes=()):
             '```json']
   lines += [json.dumps(r) for r in records]
   lines += ['```', '']
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines))
+  write_text_atomic(path, '\n'.join(lines))
   print(f'wrote {path}', file=sys.stderr)
+
+
+def write_text_atomic(path, text):
+  """Writes ``text`` to ``path`` under a temporary name, then renames it.
+
+  A killed benchmark leaves the previous table intact, never half of one.
+  """
+  tmp = f'{path}.tmp.{os.getpid()}'
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

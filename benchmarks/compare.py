@@ -13,8 +13,6 @@ goes to --out with the exact command, the git commit and the machine above it.
 """
 
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -24,7 +22,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_util
+
+bench_util.add_repo_to_path()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from dtq_jax import config_validation
@@ -88,22 +88,8 @@ def cell_config(base, variant, bits, shots=None):
 
 
 def machine():
-  cpu = ''
-  if os.path.exists('/proc/cpuinfo'):
-    with open('/proc/cpuinfo') as f:
-      cpu = next((l.split(':', 1)[1].strip() for l in f
-                  if l.startswith('model name')), '')
-  return (f'{cpu or platform.processor()}, {os.cpu_count()} cores, '
+  return (f'{bench_util.cpu_model()}, {os.cpu_count()} cores, '
           f'jax {jax.__version__} on {jax.devices()[0].device_kind}')
-
-
-def commit():
-  try:
-    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
-                          capture_output=True, text=True, check=True,
-                          cwd=os.path.dirname(__file__)).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
 
 
 def row(label, bits, summary):
@@ -160,7 +146,7 @@ def main(argv):
       f'# {name}: {sweep} comparison',
       '',
       f'Command: `python {" ".join(sys.argv)}`  ',
-      f'Commit: {commit()}  ',
+      f'Commit: {bench_util.git_commit()}  ',
       f'Machine: {machine()}  ',
       f'Seeds: {_SEEDS.value} per cell (seed+1..seed+{_SEEDS.value}); '
       f'total time {time.time() - start:.0f} s for this invocation '
@@ -171,9 +157,7 @@ def main(argv):
       '|---|---|---|---|---|',
   ]
   os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-  with open(out + '.tmp', 'w') as f:
-    f.write('\n'.join(header + lines) + '\n')
-  os.replace(out + '.tmp', out)
+  bench_util.write_text_atomic(out, '\n'.join(header + lines) + '\n')
   print('\n'.join(header + lines))
 
 

@@ -361,8 +361,7 @@ class Variant:
       os.makedirs(args.dump_hlo, exist_ok=True)
       path = os.path.join(args.dump_hlo,
                           f'{model}_{name}_b{args.batch}.hlo.txt')
-      with open(path, 'w') as f:
-        f.write(hlo)
+      bench_util.write_text_atomic(path, hlo)
     del hlo
     self.first_s = None
     self.metrics = None

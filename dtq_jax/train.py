@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 from absl import logging
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -592,6 +593,26 @@ class _StopRequest:
     # The next SIGINT interrupts immediately.
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+  def agreed(self):
+    """The signal to stop on, as every process sees it, or None.
+
+    A process stops only when all do: alone it would leave the others
+    waiting in the next step's collectives (or the checkpoint's barriers)
+    forever. With several processes this is a collective over all of them,
+    so call it at the same steps everywhere; a process that was not
+    signalled stops with SIGTERM's code.
+
+    Returns:
+      A signal number or None.
+    """
+    if jax.process_count() == 1:
+      return self.signum
+    flags = multihost_utils.process_allgather(
+        np.int32(self.signum or 0))
+    if not np.any(flags):
+      return None
+    return self.signum or signal.SIGTERM
+
   def __exit__(self, *exc):
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
@@ -618,8 +639,9 @@ def _restore_latest_good(ckpt, target):
   Orbax writes a checkpoint under a temporary name and renames it when it is
   complete, so a kill during a write leaves no partial step. A step damaged
   afterwards (a truncated or corrupt file, a checksum that does not match)
-  fails to restore and the previous one is used; the damaged newer steps are
-  then deleted, so that training writes them again.
+  fails to restore and the previous one is used; the newer steps that failed
+  are then moved out of the way (not deleted: the failure may not have been
+  damage), so that training writes them again.
 
   Args:
     ckpt: the run's CheckpointManager.
@@ -647,17 +669,41 @@ def _restore_latest_good(ckpt, target):
             f'({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); '
             'trying the previous one.')
       continue
-    for bad in steps[:i]:
-      ckpt.delete(bad)
     if i:
-      print(f'Deleted the unreadable checkpoint(s) '
-            f'{", ".join(map(str, steps[:i]))}; training writes them again.')
+      aside = _move_aside(ckpt, steps[:i])
+      print(f'Moved the unreadable checkpoint(s) '
+            f'{", ".join(map(str, steps[:i]))} to {aside}; training writes '
+            'them again.')
     return restored
   if steps:
     raise config_validation.UserError(
         f'no readable checkpoint in {ckpt.directory}; move it away to start '
         'the run again.')
   return None
+
+
+def _move_aside(ckpt, steps):
+  """Moves checkpoint steps to ``<run>/unreadable_checkpoints/``.
+
+  Args:
+    ckpt: the CheckpointManager.
+    steps: the steps to move.
+
+  Returns:
+    The folder they are in now.
+  """
+  directory = os.fspath(ckpt.directory)
+  aside = os.path.join(os.path.dirname(directory.rstrip('/')),
+                       'unreadable_checkpoints')
+  if jax.process_index() == 0:
+    os.makedirs(aside, exist_ok=True)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for step in steps:
+      os.replace(os.path.join(directory, str(step)),
+                 os.path.join(aside, f'{step}-{stamp}'))
+  multihost_utils.sync_global_devices('dtq_jax unreadable checkpoints moved')
+  ckpt.reload()
+  return aside
 
 
 # Orbax and TensorStore report a failed write (a full disk, a read-only
@@ -893,9 +939,16 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
       epoch, in_epoch = divmod(step, steps_per_epoch)
       do_eval = not in_epoch and (epoch % config.eval_every_epochs == 0 or
                                   step == total_steps)
-      do_save = do_eval or stop.signum is not None or (
-          config.checkpoint_every_steps and
-          step % config.checkpoint_every_steps == 0)
+      do_save = do_eval or bool(config.checkpoint_every_steps and
+                                step % config.checkpoint_every_steps == 0)
+      # Read once: a signal during this step's logging or saving is acted on
+      # after the next step, so a stop always comes with its checkpoint.
+      # Several processes agree at log and save points only (a collective).
+      stopping = None
+      if jax.process_count() == 1 or do_save or not (
+          step % config.log_every_steps):
+        stopping = stop.agreed()
+      do_save = do_save or stopping is not None
       if step % config.log_every_steps and not do_save:
         continue
       log_train(step, fetch_checked(pending), time.time() - t_log)
@@ -912,12 +965,14 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
         meta['wall_time_s'] += time.time() - t_start
         t_start = time.time()
         save(ckpt, step)
-      if stop.signum is not None:
+      if stopping is not None:
         wait_for_saves()
+        cause = signal.Signals(stopping).name + (
+            '' if stop.signum else ' on another process')
         raise Interrupted(
-            f'{signal.Signals(stop.signum).name}: stopped after step {step} '
-            f'and saved a checkpoint in {workdir}/checkpoints; rerun the same '
-            'command to resume.', stop.signum)
+            f'{cause}: stopped after step {step} and saved a checkpoint in '
+            f'{workdir}/checkpoints; rerun the same command to resume.',
+            stopping)
     wait_for_saves()
   result = _result(meta, seed, int(state.step),
                    int(jax.device_get(state.nonfinite_steps)))

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from configs import mit67
 from dtq_jax import config_validation
+from dtq_jax import experiment
 from dtq_jax import input_pipeline
 from dtq_jax import train
 
@@ -247,21 +248,32 @@ def assert_same_as_baseline(workdir, baseline):
 # Interrupts and kills, each resumed and compared with the uninterrupted run.
 
 
-def test_sigterm_checkpoints_and_resumes(env, baseline, tmp_path):
+@pytest.mark.parametrize('signum,moment,overrides', [
+    # Checkpoints only at epoch ends (steps 3 and 6): the stop writes its own.
+    (signal.SIGTERM, 'between_steps', ('--config.checkpoint_every_steps=0',)),
+    (signal.SIGINT, 'checkpoint_write', ()),
+])
+def test_signal_checkpoints_and_resumes(env, baseline, tmp_path, signum,
+                                        moment, overrides):
   workdir = tmp_path / 'run'
-  run = Started(env, workdir)
-  assert run.wait_for(lambda: metrics_step(workdir) >= 2)
-  run.proc.send_signal(signal.SIGTERM)
+  run = Started(env, workdir, *overrides)
+  if moment == 'between_steps':
+    assert run.wait_for(lambda: metrics_step(workdir) >= 2)
+  else:
+    assert run.wait_for(lambda: checkpoints_being_written(workdir))
+  run.proc.send_signal(signum)
   code, _, err = run.finish()
-  assert code == 128 + signal.SIGTERM, err[-3000:]
+  assert code == 128 + signum, err[-3000:]
   stopped = int(re.search(r'stopped after step (\d+)', err).group(1))
-  assert 2 <= stopped < 6
+  assert 1 <= stopped < 6
+  # The step it names is the last checkpoint, complete.
   assert finished_checkpoints(workdir)[-1] == stopped
+  assert not checkpoints_being_written(workdir)
   assert 'Traceback' not in err
   assert 'resume' in err and f'--workdir={workdir}' in err
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
 
-  proc = run_main(env, workdir)
+  proc = run_main(env, workdir, *overrides)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'at step {stopped}' in proc.stdout
   assert_same_as_baseline(workdir, baseline)
@@ -313,6 +325,34 @@ def test_second_sigint_aborts_at_once():
   assert signal.getsignal(signal.SIGINT) is previous
 
 
+def test_signal_while_logging_stops_with_a_checkpoint_of_that_step(
+    tiny_folder, tmp_path, monkeypatch):
+  # A signal that arrives after the loop decided not to checkpoint a step
+  # (here: while step 2 is logged) must not end the run claiming that step's
+  # checkpoint: the loop stops after the next step, with its checkpoint.
+  root, make_config = tiny_folder
+  config = make_config(root, 'quick,fp')  # one step an epoch
+  config.num_epochs = 4
+  config.eval_every_epochs = 4
+  config.checkpoint_every_steps = 0  # checkpoints: at step 4 and on a stop
+  config.log_every_steps = 1
+  write = train._Logger.write  # pylint: disable=protected-access
+
+  def write_then_signal(self, step, scalars):
+    write(self, step, scalars)
+    if step == 2 and 'train/loss_ce' in scalars:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.01)  # Python runs the handler between bytecodes.
+
+  monkeypatch.setattr(train._Logger, 'write', write_then_signal)  # pylint: disable=protected-access
+  workdir = tmp_path / 'run'
+  with pytest.raises(train.Interrupted) as e:
+    experiment.run(config_validation.validate(config), str(workdir))
+  assert e.value.signum == signal.SIGTERM
+  assert 'SIGTERM: stopped after step 3 ' in str(e.value)
+  assert finished_checkpoints(workdir) == [3]
+
+
 # ---------------------------------------------------------------------------
 # Damaged checkpoints.
 
@@ -351,6 +391,9 @@ def test_truncated_and_corrupt_checkpoints_fall_back(env, baseline, tmp_path):
   assert 'at step 4' in proc.stdout
   assert finished_checkpoints(workdir) == [4, 5, 6]
   assert_same_as_baseline(workdir, baseline)
+  # The unreadable steps were moved aside, not deleted.
+  aside = os.listdir(os.path.join(_seed_dir(workdir), 'unreadable_checkpoints'))
+  assert sorted(name.split('-')[0] for name in aside) == ['5', '6']
 
 
 # ---------------------------------------------------------------------------
@@ -498,10 +541,17 @@ def test_no_unsafe_deserialisation():
 
 
 def test_files_are_written_under_a_temporary_name():
-  """Every file the product writes goes to a temporary name first."""
+  """Every file the product and the benchmarks write goes to a temporary
+  name first."""
   # Paths only: os.fdopen wraps an open descriptor (main.py: stderr).
   writes = re.compile(r"(?<!fd)open\(([^,()]+(?:\([^()]*\))?),\s*'[wx]b?'")
-  for name, text in _product_sources().items():
+  sources = _product_sources()
+  for path in glob.glob(os.path.join(ROOT, 'benchmarks', '*.py')):
+    # input_pipeline.py's synthetic images go to a scratch folder.
+    if os.path.basename(path) != 'input_pipeline.py':
+      sources[os.path.relpath(path, ROOT)] = open(path).read()
+  assert 'benchmarks/bench_util.py' in sources
+  for name, text in sources.items():
     for call in writes.finditer(text):
       target = call.group(1)
       assert 'tmp' in target or 'devnull' in target, (name, call.group(0))

@@ -14,6 +14,7 @@ process 0 only.
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -215,6 +216,49 @@ def test_two_processes_match_one_process(tmp_path):
   for text in ('epoch 1/1: test accuracy', 'final test acc.'):
     assert text in log0, log0[-2000:]
     assert text not in log1, log1[-2000:]
+
+
+def test_a_signal_to_one_process_stops_all_with_one_checkpoint(tmp_path):
+  # SIGTERM reaches process 1 only (a preempted worker): both processes
+  # agree to stop at the same step, checkpoint it together and exit, where a
+  # lone stop would leave process 0 waiting in the next collective forever.
+  _image_folder(str(tmp_path / 'data'))
+  (tmp_path / 'tiny.py').write_text(_CONFIG.format(
+      root=ROOT, cache=str(tmp_path / 'cache'), data=str(tmp_path / 'data')))
+  (tmp_path / 'driver.py').write_text(_DRIVER.format(root=ROOT))
+  workdir = tmp_path / 'multi'
+  metrics = workdir / 'seed_1' / 'metrics.jsonl'
+  coordinator = f'127.0.0.1:{_free_port()}'
+  procs = {}
+  try:
+    for i in range(2):
+      procs[f'process{i}'] = _start(
+          tmp_path, f'process{i}', 2,
+          [f'--workdir={workdir}', f'--coordinator_address={coordinator}',
+           '--num_processes=2', f'--process_id={i}',
+           '--config.num_epochs=100', '--config.checkpoint_every_steps=0'])
+    deadline = time.time() + TIMEOUT_S / 3
+    while not (metrics.exists() and metrics.read_text().count('\n') >= 2):
+      assert time.time() < deadline, 'no training steps logged'
+      assert all(p.poll() is None for p in procs.values())
+      time.sleep(0.05)
+    procs['process1'].send_signal(signal.SIGTERM)
+    _wait_all(procs, TIMEOUT_S / 3)
+  finally:
+    _kill_all(procs)
+  logs = {name: (tmp_path / f'{name}.log').read_text() for name in procs}
+  stopped = set()
+  for name, proc in procs.items():
+    assert proc.returncode == 128 + signal.SIGTERM, logs[name][-3000:]
+    stopped.add(int(re.search(r'stopped after step (\d+)',
+                              logs[name]).group(1)))
+  assert 'SIGTERM on another process: stopped' in logs['process0']
+  assert len(stopped) == 1
+  step = stopped.pop()
+  assert step < 300  # 100 epochs x 3 steps: it did stop early
+  checkpoints = os.listdir(workdir / 'seed_1' / 'checkpoints')
+  assert str(step) in checkpoints
+  assert max(int(c) for c in checkpoints if c.isdigit()) == step
 
 
 @pytest.fixture
