@@ -12,6 +12,7 @@ import datetime
 import errno
 import os
 import shlex
+import signal
 import sys
 
 from absl import app
@@ -80,9 +81,30 @@ def _default_workdir():
       f'{name}-%Y%m%d-%H%M%S'))
 
 
+class _Aborted(BaseException):
+  """SIGTERM outside the training loop (which checkpoints before it stops).
+
+  A BaseException, as KeyboardInterrupt is: code that catches Exception must
+  not swallow it.
+  """
+
+  def __init__(self, signum):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+def _abort_on_sigterm(signum, frame):
+  del frame
+  raise _Aborted(signum)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  # While data load, a teacher trains or between seeds, SIGTERM stops the run
+  # as Ctrl-C does, with a message instead of a silent kill; the training
+  # loop installs its own handlers (finish the step, checkpoint, stop).
+  signal.signal(signal.SIGTERM, _abort_on_sigterm)
   if not flags.FLAGS['verbosity'].present:
     # Orbax and TensorFlow log every checkpoint step at INFO.
     logging.set_verbosity(logging.WARNING)
@@ -114,6 +136,14 @@ def main(argv):
   except train.Interrupted as e:
     print(f'{e}\nTo resume: {_resume_command(workdir)}', file=sys.stderr)
     sys.exit(128 + e.signum)
+  except (KeyboardInterrupt, _Aborted) as e:
+    # Outside the loop, or a second Ctrl-C inside it: nothing more is saved;
+    # the last complete checkpoint (if any) is where a rerun resumes.
+    signum = getattr(e, 'signum', signal.SIGINT)
+    print(f'{signal.Signals(signum).name}: aborted; rerun the same command '
+          f'to resume from the last checkpoint: {_resume_command(workdir)}',
+          file=_silence_stderr(), flush=True)
+    sys.exit(128 + signum)
 
 
 # Errors of writing files that mean the disk or the workdir, not a bug.

@@ -325,6 +325,26 @@ def test_second_sigint_aborts_at_once():
   assert signal.getsignal(signal.SIGINT) is previous
 
 
+def test_sigterm_outside_the_loop_aborts_like_ctrl_c():
+  # main.py's handler while data load, a teacher trains or between seeds.
+  sys.path.insert(0, ROOT)
+  import main  # pylint: disable=g-import-not-at-top
+  previous = signal.signal(signal.SIGTERM, main._abort_on_sigterm)  # pylint: disable=protected-access
+  try:
+    with pytest.raises(main._Aborted) as e:  # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(1)
+    assert e.value.signum == signal.SIGTERM
+    # Inside the loop its own handler takes over, and gives main's back.
+    with train._StopRequest() as stop:  # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.01)
+      assert stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is main._abort_on_sigterm  # pylint: disable=protected-access
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def test_signal_while_logging_stops_with_a_checkpoint_of_that_step(
     tiny_folder, tmp_path, monkeypatch):
   # A signal that arrives after the loop decided not to checkpoint a step
