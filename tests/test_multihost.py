@@ -117,6 +117,24 @@ def _start(tmp, name, devices, extra_args=()):
   return proc
 
 
+def _write_inputs(tmp):
+  """The image folder, the tiny config file and the driver, under ``tmp``."""
+  _image_folder(str(tmp / 'data'))
+  (tmp / 'tiny.py').write_text(_CONFIG.format(
+      root=ROOT, cache=str(tmp / 'cache'), data=str(tmp / 'data')))
+  (tmp / 'driver.py').write_text(_DRIVER.format(root=ROOT))
+
+
+def _start_two_processes(procs, tmp, workdir, extra_args=()):
+  """Starts processes 0 and 1 of one run (2 CPU devices each) into procs."""
+  coordinator = f'127.0.0.1:{_free_port()}'
+  for i in range(2):
+    procs[f'process{i}'] = _start(
+        tmp, f'process{i}', 2,
+        [f'--workdir={workdir}', f'--coordinator_address={coordinator}',
+         '--num_processes=2', f'--process_id={i}', *extra_args])
+
+
 def _wait_all(procs, timeout_s):
   deadline = time.time() + timeout_s
   for name, proc in procs.items():
@@ -144,19 +162,11 @@ def _assert_trees_close(a, b, **tolerance):
 
 
 def test_two_processes_match_one_process(tmp_path):
-  _image_folder(str(tmp_path / 'data'))
-  (tmp_path / 'tiny.py').write_text(_CONFIG.format(
-      root=ROOT, cache=str(tmp_path / 'cache'), data=str(tmp_path / 'data')))
-  (tmp_path / 'driver.py').write_text(_DRIVER.format(root=ROOT))
+  _write_inputs(tmp_path)
   multi_dir, single_dir = tmp_path / 'multi', tmp_path / 'single'
-  coordinator = f'127.0.0.1:{_free_port()}'
   procs = {}
   try:
-    for i in range(2):
-      procs[f'process{i}'] = _start(
-          tmp_path, f'process{i}', 2,
-          [f'--workdir={multi_dir}', f'--coordinator_address={coordinator}',
-           '--num_processes=2', f'--process_id={i}'])
+    _start_two_processes(procs, tmp_path, multi_dir)
     procs['single'] = _start(tmp_path, 'single', 4,
                              [f'--workdir={single_dir}'])
     _wait_all(procs, TIMEOUT_S)
@@ -222,21 +232,13 @@ def test_a_signal_to_one_process_stops_all_with_one_checkpoint(tmp_path):
   # SIGTERM reaches process 1 only (a preempted worker): both processes
   # agree to stop at the same step, checkpoint it together and exit, where a
   # lone stop would leave process 0 waiting in the next collective forever.
-  _image_folder(str(tmp_path / 'data'))
-  (tmp_path / 'tiny.py').write_text(_CONFIG.format(
-      root=ROOT, cache=str(tmp_path / 'cache'), data=str(tmp_path / 'data')))
-  (tmp_path / 'driver.py').write_text(_DRIVER.format(root=ROOT))
+  _write_inputs(tmp_path)
   workdir = tmp_path / 'multi'
   metrics = workdir / 'seed_1' / 'metrics.jsonl'
-  coordinator = f'127.0.0.1:{_free_port()}'
   procs = {}
   try:
-    for i in range(2):
-      procs[f'process{i}'] = _start(
-          tmp_path, f'process{i}', 2,
-          [f'--workdir={workdir}', f'--coordinator_address={coordinator}',
-           '--num_processes=2', f'--process_id={i}',
-           '--config.num_epochs=100', '--config.checkpoint_every_steps=0'])
+    _start_two_processes(procs, tmp_path, workdir, [
+        '--config.num_epochs=100', '--config.checkpoint_every_steps=0'])
     deadline = time.time() + TIMEOUT_S / 3
     while not (metrics.exists() and metrics.read_text().count('\n') >= 2):
       assert time.time() < deadline, 'no training steps logged'
