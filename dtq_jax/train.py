@@ -530,16 +530,52 @@ def _write_json_atomic(path, obj):
   os.replace(tmp, path)
 
 
+def _truncate_jsonl(path, last_step):
+  """Keeps the records of ``path`` up to ``last_step`` (atomic rewrite)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= last_step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # A line cut short by a kill.
+  if len(kept) == len(lines):
+    return
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
 class _Logger:
   """TensorBoard events, metrics.jsonl and console, from process 0 only."""
 
-  def __init__(self, workdir, enabled):
+  def __init__(self, workdir, enabled, start_step=0):
+    """Opens the logs of a run that starts (or resumes) after ``start_step``.
+
+    What an earlier attempt logged after ``start_step`` (the steps after its
+    last checkpoint, which this run trains again) is dropped, so a resumed
+    run's logs read as an uninterrupted run's.
+
+    Args:
+      workdir: the run's folder.
+      enabled: whether this process logs (process 0).
+      start_step: the restored checkpoint's step (0: a fresh start).
+    """
     self.enabled = enabled
     if enabled:
+      path = os.path.join(workdir, 'metrics.jsonl')
+      _truncate_jsonl(path, start_step)
       # tensorboardX writes TensorBoard event files without TensorFlow's
-      # tensorboard package.
-      self._writer = tensorboardX.SummaryWriter(workdir)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      # tensorboard package; purge_step makes TensorBoard hide the earlier
+      # attempt's events from that step on.
+      self._writer = tensorboardX.SummaryWriter(workdir,
+                                                purge_step=start_step + 1)
+      self._jsonl = open(path, 'a')
 
   def write(self, step, scalars):
     if not self.enabled:
@@ -919,7 +955,7 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
               f'{record["test"]["accuracy"]:.2f}%')
     return record['val' if data.val is not None else 'test']['accuracy']
 
-  logger = _Logger(workdir, runtime.is_main)
+  logger = _Logger(workdir, runtime.is_main, start_step)
   bar = tqdm(total=total_steps, initial=start_step, disable=not runtime.is_main,
              desc=os.path.basename(workdir.rstrip('/')), dynamic_ncols=True,
              mininterval=2.0)

@@ -373,6 +373,31 @@ def test_signal_while_logging_stops_with_a_checkpoint_of_that_step(
   assert finished_checkpoints(workdir) == [3]
 
 
+def test_resumed_logs_drop_what_was_logged_after_the_checkpoint(tmp_path):
+  # A killed attempt logged steps 4 and 5 (and half of 6) after its last
+  # checkpoint, step 3; the resumed run trains them again.
+  logger = train._Logger(str(tmp_path), True)  # pylint: disable=protected-access
+  for step in range(1, 6):
+    logger.write(step, {'train/loss_ce': float(step)})
+  logger.close()
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 6, "train/lo')
+  logger = train._Logger(str(tmp_path), True, start_step=3)  # pylint: disable=protected-access
+  logger.write(4, {'train/loss_ce': 40.0})
+  logger.close()
+  with open(tmp_path / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert [(r['step'], r['train/loss_ce']) for r in records] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+  # TensorBoard hides the first attempt's events from step 4 on.
+  starts = []
+  for path in glob.glob(str(tmp_path / 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      if event.HasField('session_log'):
+        starts.append((event.step, event.session_log.status))
+  assert (4, tf.compat.v1.SessionLog.START) in starts
+
+
 # ---------------------------------------------------------------------------
 # Damaged checkpoints.
 

@@ -127,6 +127,12 @@ def test_resume_after_interruption_matches_uninterrupted(
   b = train.restore_params(os.path.join(workdir, 'seed_1'))
   np.testing.assert_allclose(a['params']['head']['fc']['kernel'],
                              b['params']['head']['fc']['kernel'], rtol=1e-6)
+  # The logs read as the uninterrupted run's: what the crashed attempt
+  # logged after its last checkpoint is not there twice.
+  def logged(run):
+    with open(os.path.join(tmp_path, run, 'seed_1', 'metrics.jsonl')) as f:
+      return [(r['step'], sorted(r)) for r in map(json.loads, f)]
+  assert logged('resumed') == logged('full')
 
 
 def test_resume_refuses_a_different_config(image_folder, tmp_path,
