@@ -22,6 +22,24 @@ from dtq_jax import input_pipeline
 _CHECK_REACHABLE = input_pipeline._check_reachable  # pylint: disable=protected-access
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _compilation_cache(tmp_path_factory):
+  """One persistent XLA cache for the session's in-process runs.
+
+  Many tests run the same tiny programs again (a run, then its resume);
+  each ``jax.jit`` of a new closure would compile them anew.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  previous = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update('jax_compilation_cache_dir',
+                    str(tmp_path_factory.mktemp('xla_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  yield
+  jax.config.update('jax_compilation_cache_dir', previous[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', previous[1])
+
+
 @pytest.fixture(autouse=True)
 def _no_download_host_probe(monkeypatch):
   """Tests run offline, and tfds.testing.mock_data fakes only the download.
