@@ -626,13 +626,6 @@ def format_report(report):
   return '\n'.join(lines)
 
 
-def _write_json_atomic(path, obj):
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog='python -m dtq_jax.export',
@@ -674,7 +667,7 @@ def main(argv=None):
       report = check(args.out, args.workdir,
                      max_batches=args.max_eval_batches)
       if args.report:
-        _write_json_atomic(args.report, report)
+        train._write_json_atomic(args.report, report)  # pylint: disable=protected-access
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

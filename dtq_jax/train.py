@@ -523,11 +523,17 @@ class Runtime:
     return jax.device_put(tree, self.replicated)
 
 
-def _write_json_atomic(path, obj):
+def _write_text_atomic(path, text):
+  """Writes ``text`` under a temporary name, then renames it to ``path``."""
   tmp = f'{path}.tmp.{os.getpid()}'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=float)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def _write_json_atomic(path, obj):
+  _write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True,
+                                      default=float))
 
 
 def _truncate_jsonl(path, last_step):
@@ -543,12 +549,8 @@ def _truncate_jsonl(path, last_step):
         kept.append(line)
     except (ValueError, KeyError, TypeError):
       pass  # A line cut short by a kill.
-  if len(kept) == len(lines):
-    return
-  tmp = f'{path}.tmp.{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  if len(kept) < len(lines):
+    _write_text_atomic(path, ''.join(kept))
 
 
 class _Logger:
