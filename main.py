@@ -22,6 +22,7 @@ import jax
 from ml_collections import config_flags
 
 from dtq_jax import config_validation
+from dtq_jax import errors
 from dtq_jax import distributed
 from dtq_jax import experiment
 from dtq_jax import train
@@ -48,7 +49,7 @@ def _load_config():
     config.get('model')
   except OSError as e:
     reason = str(e).strip().splitlines()[-1].strip()
-    raise config_validation.UserError(
+    raise errors.UserError(
         f'--config: cannot load {flags.FLAGS["config"].config_filename}: '
         f'{reason}') from e
   return config
@@ -113,14 +114,14 @@ def main(argv):
     config = _load_config()
     if distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value) and not _WORKDIR.value:
-      raise config_validation.UserError(
+      raise errors.UserError(
           'a multi-process run needs an explicit --workdir shared by all '
           'processes.')
     config_validation.validate(config)
     experiment.enable_compilation_cache(config)
     _allocator_note(config)
     experiment.run(config, workdir)
-  except config_validation.UserError as e:
+  except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except OSError as e:

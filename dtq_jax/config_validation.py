@@ -9,6 +9,7 @@ import os
 import jax
 
 from dtq_jax import quant
+from dtq_jax.errors import ConfigError
 from dtq_jax.models import MODEL_NAMES
 
 METHODS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq')
@@ -17,47 +18,6 @@ DATASETS = ('image_folder', 'fashion_mnist') + TFDS_DATASETS
 SPECIAL_PRETRAINED = ('torchvision', 'none', 'source_task')
 # config.cpu_convolutions: XLA:CPU's kernels for convolutions (train.py).
 CPU_CONVOLUTIONS = ('eigen', 'jaxlib_default')
-
-
-class UserError(Exception):
-  """A problem with the user's input; main.py prints it on one line, exit 2."""
-
-
-def user_errors(what, kinds=(ValueError, OSError, ImportError)):
-  """A context manager that re-raises ``kinds`` as one-line ``UserError``s.
-
-  Args:
-    what: what was being done, e.g. 'loading dataset.root=data/mit67'.
-    kinds: exception types that mean bad input rather than a bug.
-
-  Returns:
-    The context manager.
-  """
-  return _UserErrors(what, kinds)
-
-
-class _UserErrors:
-
-  def __init__(self, what, kinds):
-    self.what, self.kinds = what, kinds
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, exc_type, exc, tb):
-    if exc is not None and isinstance(exc, self.kinds) and not isinstance(
-        exc, UserError):
-      first = str(exc).strip().splitlines()[0] if str(exc).strip() else ''
-      raise UserError(f'{self.what}: {first or type(exc).__name__}') from exc
-    return False
-
-
-class ConfigError(UserError, ValueError):
-  """A config field has a value the program cannot run with."""
-
-  def __init__(self, field, value, allowed):
-    super().__init__(f'config.{field}={value!r} is invalid; {allowed}')
-    self.field = field
 
 
 def _check_choice(config, field, choices):

@@ -9,7 +9,7 @@ import dataclasses
 import os
 from typing import Any, Optional
 
-from dtq_jax import config_validation
+from dtq_jax import errors
 from dtq_jax import input_pipeline
 
 
@@ -71,10 +71,10 @@ def load(config):
   Raises:
     ConfigError: the training split is smaller than one batch.
   """
-  with config_validation.user_errors(f'dataset {config.dataset.name}'):
+  with errors.user_errors(f'dataset {config.dataset.name}'):
     data = _load(config.dataset)
   if data.num_train < config.batch_size:
-    raise config_validation.ConfigError(
+    raise errors.ConfigError(
         'batch_size', config.batch_size,
         f'the training split has only {data.num_train} images; use a batch '
         'size at most that.')

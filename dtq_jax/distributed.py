@@ -16,7 +16,7 @@ import sys
 
 import jax
 
-from dtq_jax import config_validation
+from dtq_jax import errors
 
 # PCI vendor id of Google's TPU chips (as jax's own hardware detection).
 _GOOGLE_PCI_VENDOR = '0x1ae0'
@@ -79,7 +79,7 @@ def maybe_initialize(coordinator_address=None, num_processes=None,
     on_tpu_vm = _on_cloud_tpu_vm()
     if not on_tpu_vm:
       if num_processes not in (None, 1) or process_id not in (None, 0):
-        raise config_validation.UserError(
+        raise errors.UserError(
             '--num_processes and --process_id need --coordinator_address='
             'HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS).')
       return False

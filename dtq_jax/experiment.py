@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from dtq_jax import config_validation
+from dtq_jax import errors
 from dtq_jax import datasets
 from dtq_jax import delta
 from dtq_jax import pretrained as pretrained_lib
@@ -57,7 +57,7 @@ def _check_same_config(config, workdir):
       saved = json.load(f)
     if saved != current:
       diff = sorted(_diff(saved, current))
-      raise config_validation.ConfigError(
+      raise errors.ConfigError(
           diff[0] if diff else 'config', None,
           f'{workdir} holds an unfinished run with a different config '
           f'(fields: {", ".join(diff[:5])}); use another --workdir.')
@@ -90,7 +90,7 @@ def load_teacher(config, data):
     model = create_model(config.model, **dict(config.get('model_kwargs', {})))
     return train.init_variables(model, jax.random.PRNGKey(config.seed),
                                 data.image_shape)
-  with config_validation.user_errors(f'pretrained={config.pretrained!r}'):
+  with errors.user_errors(f'pretrained={config.pretrained!r}'):
     return pretrained_lib.load_pretrained(
         config.model, config.pretrained,
         cache_dir=os.path.join(cache_dir(config), 'pretrained'))
@@ -227,7 +227,7 @@ def run_single(config, workdir, data=None, teacher=None):
     print(f'{workdir} is finished; not overwriting it. Its summary:')
     print(format_table([(summary['method'], summary)]))
     return summary
-  with config_validation.user_errors(f'workdir {workdir}', OSError):
+  with errors.user_errors(f'workdir {workdir}', OSError):
     os.makedirs(workdir, exist_ok=True)
     _check_same_config(config, workdir)
   start = time.time()
@@ -262,7 +262,7 @@ def run(config, workdir):
   methods = tuple(config.get('compare_methods') or ())
   if not methods:
     return run_single(config, workdir)
-  with config_validation.user_errors(f'workdir {workdir}', OSError):
+  with errors.user_errors(f'workdir {workdir}', OSError):
     os.makedirs(workdir, exist_ok=True)
   data = datasets.load(config)
   teacher = load_teacher(config, data)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from dtq_jax import calibration
 from dtq_jax import config_validation
+from dtq_jax import errors
 from dtq_jax import losses
 from dtq_jax import quant
 from dtq_jax import transfer
@@ -714,7 +715,7 @@ def _restore_latest_good(ckpt, target):
             'them again.')
     return restored
   if steps:
-    raise config_validation.UserError(
+    raise errors.UserError(
         f'no readable checkpoint in {ckpt.directory}; move it away to start '
         'the run again.')
   return None

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from configs import mit67
 from dtq_jax import config_validation
+from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import input_pipeline
 from dtq_jax import train
@@ -553,11 +554,11 @@ def test_odd_and_corrupt_images_are_converted_or_skipped(env, baseline_run):
 def test_missing_dataset_or_pretrained_file_is_a_config_error(env, tmp_path):
   config = mit67.get_config('quick')
   config.dataset.root = str(tmp_path / 'missing')
-  with pytest.raises(config_validation.ConfigError, match='dataset.root'):
+  with pytest.raises(errors.ConfigError, match='dataset.root'):
     config_validation.validate(config)
   config.dataset.root = env['root']
   config.pretrained = str(tmp_path / 'missing.safetensors')
-  with pytest.raises(config_validation.ConfigError, match='pretrained'):
+  with pytest.raises(errors.ConfigError, match='pretrained'):
     config_validation.validate(config)
 
 

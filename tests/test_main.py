@@ -15,6 +15,7 @@ import pytest
 from configs import food101
 from configs import mit67
 from dtq_jax import config_validation
+from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import input_pipeline
 from dtq_jax import train
@@ -140,7 +141,7 @@ def test_resume_refuses_a_different_config(image_folder, tmp_path,
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
   experiment._check_same_config(folder_config(image_folder), workdir)
-  with pytest.raises(config_validation.ConfigError, match='optim.lr'):
+  with pytest.raises(errors.ConfigError, match='optim.lr'):
     experiment._check_same_config(
         folder_config(image_folder, optim=dict(lr=0.5)), workdir)
 
@@ -191,7 +192,7 @@ def test_invalid_config_names_the_field_and_allowed_values(tmp_path, field,
   for parent in parents:
     node = node[parent]
   node[leaf] = value
-  with pytest.raises(config_validation.ConfigError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     config_validation.validate(config, device_count=1)
   message = str(e.value)
   assert message.startswith(f'config.{field}={value!r} is invalid;')
@@ -262,7 +263,7 @@ def test_temperature_follows_a_model_override(tmp_path):
   config.method = 'ft'
   config_validation.validate(config, device_count=1)
   config.method = 'dtq'
-  with pytest.raises(config_validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r'config\.dtq\.temperature=0\.0 .*resnet50'):
     config_validation.validate(config, device_count=1)
 
@@ -270,14 +271,14 @@ def test_temperature_follows_a_model_override(tmp_path):
 def test_missing_tfds_data_dir(tmp_path):
   config = food101.get_config('quick')
   config.dataset.data_dir = str(tmp_path / 'nosuch')
-  with pytest.raises(config_validation.ConfigError,
+  with pytest.raises(errors.ConfigError,
                      match=r'config\.dataset\.data_dir=.*no such directory'):
     config_validation.validate(config, device_count=1)
   assert not (tmp_path / 'nosuch').exists()
 
 
 def test_batch_not_divisible_by_devices(image_folder):
-  with pytest.raises(config_validation.ConfigError, match='batch_size'):
+  with pytest.raises(errors.ConfigError, match='batch_size'):
     config_validation.validate(folder_config(image_folder, batch_size=12),
                                device_count=8)
 

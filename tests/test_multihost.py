@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dtq_jax import config_validation
+from dtq_jax import errors
 from dtq_jax import distributed
 from dtq_jax import train
 
@@ -308,5 +308,5 @@ def test_launchers_and_flags_start_the_distributed_runtime(no_launcher,
 
 
 def test_process_flags_without_coordinator_are_a_user_error(no_launcher):
-  with pytest.raises(config_validation.UserError, match='coordinator_address'):
+  with pytest.raises(errors.UserError, match='coordinator_address'):
     distributed.maybe_initialize(num_processes=2, process_id=1)

@@ -30,7 +30,7 @@ import pytest
 import safetensors.numpy
 
 from configs import mit67
-from dtq_jax import config_validation
+from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import models
 from dtq_jax import pretrained
@@ -587,7 +587,7 @@ def test_pretrained_file_starts_teacher_and_student(tmp_path):
   # A file that does not fit: one line that still names the tensor.
   del state['layer2.1.bn1.running_var']
   safetensors.numpy.save_file(state, path)
-  with pytest.raises(config_validation.UserError) as e:
+  with pytest.raises(errors.UserError) as e:
     experiment.load_teacher(config, data=None)
   message = str(e.value)
   assert '\n' not in message
