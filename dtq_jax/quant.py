@@ -52,7 +52,7 @@ round_ste.defvjp(_round_ste_fwd, _round_ste_bwd)
 
 
 def check_bits(bits, name='bits'):
-  """Raises ValueError unless ``bits`` is an allowed bit width.
+  """Raises unless ``bits`` is an allowed bit width known at trace time.
 
   Args:
     bits: the bit width to check.
@@ -60,7 +60,19 @@ def check_bits(bits, name='bits'):
 
   Returns:
     ``bits`` unchanged.
+
+  Raises:
+    TypeError: if ``bits`` is a JAX array (e.g. a traced jit argument): the
+      bit width selects Python branches and constants of the computation, so it
+      must be a Python value when the function is traced.
+    ValueError: if ``bits`` is not 2..16 or 32.
   """
+  if isinstance(bits, jax.Array):
+    # A tracer's repr says nothing useful to the caller; name the fix instead.
+    raise TypeError(
+        f'{name} must be a Python int known at trace time, not a JAX array '
+        f'(got {bits.dtype}{list(bits.shape)}); pass it as a static argument, '
+        "e.g. jax.jit(f, static_argnames='bits').")
   # Any integer type (NumPy's included, as configs loaded from arrays hold);
   # bool is an int subclass but never a bit width.
   if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or (
@@ -69,6 +81,28 @@ def check_bits(bits, name='bits'):
         f'{name}={bits!r} is not supported; allowed: 2..16, or 32 for full '
         'precision.')
   return bits
+
+
+def check_float(x, name):
+  """Raises TypeError unless ``x`` has a floating-point dtype.
+
+  The quantizer's arithmetic (range, step, rounding) is defined on real
+  values; on an integer array it would silently truncate the result back to
+  integers, so integer (and bool, complex) inputs are refused.
+
+  Args:
+    x: array (or scalar) to check.
+    name: the function that needs it, for the error message.
+
+  Returns:
+    ``x`` unchanged.
+  """
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f'{name} needs a floating-point array (float32, bfloat16, '
+                    f'...); got dtype {dtype}. Cast it first, e.g. '
+                    'x.astype(jnp.float32).')
+  return x
 
 
 def _clip_identity_grad(x, lo, hi):
@@ -105,9 +139,11 @@ def fake_quant(x, bits, *, axis=None, range_grad=True, fused_vjp=False):
     returned unchanged.
 
   Raises:
+    TypeError: if ``x`` is not floating-point or ``bits`` is traced.
     ValueError: if ``bits`` is not allowed.
   """
   check_bits(bits)
+  check_float(x, 'fake_quant')
   if bits == FULL_PRECISION:
     return x
   if fused_vjp and axis is None and range_grad:
@@ -128,7 +164,6 @@ def fake_quant(x, bits, *, axis=None, range_grad=True, fused_vjp=False):
   return jnp.where(degenerate, xf, q).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def fake_quant_fused(x, bits):
   """``fake_quant(x, bits)`` (per tensor, range gradient) with its own VJP.
 
@@ -150,12 +185,24 @@ def fake_quant_fused(x, bits):
 
   Returns:
     The values of ``fake_quant(x, bits)``.
+
+  Raises:
+    TypeError: if ``x`` is not floating-point or ``bits`` is traced.
+    ValueError: if ``bits`` is not 2..16.
   """
+  # Checked here, outside the custom_vjp: a traced bits would otherwise meet
+  # JAX's own error about nondiff_argnums first.
+  check_bits(bits)
+  check_float(x, 'fake_quant_fused')
+  return _fused(x, bits)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fused(x, bits):
   return _fused_fwd(x, bits)[0]
 
 
 def _fused_fwd(x, bits):
-  check_bits(bits)
   xf = x.astype(jnp.float32)
   lo, hi = jnp.min(xf), jnp.max(xf)
   scale = (hi - lo) / (2**bits - 1)
@@ -179,7 +226,7 @@ def _fused_bwd(bits, residuals, g):
   return (dx.astype(g.dtype),)
 
 
-fake_quant_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 # --------------------------------------------------------------------------
@@ -227,8 +274,13 @@ def quantize(x, bits, lo, hi):
   Returns:
     int32 array ``round((clip(x, lo, hi) - lo) / s)`` in ``[0, 2**bits - 1]``
     (round half to even, as ``fake_quant``).
+
+  Raises:
+    TypeError: if ``x`` is not floating-point or ``bits`` is traced.
+    ValueError: if ``bits`` is not 2..16.
   """
   check_bits(bits)
+  check_float(x, 'quantize')
   if bits == FULL_PRECISION:
     raise ValueError('quantize needs bits < 32.')
   lo = jnp.asarray(lo, jnp.float32)
@@ -261,8 +313,13 @@ def fake_quant_range(x, bits, lo, hi):
 
   Returns:
     Array of the shape and dtype of ``x``.
+
+  Raises:
+    TypeError: if ``x`` is not floating-point or ``bits`` is traced.
+    ValueError: if ``bits`` is not allowed.
   """
   check_bits(bits)
+  check_float(x, 'fake_quant_range')
   if bits == FULL_PRECISION:
     return x
   dtype = x.dtype

@@ -428,3 +428,70 @@ def test_fused_vjp_under_vmap_and_ignored_where_it_does_not_apply():
   for kwargs in (dict(axis=-1), dict(range_grad=False)):
     np.testing.assert_array_equal(_grad(w, gw, 4, fused_vjp=True, **kwargs),
                                   _grad(w, gw, 4, **kwargs))
+
+
+# --------------------------------------------------------------------------
+# API edges: integer inputs and traced bit widths are refused clearly.
+# --------------------------------------------------------------------------
+
+
+_ARRAY_FUNCTIONS = {
+    'fake_quant': lambda x, bits: quant.fake_quant(x, bits),
+    'fake_quant_fused': quant.fake_quant_fused,
+    'quantize': lambda x, bits: quant.quantize(x, bits, 0.0, 3.0),
+    'fake_quant_range': lambda x, bits: quant.fake_quant_range(
+        x, bits, 0.0, 3.0),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_ARRAY_FUNCTIONS))
+@pytest.mark.parametrize('dtype', [jnp.int32, jnp.uint8, jnp.bool_])
+def test_non_float_input_is_a_type_error_naming_the_dtype(name, dtype):
+  # Before this check, fake_quant(int array) returned the result cast back to
+  # integers: truncated levels, no error.
+  x = jnp.asarray([0, 1, 2, 3]).astype(dtype)
+  message = (rf'{name} needs a floating-point array .*got dtype '
+             rf'{np.dtype(dtype).name}')
+  with pytest.raises(TypeError, match=message):
+    _ARRAY_FUNCTIONS[name](x, 4)
+  # Also when traced, and also at 32 bits (fake_quant would otherwise return
+  # the integers unchanged under a float-only contract).
+  with pytest.raises(TypeError, match=message):
+    jax.jit(lambda v: _ARRAY_FUNCTIONS[name](v, 4))(x)
+  if name in ('fake_quant', 'fake_quant_range'):
+    with pytest.raises(TypeError, match=message):
+      _ARRAY_FUNCTIONS[name](x, 32)
+
+
+def test_python_and_numpy_float_inputs_still_accepted():
+  x = np.asarray([0.0, 1.2, 3.0], np.float32)
+  # NumPy float32 input: same levels as the jnp array (s = 0.2 at 4 bits).
+  np.testing.assert_allclose(quant.fake_quant(x, 4), [0.0, 1.2, 3.0],
+                             rtol=0, atol=1e-6)
+  assert quant.fake_quant(jnp.asarray(x, jnp.float16), 4).dtype == jnp.float16
+
+
+@pytest.mark.parametrize('name', sorted(_ARRAY_FUNCTIONS))
+def test_traced_bits_names_the_fix_not_the_tracer(name):
+  x = jnp.arange(4.0)
+  with pytest.raises(TypeError) as info:
+    jax.jit(_ARRAY_FUNCTIONS[name])(x, 4)
+  message = str(info.value)
+  assert 'bits must be a Python int known at trace time' in message
+  assert 'static_argnames' in message
+  # The old message printed the tracer ('Traced<ShapedArray...>').
+  assert 'Traced' not in message and 'allowed' not in message
+
+
+def test_concrete_jax_array_bits_is_the_same_type_error():
+  with pytest.raises(TypeError, match=r'bits must be a Python int known at '
+                     r'trace time, not a JAX array \(got int32\[\]\)'):
+    quant.fake_quant(jnp.arange(4.0), jnp.int32(4))
+  with pytest.raises(TypeError, match=r'config\.bits_w must be a Python int'):
+    quant.check_bits(jnp.asarray(4), name='config.bits_w')
+
+
+def test_static_bits_under_jit_still_work():
+  x = _np([0.0, 0.4, 0.7, 15.0])
+  f = jax.jit(lambda v, b: quant.fake_quant(v, b), static_argnums=1)
+  np.testing.assert_array_equal(f(jnp.asarray(x), 4), _np([0, 0, 1, 15]))
