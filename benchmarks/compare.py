@@ -4,15 +4,20 @@
   python benchmarks/compare.py --sweep=shots         # 5/10/30/100 shots
   python benchmarks/compare.py --config=configs/mit67.py --methods=ft,delta,dtq \
       --bits=4 --seeds=5 --workdir=runs/compare_mit67
+  python benchmarks/compare.py --sweep=shots --plot_only  # redraw the figure
 
 Each cell (method, bits[, shots]) is an ordinary experiment in its own folder
 under --workdir, trained for --seeds seeds by experiment.run_single, so a rerun
 skips finished cells and resumes an interrupted one. The table (mean and
-population std of final- and best-epoch test accuracy, mean wall time per run)
-goes to --out with the exact command, the git commit and the machine above it.
+population std of final- and best-epoch test accuracy, each seed's final
+accuracy, mean wall time per run) goes to --out with the exact command, the
+git commit and the machine above it, and its figure (accuracy per method, or
+against shots, with the seeds' spread) beside it as a PNG. --plot_only redraws
+that figure from the table alone.
 """
 
 import os
+import re
 import sys
 import time
 
@@ -29,7 +34,9 @@ bench_util.add_repo_to_path()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from dtq_jax import config_validation
 from dtq_jax import datasets
+from dtq_jax import errors
 from dtq_jax import experiment
+from dtq_jax import plot
 
 # Methods and ablations: name -> (config.method, overrides).
 VARIANTS = {
@@ -59,6 +66,9 @@ _SHOTS = flags.DEFINE_list('shots', ['5', '10', '30', '100'],
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Folder of the cells (default runs/compare_*).')
 _OUT = flags.DEFINE_string('out', None, 'Markdown table (default results/).')
+_PLOT_ONLY = flags.DEFINE_bool(
+    'plot_only', False, 'Only redraw the figure of the --out table (trains '
+    'nothing; --sweep and --config pick the default --out).')
 
 
 def _set(config, dotted, value):
@@ -94,10 +104,93 @@ def machine():
 
 def row(label, bits, summary):
   runs = summary['run_wall_time_s']
+  seeds = summary.get('final_test_accuracy_per_repeat', [])
   return (f'| {label} | {bits} | {summary["final_test_accuracy"]:.2f} ± '
           f'{summary["final_test_std"]:.2f} | '
           f'{summary["best_test_accuracy"]:.2f} ± '
-          f'{summary["best_test_std"]:.2f} | {sum(runs) / len(runs):.0f} |')
+          f'{summary["best_test_std"]:.2f} | {sum(runs) / len(runs):.0f} | '
+          f'{", ".join(f"{a:.2f}" for a in seeds)} |')
+
+
+_LABEL = re.compile(r'(?P<method>[\w.-]+)(?:, (?P<shots>\d+) shots)?$')
+
+
+def parse_table(text, path):
+  """The cells of a table ``main`` wrote, as ``plot``'s figures take them.
+
+  Tables written before the per-seed column have mean and std only: their
+  cells get ``seeds=[]``.
+
+  Args:
+    text: the Markdown.
+    path: its file, for error messages.
+
+  Returns:
+    A list of dicts: ``method``, ``bits``, ``shots`` (None in a methods
+    table), ``mean`` and ``std`` of the final test accuracy, ``seeds``.
+
+  Raises:
+    errors.UserError: no table rows, or a row this script does not write.
+  """
+  rows = []
+  lines = text.splitlines()
+  start = next((i + 1 for i, l in enumerate(lines) if l.startswith('|---')),
+               None)
+  for line in lines[start or len(lines):]:
+    if not line.startswith('|'):
+      break
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    label = _LABEL.match(cells[0])
+    try:
+      mean, std = (float(x) for x in cells[2].split('±'))
+      seeds = [float(x) for x in cells[5].split(',')] if len(
+          cells) > 5 and cells[5] else []
+    except (ValueError, IndexError):
+      label = None
+    if label is None:
+      raise errors.UserError(f'{path}: row {line!r} is not a compare.py row')
+    rows.append(dict(method=label['method'], bits=cells[1],
+                     shots=int(label['shots']) if label['shots'] else None,
+                     mean=mean, std=std, seeds=seeds))
+  if not rows:
+    raise errors.UserError(f'{path}: no table rows (is it a compare.py table?)')
+  return rows
+
+
+def draw(out, rows, title, num_seeds):
+  """Draws the table's figure to ``out`` with .png; returns that path.
+
+  Args:
+    out: the Markdown table's path.
+    rows: ``parse_table``'s cells.
+    title: the figure's title.
+    num_seeds: seeds per cell (for the caption).
+  """
+  source = os.path.basename(out)
+  if all(r['seeds'] for r in rows):
+    caption = (f'Final-epoch test accuracy ({source}): mean ± population std '
+               f'over {num_seeds} seeds; hollow dots: each seed.')
+  else:
+    caption = (f'Final-epoch test accuracy ({source}): mean ± population std '
+               f'over {num_seeds} seeds, as the table gives them; it holds no '
+               'per-seed values, so single seeds are not drawn.')
+  shots = any(r['shots'] is not None for r in rows)
+  figure = (plot.shots_figure if shots else plot.methods_figure)(
+      rows, title, caption)
+  path = os.path.splitext(out)[0] + '.png'
+  plot.save_png(figure, path)
+  return path
+
+
+def redraw(out):
+  """``--plot_only``: the figure of an existing table; returns its path."""
+  with errors.user_errors(f'reading --out {out}', OSError):
+    with open(out) as f:
+      text = f.read()
+  title = text.splitlines()[0].lstrip('# ') if text else out
+  seeds = re.search(r'Seeds: (\d+) per cell', text)
+  return draw(out, parse_table(text, out), title,
+              int(seeds.group(1)) if seeds else '?')
 
 
 def main(argv):
@@ -117,6 +210,13 @@ def main(argv):
       flags.FLAGS['config'].config_filename))[0]
   workdir = _WORKDIR.value or os.path.join('runs', f'compare_{name}_{sweep}')
   out = _OUT.value or os.path.join('results', f'compare_{name}_{sweep}.md')
+  if _PLOT_ONLY.value:
+    try:
+      print(redraw(out))
+    except errors.UserError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+    return
   experiment.enable_compilation_cache(base)
 
   cells = []
@@ -127,7 +227,7 @@ def main(argv):
       for b in ([32] if variant == 'fp' else bits):
         cells.append((variant, b, shots))
   data_cache, teacher = {}, None
-  lines = []
+  lines, rows = [], []
   start = time.time()
   for variant, b, shots in cells:
     config = cell_config(base, variant, b, shots)
@@ -142,6 +242,10 @@ def main(argv):
                                     teacher)
     label = variant if shots is None else f'{variant}, {shots} shots'
     lines.append(row(label, f'{b}/{b}', summary))
+    rows.append(dict(method=variant, bits=f'{b}/{b}', shots=shots,
+                     mean=summary['final_test_accuracy'],
+                     std=summary['final_test_std'],
+                     seeds=summary.get('final_test_accuracy_per_repeat', [])))
   header = [
       f'# {name}: {sweep} comparison',
       '',
@@ -153,12 +257,13 @@ def main(argv):
       '(finished cells are reused).',
       '',
       '| method | bits (w/a) | final test acc. (%) | best test acc. (%) '
-      '| wall time per run (s) |',
-      '|---|---|---|---|---|',
+      '| wall time per run (s) | final test acc. per seed (%) |',
+      '|---|---|---|---|---|---|',
   ]
   os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
   bench_util.write_text_atomic(out, '\n'.join(header + lines) + '\n')
   print('\n'.join(header + lines))
+  print(draw(out, rows, f'{name}: {sweep} comparison', _SEEDS.value))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,338 @@
+"""Figures of training runs and method comparisons, written as PNG files.
+
+  python -m dtq_jax.plot RUN_OR_COMPARISON_DIR [--out FILE.png]
+
+draws, from the ``metrics.jsonl`` of every ``seed_N/`` below the folder, the
+loss terms, the train and test accuracy and (DTQ) the attention entropy of
+each map over the steps: one row of panels per run, so a ``main.py`` comparison
+folder (one folder per method) gives one row per method. The default output is
+``curves.png`` in the folder. ``benchmarks/compare.py`` draws its tables with
+``methods_figure`` and ``shots_figure``.
+
+Figures are ``matplotlib.figure.Figure`` objects saved by the Agg renderer:
+no pyplot, so nothing needs a display or touches global plotting state.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import textwrap
+
+from matplotlib.figure import Figure
+
+from dtq_jax import errors
+
+METRICS = 'metrics.jsonl'
+DEFAULT_NAME = 'curves.png'
+# Small enough that the committed figures stay a few tens of KB.
+DPI = 90
+_SEED_DIR = re.compile(r'seed_(\d+)$')
+_ENTROPY = re.compile(r'train/attention_entropy_(\d+)$')
+
+
+def read_metrics(path):
+  """The records of one ``metrics.jsonl`` (lines cut short by a kill skipped).
+
+  Args:
+    path: the file.
+
+  Returns:
+    A list of dicts, each with ``step`` and ``split/name`` scalars.
+  """
+  records = []
+  with errors.user_errors(f'reading {path}', (OSError, UnicodeDecodeError)):
+    with open(path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(record, dict) and 'step' in record:
+          records.append(record)
+  return records
+
+
+def _seed_records(folder):
+  """``[(seed name, records)]`` of a run folder, or of a single seed folder."""
+  if os.path.isfile(os.path.join(folder, METRICS)):
+    return [(os.path.basename(os.path.normpath(folder)),
+             read_metrics(os.path.join(folder, METRICS)))]
+  seeds = sorted((int(m.group(1)), name) for name in os.listdir(folder)
+                 if (m := _SEED_DIR.match(name))
+                 and os.path.isfile(os.path.join(folder, name, METRICS)))
+  return [(name, read_metrics(os.path.join(folder, name, METRICS)))
+          for _, name in seeds]
+
+
+def find_runs(path):
+  """The runs below ``path`` and their seeds' metrics.
+
+  ``path`` is a seed folder (``metrics.jsonl``), a run folder (``seed_N/``),
+  or a comparison folder whose subfolders are runs (``main.py`` with
+  ``compare_methods``, or ``benchmarks/compare.py``'s workdir).
+
+  Args:
+    path: the folder.
+
+  Returns:
+    ``{run name: [(seed name, records), ...]}`` in folder order; every run
+    has at least one seed with records.
+
+  Raises:
+    errors.UserError: no such folder, or no metrics below it.
+  """
+  if not os.path.isdir(path):
+    raise errors.UserError(f'{path} is not a folder (expected a run folder '
+                           'with seed_N/metrics.jsonl)')
+  with errors.user_errors(f'listing {path}', OSError):
+    own = _seed_records(path)
+    if own:
+      runs = {os.path.basename(os.path.abspath(path)): own}
+    else:
+      runs = {name: _seed_records(os.path.join(path, name))
+              for name in sorted(os.listdir(path))
+              if os.path.isdir(os.path.join(path, name))}
+  runs = {name: [(s, r) for s, r in seeds if r] for name, seeds in runs.items()}
+  runs = {name: seeds for name, seeds in runs.items() if seeds}
+  if not runs:
+    raise errors.UserError(
+        f'{path}: no metrics found (expected {METRICS} in the folder, in its '
+        'seed_N/ folders, or in its runs\' seed_N/ folders)')
+  return runs
+
+
+def _series(records, key):
+  steps = [r['step'] for r in records if key in r]
+  return steps, [r[key] for r in records if key in r]
+
+
+def _keys(runs, wanted):
+  """The metric keys ``wanted(key)`` accepts, over all runs, sorted."""
+  keys = {k for seeds in runs.values() for _, records in seeds
+          for r in records for k in r if wanted(k)}
+  entropy = lambda k: int(_ENTROPY.match(k).group(1)) if _ENTROPY.match(
+      k) else -1
+  return sorted(keys, key=lambda k: (entropy(k), k))
+
+
+def _is_loss(key):
+  return key == 'train/loss' or key.startswith('train/loss_') or (
+      key.split('/')[-1] == 'loss' and not key.startswith('train/'))
+
+
+def _is_accuracy(key):
+  return key.endswith('/accuracy')
+
+
+def run_figure(runs, title=None):
+  """Training curves: one row per run; losses, accuracy, attention entropy.
+
+  Every seed of a run is a line of the metric's colour (the same colour in
+  every row). Evaluation points (test/val) carry markers. A loss axes is
+  logarithmic when its values are positive and span more than a factor of 20:
+  the terms can differ by orders of magnitude (AFA against KL).
+
+  Args:
+    runs: ``find_runs``'s dict.
+    title: the figure's title.
+
+  Returns:
+    The ``Figure``: ``len(runs)`` rows of 2 axes, 3 when some run logged
+    ``train/attention_entropy_i``.
+  """
+  panels = [('loss', _keys(runs, _is_loss)),
+            ('accuracy (%)', _keys(runs, _is_accuracy))]
+  entropy = _keys(runs, _ENTROPY.match)
+  if entropy:
+    panels.append(('attention entropy', entropy))
+  fig = Figure(figsize=(4.2 * len(panels), 2.6 * len(runs) + 0.6),
+               layout='constrained')
+  axes = fig.subplots(len(runs), len(panels), squeeze=False, sharex=True)
+  for row, (name, seeds) in zip(axes, runs.items()):
+    for ax, (label, keys) in zip(row, panels):
+      values_drawn = []
+      for j, key in enumerate(keys):
+        labelled = False
+        for _, records in seeds:
+          steps, values = _series(records, key)
+          if not steps:
+            continue
+          values_drawn.extend(values)
+          ax.plot(steps, values, color=f'C{j % 10}', alpha=0.85,
+                  marker=None if key.startswith('train/') else 'o',
+                  markersize=3, linewidth=1.2,
+                  # The total equals CE for ft/fp: dashed, both show.
+                  linestyle='--' if key == 'train/loss' else '-',
+                  label=None if labelled else key)
+          labelled = True
+      if label == 'loss' and values_drawn and min(values_drawn) > 0 and (
+          max(values_drawn) > 20 * min(values_drawn)):
+        ax.set_yscale('log')
+      if not ax.lines:
+        ax.text(0.5, 0.5, 'not logged', ha='center', va='center',
+                transform=ax.transAxes, fontsize=8, color='gray')
+        ax.set_yticks([])
+      n = len(seeds)
+      ax.set_title(f'{name}: {label}' + (f' ({n} seeds)' if n > 1 else ''),
+                   fontsize=9)
+      ax.grid(alpha=0.3)
+      ax.tick_params(labelsize=8)
+      if ax.lines:
+        ax.legend(fontsize=7, loc='best')
+  for ax in axes[-1]:
+    ax.set_xlabel('step', fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  return fig
+
+
+def _caption(fig, caption):
+  """Wrapped small text under the axes."""
+  if caption:
+    # About 15 characters of 8-point text per inch.
+    width = int(15 * fig.get_figwidth())
+    fig.supxlabel('\n'.join(textwrap.wrap(caption, width)), fontsize=8,
+                  x=0.01, ha='left')
+
+
+def _points(ax, x, values, color):
+  """Each seed's value as a hollow dot at ``x``."""
+  if values:
+    ax.scatter([x] * len(values), values, s=12, facecolors='none',
+               edgecolors=color, linewidths=0.8, zorder=3)
+
+
+def methods_figure(rows, title, caption=''):
+  """Final test accuracy per method, one series per bit width.
+
+  Args:
+    rows: dicts with ``method``, ``bits`` ('4/4'), ``mean``, ``std`` and
+      ``seeds`` (each seed's value; may be empty), in table order.
+    title: the figure's title.
+    caption: text under the plot (what the bars and points are).
+
+  Returns:
+    The ``Figure`` (one axes; an error bar container per bit width).
+  """
+  methods = list(dict.fromkeys(r['method'] for r in rows))
+  bits = list(dict.fromkeys(r['bits'] for r in rows))
+  width = 0.7 / len(bits)
+  fig = Figure(figsize=(max(5.0, 0.75 * len(methods) + 1.5), 4.2),
+               layout='constrained')
+  ax = fig.subplots()
+  for j, b in enumerate(bits):
+    color = f'C{j}'
+    xs, means, stds = [], [], []
+    for r in rows:
+      if r['bits'] != b:
+        continue
+      # fp has one bit width; it stays centred on its method.
+      n = sum(1 for q in rows if q['method'] == r['method'])
+      offset = 0.0 if n == 1 else (j - (len(bits) - 1) / 2) * width
+      x = methods.index(r['method']) + offset
+      xs.append(x)
+      means.append(r['mean'])
+      stds.append(r['std'])
+      _points(ax, x, r['seeds'], color)
+    ax.errorbar(xs, means, yerr=stds, fmt='o', color=color, capsize=3,
+                markersize=4, label=f'{b} bits (w/a)')
+  ax.set_xticks(range(len(methods)), methods, rotation=30, ha='right',
+                fontsize=8)
+  ax.set_xlim(-0.6, len(methods) - 0.4)
+  ax.set_ylabel('final test accuracy (%)', fontsize=9)
+  ax.tick_params(labelsize=8)
+  ax.grid(axis='y', alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(title, fontsize=10)
+  _caption(fig, caption)
+  return fig
+
+
+def shots_figure(rows, title, caption=''):
+  """Final test accuracy against shots per class, one line per method.
+
+  Args:
+    rows: dicts as for ``methods_figure`` plus ``shots`` (int).
+    title: the figure's title.
+    caption: text under the plot.
+
+  Returns:
+    The ``Figure`` (one axes; an error bar container per method and bits).
+  """
+  bits = list(dict.fromkeys(r['bits'] for r in rows))
+  several_bits = len(bits) > 1
+  series = {}
+  for r in rows:
+    name = r['method'] + (f' {r["bits"]}' if several_bits else '')
+    series.setdefault(name, []).append(r)
+  shots = sorted({r['shots'] for r in rows})
+  fig = Figure(figsize=(5.5, 4.2), layout='constrained')
+  ax = fig.subplots()
+  for j, (name, cells) in enumerate(series.items()):
+    cells = sorted(cells, key=lambda r: r['shots'])
+    color = f'C{j % 10}'
+    for r in cells:
+      _points(ax, r['shots'], r['seeds'], color)
+    ax.errorbar([r['shots'] for r in cells], [r['mean'] for r in cells],
+                yerr=[r['std'] for r in cells], fmt='-o', color=color,
+                capsize=3, markersize=4, label=name)
+  ax.set_xscale('log')
+  ax.set_xticks(shots, [str(s) for s in shots])
+  ax.minorticks_off()
+  ax.set_xlabel('training images per class (shots)', fontsize=9)
+  ax.set_ylabel('final test accuracy (%)', fontsize=9)
+  ax.tick_params(labelsize=8)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, title=None if several_bits else f'{bits[0]} bits (w/a)',
+            title_fontsize=8)
+  ax.set_title(title, fontsize=10)
+  _caption(fig, caption)
+  return fig
+
+
+def save_png(fig, path, dpi=DPI):
+  """Writes ``fig`` to ``path`` under a temporary name, then renames it.
+
+  Args:
+    fig: a ``Figure``.
+    path: the PNG file.
+    dpi: resolution.
+
+  Raises:
+    errors.UserError: the folder cannot be written.
+  """
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with errors.user_errors(f'writing {path}', OSError):
+    try:
+      fig.savefig(tmp, format='png', dpi=dpi)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+
+
+def main(argv=None):
+  """``python -m dtq_jax.plot``; returns the exit status."""
+  parser = argparse.ArgumentParser(
+      prog='python -m dtq_jax.plot',
+      description='Draw the training curves of a run (seed_N/metrics.jsonl) '
+      'or of every run of a comparison folder to a PNG.')
+  parser.add_argument('path', help='a seed, run or comparison folder')
+  parser.add_argument('--out', help=f'the PNG (default PATH/{DEFAULT_NAME})')
+  parser.add_argument('--dpi', type=int, default=DPI)
+  args = parser.parse_args(argv)
+  try:
+    runs = find_runs(args.path)
+    out = args.out or os.path.join(args.path, DEFAULT_NAME)
+    save_png(run_figure(runs, os.path.normpath(args.path)), out, args.dpi)
+  except errors.UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(out)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

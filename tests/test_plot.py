@@ -1,0 +1,152 @@
+"""dtq_jax.plot: a tiny run's curves, compare.py's figures, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+from matplotlib.container import ErrorbarContainer
+import pytest
+
+from dtq_jax import config_validation
+from dtq_jax import experiment
+from dtq_jax import plot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def _is_png(path):
+  with open(path, 'rb') as f:
+    return f.read(8) == PNG_MAGIC and os.path.getsize(path) > 1000
+
+
+@pytest.fixture(name='dtq_run', scope='module')
+def dtq_run_fixture(tmp_path_factory, tiny_folder):
+  """A finished two-epoch DTQ run of the tiny folder: its workdir."""
+  root, make_config = tiny_folder
+  config = make_config(root, 'quick,dtq')
+  config.num_epochs = 2
+  workdir = str(tmp_path_factory.mktemp('plot') / 'dtq')
+  experiment.run(config_validation.validate(config), workdir)
+  return workdir
+
+
+def test_run_figure_draws_every_logged_curve(dtq_run, tmp_path, capsys):
+  with open(os.path.join(dtq_run, 'seed_1', 'metrics.jsonl')) as f:
+    keys = {k for line in f for k in json.loads(line)}
+  losses = {k for k in keys if k.startswith('train/loss') or k == 'test/loss'}
+  entropies = {k for k in keys if k.startswith('train/attention_entropy_')}
+  assert {'train/loss_ce', 'train/loss_kl', 'train/loss_afa'} <= losses
+  assert len(entropies) == 4
+
+  runs = plot.find_runs(dtq_run)
+  assert list(runs) == ['dtq'] and [s for s, _ in runs['dtq']] == ['seed_1']
+  fig = plot.run_figure(runs)
+  loss_ax, accuracy_ax, entropy_ax = fig.axes
+  assert {l.get_label() for l in loss_ax.lines} == losses
+  assert {l.get_label() for l in accuracy_ax.lines} == {'train/accuracy',
+                                                         'test/accuracy'}
+  assert len(entropy_ax.lines) == 4
+  # Two epochs: the test curve has one point per evaluation.
+  test_line, = [l for l in accuracy_ax.lines if l.get_label() == 'test/accuracy']
+  assert len(test_line.get_xdata()) == 2
+
+  # The command line, on the run and on one seed; the default is in the run.
+  assert plot.main([dtq_run]) == 0
+  out = os.path.join(dtq_run, plot.DEFAULT_NAME)
+  assert capsys.readouterr().out.strip() == out and _is_png(out)
+  seed_png = str(tmp_path / 'seed.png')
+  assert plot.main([os.path.join(dtq_run, 'seed_1'), '--out', seed_png]) == 0
+  assert _is_png(seed_png)
+  assert not [n for n in os.listdir(tmp_path) if '.tmp' in n]
+
+
+def test_comparison_folder_gives_one_row_per_method(dtq_run, tmp_path):
+  # A comparison folder of two methods: the run and a copy of its metrics
+  # (an 'ft'-like run: its loss terms only, no attention).
+  compare = tmp_path / 'compare'
+  compare.mkdir()
+  os.symlink(dtq_run, compare / 'dtq')
+  (compare / 'ft' / 'seed_1').mkdir(parents=True)
+  with open(os.path.join(dtq_run, 'seed_1', 'metrics.jsonl')) as f, open(
+      compare / 'ft' / 'seed_1' / 'metrics.jsonl', 'w') as g:
+    for line in f:
+      record = json.loads(line)
+      g.write(json.dumps({k: v for k, v in record.items()
+                          if 'attention' not in k and 'kl' not in k
+                          and 'afa' not in k}) + '\n')
+  (compare / 'comparison.md').write_text('| method |\n')
+  fig = plot.run_figure(plot.find_runs(str(compare)))
+  assert len(fig.axes) == 6
+  assert [ax.get_title().split(':')[0] for ax in fig.axes] == ['dtq'] * 3 + [
+      'ft'] * 3
+  assert not fig.axes[5].lines and fig.axes[2].lines
+
+
+def test_methods_and_shots_figures_from_cells():
+  cells = [dict(method='fp', bits='32/32', shots=None, mean=90.0, std=0.2,
+                seeds=[89.8, 90.0, 90.2]),
+           dict(method='dtq', bits='4/4', shots=None, mean=87.0, std=0.3,
+                seeds=[86.7, 87.0, 87.3]),
+           dict(method='dtq', bits='5/5', shots=None, mean=88.0, std=0.0,
+                seeds=[])]
+  ax, = plot.methods_figure(cells, 'methods', 'caption').axes
+  bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+  assert [c.get_label() for c in bars] == ['32/32 bits (w/a)',
+                                           '4/4 bits (w/a)', '5/5 bits (w/a)']
+  # One scatter of seeds per cell that has them.
+  assert len(ax.collections) - sum(len(c.lines[2]) for c in bars) == 2
+  shots = [dict(c, shots=s, method=m, bits='4/4') for s in (5, 10, 30)
+           for m, c in (('ft', cells[0]), ('dtq', cells[1]))]
+  ax, = plot.shots_figure(shots, 'shots').axes
+  bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+  assert [c.get_label() for c in bars] == ['ft', 'dtq']
+  assert list(bars[0].lines[0].get_xdata()) == [5, 10, 30]
+
+
+TABLE = """# tiny: shots comparison
+
+Seeds: 2 per cell (seed+1..seed+2); total time 1 s.
+
+| method | bits (w/a) | final test acc. (%) | best test acc. (%) | wall time per run (s) | final test acc. per seed (%) |
+|---|---|---|---|---|---|
+| ft, 5 shots | 4/4 | 70.00 ± 1.00 | 71.00 ± 1.00 | 30 | 69.00, 71.00 |
+| dtq, 5 shots | 4/4 | 72.00 ± 0.50 | 72.00 ± 0.50 | 30 | 71.50, 72.50 |
+| ft, 10 shots | 4/4 | 80.00 ± 1.00 | 81.00 ± 1.00 | 30 | 79.00, 81.00 |
+| dtq, 10 shots | 4/4 | 82.00 ± 0.50 | 82.00 ± 0.50 | 30 | 81.50, 82.50 |
+"""
+
+
+def test_compare_plot_only_draws_a_table(tmp_path):
+  table = tmp_path / 'table.md'
+  table.write_text(TABLE)
+  cmd = [sys.executable, 'benchmarks/compare.py', '--plot_only',
+         f'--out={table}']
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == str(tmp_path / 'table.png')
+  assert _is_png(tmp_path / 'table.png')
+  table.write_text('# not a table\n')
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert proc.returncode == 2
+  assert [l for l in proc.stderr.splitlines() if l.startswith('error:')] == [
+      f'error: {table}: no table rows (is it a compare.py table?)']
+
+
+@pytest.mark.parametrize('make', ['missing', 'empty', 'blank_metrics'])
+def test_bad_input_is_one_line_exit_2(tmp_path, make):
+  path = tmp_path / 'run'
+  if make != 'missing':
+    (path / 'seed_1').mkdir(parents=True)
+  if make == 'blank_metrics':
+    (path / 'seed_1' / 'metrics.jsonl').write_text('{"step": 1, "trai\n')
+  proc = subprocess.run([sys.executable, '-m', 'dtq_jax.plot', str(path)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=60,
+                        check=False)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'error: {path}'), lines
+  assert not os.path.exists(path / plot.DEFAULT_NAME)
