@@ -7,13 +7,19 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 # Runs as root directly, else through sudo when it is available.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-torch setup data
+.PHONY: demo test test-torch setup data tensorboard
 
 demo: setup data
 	$(PY) main.py $(ARGS)
 
 test: setup data
 	$(PY) -m pytest -q tests $(ARGS)
+
+# TensorBoard on the runs' event files (every seed_N/ below LOGDIR);
+# e.g. make tensorboard LOGDIR=runs/fmnist ARGS="--port 6007 --bind_all".
+LOGDIR ?= runs
+tensorboard: setup
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR) $(ARGS)
 
 # The torchvision parity tests, in a separate environment because the torch
 # build is large (about 5.5 GB with its CUDA libraries; it runs on the CPU).
