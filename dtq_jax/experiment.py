@@ -90,6 +90,13 @@ def load_teacher(config, data):
     model = create_model(config.model, **dict(config.get('model_kwargs', {})))
     return train.init_variables(model, jax.random.PRNGKey(config.seed),
                                 data.image_shape)
+  channels = data.image_shape[-1] if data is not None else None
+  if channels not in (None, pretrained_lib.INPUT_CHANNELS):
+    raise errors.ConfigError(
+        'pretrained', config.pretrained,
+        f'its weights take {pretrained_lib.INPUT_CHANNELS}-channel (RGB) '
+        f'images, but dataset.name={config.dataset.name!r} gives '
+        f'{channels}-channel ones; use pretrained=none or RGB images.')
   with errors.user_errors(f'pretrained={config.pretrained!r}'):
     return pretrained_lib.load_pretrained(
         config.model, config.pretrained,

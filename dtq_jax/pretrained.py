@@ -5,9 +5,10 @@ for ``models.create_model(name, num_classes=1000)`` (ResNet-18/34/50/101/152,
 MobileNetV2; any model of ``models.MODEL_NAMES`` whose names follow the same
 convention converts too), read from
 
-* a ``.safetensors`` file with torchvision's key names (NumPy only, no torch);
-* a ``.pth`` file, which needs torch and is read with ``weights_only=True`` so
-  that no arbitrary object is ever unpickled;
+* a ``.safetensors`` file with torchvision's key names;
+* a ``.pth`` file, read by ``torch_archive`` with the standard library and
+  NumPy, as safely as ``torch.load(weights_only=True)``: torch is not needed
+  (it is used, if installed, only for formats that reader does not know);
 * torchvision's published IMAGENET1K_V1 checkpoint (``path=None``): downloaded
   once into a cache folder, its SHA-256 checked against the prefix in its file
   name, converted once, and the converted variables cached as ``.safetensors``;
@@ -22,7 +23,9 @@ as '_' (``layer1.0.downsample.0`` is ``params['layer1_0']['downsample_0']``),
 so a torch module path matches the Flax module path whose names, joined with
 '_', give the same string. Every tensor of the state_dict is consumed exactly
 once and every Flax leaf is filled exactly once; anything else is an error
-that names the tensors or leaves at fault.
+that names the tensors or leaves at fault. The values are checked too: every
+kept tensor must be floating point and finite, and every running variance
+positive, so a damaged checkpoint is refused instead of trained from.
 
 Command line (converts, reports per-tensor statistics, optionally writes)::
 
@@ -30,8 +33,9 @@ Command line (converts, reports per-tensor statistics, optionally writes)::
       --to converted/
   python -m dtq_jax.pretrained --model mobilenet_v2 --from torchvision
 
-Parity with torchvision itself is tested by tests/test_pretrained.py when torch
-and torchvision are installed (``pip install -r requirements-torch.txt``).
+Parity with torchvision itself (its networks' outputs, and ``torch.load``'s
+arrays) is tested by tests/test_pretrained.py when torch and torchvision are
+installed (``make test-torch``).
 """
 
 import argparse
@@ -50,12 +54,14 @@ import uuid
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
 import tqdm
 
 from dtq_jax import models
+from dtq_jax import torch_archive
 
 # torchvision's IMAGENET1K_V1 weights (the ones the paper used). The hex group
 # after '-' is the start of the file's SHA-256, as torch.hub checks it.
@@ -74,6 +80,9 @@ HASH_REGEX = re.compile(r'-([a-f0-9]*)\.')
 CONVERTED_FORMAT = 'dtq_jax.flax_variables.v1'
 CONVERTED_SUFFIX = '.flax.safetensors'
 COLLECTIONS = ('params', 'batch_stats')
+# torchvision's networks take RGB images, so every converted first
+# convolution (and every template here) has 3 input channels.
+INPUT_CHANNELS = 3
 _NO_PRETRAINED = ('', 'none')
 # Longest list of problems shown in one conversion error.
 _IN_FIRST_LINE = 3
@@ -87,6 +96,10 @@ OUT_IN_TO_IN_OUT = (1, 0)
 
 class ConversionError(ValueError):
   """A state_dict does not fit the model: missing, extra or mis-shaped."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file cannot be read: damaged, truncated or of another kind."""
 
 
 class DownloadError(OSError):
@@ -164,7 +177,7 @@ def _template(name):
   # on the image size, so a small one keeps the trace cheap.
   variables = jax.eval_shape(
       functools.partial(model.init, train=False), jax.random.key(0),
-      jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+      jax.ShapeDtypeStruct((1, 32, 32, INPUT_CHANNELS), jnp.float32))
   flat = traverse_util.flatten_dict(
       {c: dict(variables[c]) for c in COLLECTIONS if c in variables})
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
@@ -288,20 +301,55 @@ def plan_conversion(name, shapes):
   return plan
 
 
-def _to_float32(array, perm):
+def _is_float(dtype):
+  # ml_dtypes' bfloat16 (a torch bfloat16 tensor) is not an np.floating.
+  return np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16
+
+
+def _trusted_float32(label, path, array, perm, errors):
+  """``array`` as the Flax leaf at ``path``, or None after naming a problem.
+
+  Args:
+    label: the tensor's name in messages (torch key or Flax path).
+    path: its Flax path; a 'batch_stats' 'var' leaf must be positive.
+    array: the tensor's values.
+    perm: axis permutation to the Flax layout (None: as is).
+    errors: list the problems are appended to.
+
+  Returns:
+    A contiguous float32 copy (safetensors needs contiguous arrays, and the
+    source's buffers, e.g. a memory map, must not be aliased), or None.
+  """
   array = np.asarray(array)
+  if not _is_float(array.dtype):
+    errors.append(f'{label} is {array.dtype.name}, not floating point')
+    return None
   if perm is not None:
     array = np.transpose(array, perm)
-  # Contiguous float32 copies: safetensors needs contiguous arrays, and the
-  # state_dict's buffers (e.g. a memory map) must not be aliased.
-  return np.array(array, dtype=np.float32, order='C')
+  # Checked after the cast: float64 values beyond float32's range are Inf
+  # in the model even if finite in the file (reported below, not warned).
+  with np.errstate(over='ignore'):
+    array = np.array(array, dtype=np.float32, order='C')
+  bad = array.size - np.count_nonzero(np.isfinite(array))
+  if bad:
+    errors.append(f'{label} has {bad} NaN/Inf value(s)')
+  elif path[0] == 'batch_stats' and path[-1] == 'var':
+    nonpositive = np.count_nonzero(array <= 0)
+    if nonpositive:
+      errors.append(f'{label} (a running variance) has {nonpositive} '
+                    f'value(s) <= 0')
+  return array
 
 
 def _convert(name, state_dict):
   plan = plan_conversion(
       name, {k: np.shape(v) for k, v in state_dict.items()})
-  flat = {a.flax_path: _to_float32(state_dict[a.torch_key], a.perm)
-          for a in plan if a.flax_path is not None}
+  flat, errors = {}, []
+  for a in plan:
+    if a.flax_path is not None:
+      flat[a.flax_path] = _trusted_float32(
+          a.torch_key, a.flax_path, state_dict[a.torch_key], a.perm, errors)
+  _raise_if(errors, f'the values of a state_dict for {name}')
   return traverse_util.unflatten_dict(flat), plan
 
 
@@ -318,55 +366,82 @@ def convert_state_dict(name, state_dict):
     arrays for ``create_model(name, num_classes=1000)``.
 
   Raises:
-    ConversionError: see ``plan_conversion``.
+    ConversionError: see ``plan_conversion``; also a kept tensor that is not
+      floating point, has NaN/Inf values, or a running variance <= 0.
   """
   return _convert(name, state_dict)[0]
 
 
-def _read_pth(path):
+def _torch_load(path, reason):
+  """``torch.load`` for a format ``torch_archive`` does not know."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ImportError(
-        f'Reading {path} needs torch (pip install -r requirements-torch.txt), '
-        f'or give a .safetensors copy of it instead.') from None
+        f'{reason}; reading it needs torch (pip install -r '
+        f'requirements-torch.txt), or give a .safetensors copy of it '
+        f'instead.') from None
   # weights_only=True: tensors and plain containers only, never arbitrary
   # pickled objects (a .pth from the internet is untrusted code otherwise).
   obj = torch.load(path, map_location='cpu', weights_only=True)
   if not isinstance(obj, Mapping):
+    return obj
+  return {k: (v.detach().cpu().float() if v.is_floating_point() else
+              v.detach().cpu()).numpy()  # NumPy has no torch bfloat16
+          if isinstance(v, torch.Tensor) else v for k, v in obj.items()}
+
+
+def _read_pth(path):
+  try:
+    obj = torch_archive.load(path)
+  except torch_archive.UnsupportedFormatError as e:
+    obj = _torch_load(path, e)
+  if not isinstance(obj, Mapping):
     raise ConversionError(f'{path} holds a {type(obj).__name__}, not a '
                           f'state_dict.')
-  state_dict = {}
   for key, value in obj.items():
-    if not isinstance(value, torch.Tensor):
+    if not isinstance(value, np.ndarray):
       raise ConversionError(f'{path}: {key} is a {type(value).__name__}, not '
                             f'a tensor.')
-    value = value.detach().cpu()
-    if value.is_floating_point():
-      value = value.float()  # NumPy has no bfloat16
-    state_dict[key] = value.numpy()
-  return state_dict
+  return dict(obj)
+
+
+def _safetensors(path, keys_only=False):
+  """A ``.safetensors`` file's arrays (or keys), with damage as one line."""
+  try:
+    if keys_only:
+      with safetensors.safe_open(path, 'numpy') as f:
+        return list(f.keys())
+    return dict(safetensors.numpy.load_file(path))
+  except safetensors.SafetensorError as e:
+    # The Rust error is not an OSError/ValueError: without this, a truncated
+    # download is a traceback instead of a message naming the file.
+    raise CheckpointError(f'{path} is not a readable .safetensors file '
+                          f'(damaged or truncated?): {e}') from None
 
 
 def read_state_dict(path):
-  """Reads a torchvision state_dict as NumPy arrays.
+  """Reads a torchvision state_dict as NumPy arrays, without torch.
 
   Args:
-    path: ``.safetensors`` (read with NumPy only) or ``.pth``/``.pt`` (needs
-      torch; loaded with ``weights_only=True``).
+    path: ``.safetensors`` or ``.pth``/``.pt`` (read by ``torch_archive``
+      without running code from it; torch only for formats it does not know).
 
   Returns:
     ``{torch key: np.ndarray}`` in the file's order.
 
   Raises:
     FileNotFoundError: no such file.
-    ImportError: a ``.pth`` file without torch installed.
+    CheckpointError: a damaged ``.safetensors`` file.
+    torch_archive.ArchiveError: a damaged or unsafe ``.pth`` file.
+    ImportError: a ``.pth`` format only torch reads, without torch installed.
+    ConversionError: a ``.pth`` file that holds something else than tensors.
     ValueError: an unknown file type.
   """
   _check_exists(path)
   suffix = os.path.splitext(path)[1].lower()
   if suffix == '.safetensors':
-    return dict(safetensors.numpy.load_file(path))
+    return _safetensors(path)
   if suffix in ('.pth', '.pt'):
     return _read_pth(path)
   raise ValueError(f'{path}: unknown checkpoint type {suffix!r} (expected '
@@ -440,14 +515,16 @@ def load_variables(name, path):
 
   Raises:
     FileNotFoundError: no such file.
-    ConversionError: a leaf missing, extra or mis-shaped for ``name``.
+    CheckpointError: a damaged ``.safetensors`` file.
+    ConversionError: a leaf missing, extra or mis-shaped for ``name``, not
+      floating point, not finite, or a variance not positive.
   """
   _check_exists(path)
   if path.endswith('.npz'):
     with np.load(path, allow_pickle=False) as data:
       flat = {k: data[k] for k in data.files}
   else:
-    flat = dict(safetensors.numpy.load_file(path))
+    flat = _safetensors(path)
   template = _template(name)
   errors, variables = [], {}
   for key, value in flat.items():
@@ -458,7 +535,7 @@ def load_variables(name, path):
       errors.append(f'mis-shaped {key}: {value.shape}, expected '
                     f'{template[path_]}')
     else:
-      variables[path_] = np.asarray(value, dtype=np.float32)
+      variables[path_] = _trusted_float32(key, path_, value, None, errors)
   errors += [f'missing {"/".join(p)} {s}' for p, s in template.items()
              if '/'.join(p) not in flat]
   _raise_if(errors, f'{path} into {name}')
@@ -565,8 +642,8 @@ def load_torchvision(name, path=None, cache_dir=None, progress=True):
   Args:
     name: 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152' or
       'mobilenet_v2'.
-    path: a torchvision state_dict as ``.safetensors`` or ``.pth`` (needs
-      torch), or converted variables (``.safetensors``/``.npz`` of Flax
+    path: a torchvision state_dict as ``.safetensors`` or ``.pth`` (torch
+      not needed), or converted variables (``.safetensors``/``.npz`` of Flax
       paths). None: torchvision's published IMAGENET1K_V1 weights, downloaded
       and converted once, then read from the cache.
     cache_dir: cache folder for downloads and converted variables (default
@@ -581,8 +658,10 @@ def load_torchvision(name, path=None, cache_dir=None, progress=True):
     DownloadError: offline and nothing cached (the message says where to put
       the file by hand).
     HashMismatchError: the checkpoint is not the published file.
-    ImportError: a ``.pth`` file without torch installed.
-    ConversionError: the checkpoint does not fit the model.
+    CheckpointError, torch_archive.ArchiveError: a damaged or unsafe file.
+    ImportError: a ``.pth`` format only torch reads, without torch installed.
+    ConversionError: the checkpoint does not fit the model, or its values
+      cannot be trusted (see ``_trusted_float32``).
   """
   if path is not None:
     path = os.fspath(path)
@@ -590,9 +669,7 @@ def load_torchvision(name, path=None, cache_dir=None, progress=True):
     if path.endswith('.npz'):
       return load_variables(name, path)
     if path.endswith('.safetensors'):
-      with safetensors.safe_open(path, 'numpy') as f:
-        keys = list(f.keys())
-      if _is_converted(keys):
+      if _is_converted(_safetensors(path, keys_only=True)):
         return load_variables(name, path)
     return convert_state_dict(name, read_state_dict(path))
   url, converted = _published(name, cache_dir)

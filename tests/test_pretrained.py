@@ -4,23 +4,26 @@ The always-run tests build torchvision-layout state_dicts with random values
 from a hand-written generator of torchvision's names and shapes below (not from
 the converter's table), so a wrong rule in the converter cannot hide itself.
 
-The parity tests against torchvision itself need torch and torchvision, which
-are optional (a ~5.5 GB CUDA build; it also runs on CPU). They are skipped
-without them. To run them, in a separate virtual environment::
+Reading ``.pth`` files needs no torch (dtq_jax.torch_archive); the always-run
+tests write them with test_torch_archive's torch-free writer.
 
-  python3 -m venv /tmp/venv-torch
-  /tmp/venv-torch/bin/pip install -r requirements.txt -r requirements-torch.txt
-  /tmp/venv-torch/bin/python -m pytest -q tests/test_pretrained.py
-
-(`-k parity` runs only the torchvision comparisons.)
+The parity tests against torch and torchvision themselves (the networks'
+outputs, and torch.load's arrays against the torch-free reader's) need torch
+and torchvision, which are optional (a ~5.5 GB CUDA build; it also runs on
+CPU). They are skipped without them. `make test-torch` installs them into
+.venv-torch and runs this file there (`ARGS='-k parity'` runs only the
+comparisons).
 """
 
+import hashlib
 import http.server
 import os
-import pickle
+import re
 import socket
 import sys
+import tarfile
 import threading
+import urllib.request
 
 import chex
 import jax
@@ -34,7 +37,9 @@ from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import models
 from dtq_jax import pretrained
+from dtq_jax import torch_archive
 from dtq_jax import train
+import test_torch_archive
 
 # --- A hand-written generator of torchvision's state_dict names -------------
 # Each entry is (torch key, torch shape, expected Flax path or None). It
@@ -327,12 +332,172 @@ def test_load_pretrained_dispatch(tmp_path, monkeypatch):
 
 
 def test_pth_without_torch_is_one_line(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'torch', None)  # import torch fails
   path = tmp_path / 'r.pth'
   path.write_bytes(b'not read')
-  monkeypatch.setitem(sys.modules, 'torch', None)  # import torch fails
-  with pytest.raises(ImportError, match='needs torch') as e:
+  with pytest.raises(torch_archive.ArchiveError,
+                     match='neither a zip archive') as e:
     pretrained.load_torchvision('resnet18', path)
   assert '\n' not in str(e.value)
+  # A format only torch reads (torch < 0.4's tar): torch is named.
+  with tarfile.open(path, 'w') as archive:
+    archive.addfile(tarfile.TarInfo('pickle'))
+  with pytest.raises(ImportError, match='tar format.*needs torch') as e:
+    pretrained.load_torchvision('resnet18', path)
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('legacy', [False, True])
+def test_pth_without_torch(legacy, tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  state = random_state_dict(torchvision_entries('small_resnet'))
+  path = tmp_path / 'small.pth'
+  test_torch_archive.save_state_dict(state, path, legacy=legacy)
+  variables = pretrained.load_pretrained('small_resnet', str(path))
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               pretrained.convert_state_dict('small_resnet', state))
+
+
+def _no_network(*args, **kwargs):
+  raise AssertionError(f'tried to download {args} {kwargs}')
+
+
+def test_published_resnet50_without_torch(tmp_path, monkeypatch):
+  """The default path (config.pretrained='torchvision') with no torch at all.
+
+  A torchvision-layout ResNet-50 .pth (torchvision's names and shapes, random
+  values) is written without torch and placed in the cache as the published
+  file. Its name must carry its own SHA-256 prefix (the hash check still
+  runs), so the URL is patched to the published one with this file's hash in
+  place of '0676ba61'; nothing may be downloaded.
+  """
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  monkeypatch.setattr(urllib.request, 'urlopen', _no_network)
+  entries = torchvision_entries('resnet50')
+  state = random_state_dict(entries)
+  cache = tmp_path / 'cache'
+  cache.mkdir()
+  staging = cache / 'staging.pth'
+  test_torch_archive.save_state_dict(state, staging)
+  digest = hashlib.sha256(staging.read_bytes()).hexdigest()[:8]
+  url = pretrained.TORCHVISION_URLS['resnet50'].replace('0676ba61', digest)
+  assert url.endswith(f'/resnet50-{digest}.pth')
+  monkeypatch.setitem(pretrained.TORCHVISION_URLS, 'resnet50', url)
+  os.rename(staging, cache / f'resnet50-{digest}.pth')
+
+  variables = pretrained.load_pretrained('resnet50', 'torchvision',
+                                         cache_dir=str(cache))
+  flat = flat_paths(variables)
+  assert {p: v.shape for p, v in flat.items()} == model_shapes('resnet50')
+  for key, _, path in entries:
+    if path is not None:
+      np.testing.assert_array_equal(flat[path], to_flax_layout(state[key]),
+                                    err_msg=key)
+  assert (cache / f'resnet50-{digest}.flax.safetensors').is_file()
+
+
+# --- Values that cannot be trusted ------------------------------------------
+
+
+@pytest.mark.parametrize('key,value,problem', [
+    ('layer1.0.conv1.weight', np.nan, r'has 1 NaN/Inf value\(s\)'),
+    ('fc.bias', np.inf, r'has 1 NaN/Inf value\(s\)'),
+    ('layer2.0.bn1.running_var', 0.0, r'a running variance\) has 1 value'),
+    ('bn1.running_var', -1.0, r'a running variance\) has 1 value'),
+    ('layer3.0.bn2.running_mean', 1e39, r'has 1 NaN/Inf'),  # > float32 max
+])
+def test_untrustworthy_values_are_named(key, value, problem, tmp_path):
+  state = random_state_dict(torchvision_entries('small_resnet'))
+  state[key] = state[key].astype(np.float64)
+  state[key].flat[0] = value
+  path = tmp_path / 'bad.safetensors'
+  safetensors.numpy.save_file(state, str(path))
+  with pytest.raises(pretrained.ConversionError) as e:
+    pretrained.load_torchvision('small_resnet', path)
+  first_line = str(e.value).splitlines()[0]
+  assert first_line.startswith('1 problem(s)')
+  assert re.search(re.escape(key) + '.*' + problem, first_line), first_line
+
+
+def test_non_float_tensor_is_named():
+  state = random_state_dict(torchvision_entries('small_resnet'))
+  state['layer1.0.conv2.weight'] = state['layer1.0.conv2.weight'].astype(
+      np.int32)
+  state['bn1.running_mean'] = state['bn1.running_mean'] > 0  # bool
+  with pytest.raises(pretrained.ConversionError) as e:
+    pretrained.convert_state_dict('small_resnet', state)
+  first_line = str(e.value).splitlines()[0]
+  assert first_line.startswith('2 problem(s)')
+  assert 'layer1.0.conv2.weight is int32, not floating point' in first_line
+  assert 'bn1.running_mean is bool, not floating point' in first_line
+
+
+def test_converted_file_values_are_checked(tmp_path):
+  variables = pretrained.convert_state_dict(
+      'small_resnet', random_state_dict(torchvision_entries('small_resnet')))
+  variables['batch_stats']['bn1']['var'][3] = 0
+  variables['params']['fc']['kernel'][0, 0] = np.nan
+  path = str(tmp_path / 'v.flax.safetensors')
+  pretrained.save_variables(variables, path, 'small_resnet')
+  with pytest.raises(pretrained.ConversionError, match=(
+      r'^2 problem.*batch_stats/bn1/var \(a running variance\) has 1 value'
+      r'.*params/fc/kernel has 1 NaN')):
+    pretrained.load_torchvision('small_resnet', path)
+
+
+# --- Damaged files and wrong data, as one line ------------------------------
+
+
+@pytest.mark.parametrize('converted', [False, True])
+def test_truncated_safetensors_is_one_line(converted, tmp_path, capsys):
+  state = random_state_dict(torchvision_entries('small_resnet'))
+  path = str(tmp_path / 'cut.safetensors')
+  if converted:
+    pretrained.save_variables(
+        pretrained.convert_state_dict('small_resnet', state), path)
+  else:
+    safetensors.numpy.save_file(state, path)
+  data = open(path, 'rb').read()
+  with open(path, 'wb') as f:
+    f.write(data[:len(data) // 2])
+  with pytest.raises(pretrained.CheckpointError) as e:
+    pretrained.load_torchvision('small_resnet', path)
+  assert '\n' not in str(e.value) and path in str(e.value)
+  # Through main.py (experiment.load_teacher) and the command line.
+  config = mit67.get_config('quick')
+  config.model = 'small_resnet'
+  config.pretrained = path
+  with pytest.raises(errors.UserError) as e:
+    experiment.load_teacher(config, data=None)
+  assert '\n' not in str(e.value)
+  assert str(e.value).startswith(f'pretrained={path!r}: {path} is not a '
+                                 f'readable .safetensors file')
+  assert pretrained.main(['--model', 'small_resnet', '--from', path]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {path} is not a readable')
+  assert err.count('\n') == 1
+
+
+class _GrayData:
+  """What load_teacher reads of datasets.Data: 1-channel images."""
+  image_shape = (28, 28, 1)
+
+
+def test_gray_images_with_rgb_weights_is_one_line(tmp_path):
+  path = str(tmp_path / 'small.safetensors')
+  safetensors.numpy.save_file(
+      random_state_dict(torchvision_entries('small_resnet')), path)
+  config = mit67.get_config('quick')
+  config.model = 'small_resnet'
+  config.pretrained = path
+  config.dataset.name = 'fashion_mnist'
+  with pytest.raises(errors.ConfigError) as e:
+    experiment.load_teacher(config, _GrayData())
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith(f'config.pretrained={path!r} is invalid')
+  assert ("3-channel (RGB) images, but dataset.name='fashion_mnist' gives "
+          '1-channel ones') in message
 
 
 # --- Downloads, against local servers only ----------------------------------
@@ -340,7 +505,6 @@ def test_pth_without_torch_is_one_line(tmp_path, monkeypatch):
 
 def _sha_named(tmp_path, name, data, prefix=None):
   """Writes ``data`` as '<name>-<sha256 prefix>.safetensors'."""
-  import hashlib  # pylint: disable=g-import-not-at-top
   prefix = prefix or hashlib.sha256(data).hexdigest()[:8]
   path = tmp_path / f'{name}-{prefix}.safetensors'
   path.write_bytes(data)
@@ -463,7 +627,7 @@ def test_command_line(tmp_path, capsys):
 # --- With torch: .pth files and parity with torchvision ---------------------
 
 
-def test_pth_is_read_with_weights_only(tmp_path):
+def test_pth_written_by_torch(tmp_path):
   torch = pytest.importorskip('torch')
   state = random_state_dict(torchvision_entries('small_resnet'))
   path = tmp_path / 'small.pth'
@@ -474,12 +638,74 @@ def test_pth_is_read_with_weights_only(tmp_path):
   # An arbitrary pickled object is refused, not unpickled.
   evil = tmp_path / 'evil.pth'
   torch.save({'fc.weight': torch.zeros(2), 'x': _Unsafe()}, evil)
-  with pytest.raises(pickle.UnpicklingError):
+  with pytest.raises(torch_archive.ArchiveError,
+                     match=r'refused the global test_pretrained\._Unsafe'):
     pretrained.load_torchvision('small_resnet', evil)
 
 
 class _Unsafe:
   pass
+
+
+def _assert_same_as_torch_load(torch, path):
+  """torch_archive.load(path) has torch.load's keys, dtypes and bits."""
+  ours = torch_archive.load(path)
+  theirs = torch.load(path, map_location='cpu', weights_only=True)
+  assert type(ours) is type(theirs) and list(ours) == list(theirs)
+  assert getattr(ours, '_metadata', None) == getattr(theirs, '_metadata',
+                                                     None)
+  for key, tensor in theirs.items():
+    tensor = tensor.detach().contiguous()
+    # NumPy has no torch.bfloat16: compare its bits as int16.
+    bits = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16
+            else tensor).numpy()
+    assert ours[key].shape == tuple(tensor.shape), key
+    assert str(ours[key].dtype) == str(tensor.dtype).replace('torch.', ''), key
+    assert ours[key].tobytes() == bits.tobytes(), key
+
+
+@pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
+@pytest.mark.parametrize('name', ['resnet18', 'resnet50', 'mobilenet_v2'])
+def test_parity_reader_with_torch_load(name, legacy, tmp_path):
+  torch = pytest.importorskip('torch')
+  torchvision = pytest.importorskip('torchvision')
+  torch.manual_seed(0)
+  net = getattr(torchvision.models, name)(weights=None)
+  _randomize_batch_norms(torch, net)
+  path = tmp_path / f'{name}.pth'
+  torch.save(net.state_dict(), path, _use_new_zipfile_serialization=not legacy)
+  _assert_same_as_torch_load(torch, path)
+
+
+@pytest.mark.parametrize('legacy', [False, True], ids=['zip', 'legacy'])
+def test_parity_reader_with_torch_load_on_views(legacy, tmp_path):
+  torch = pytest.importorskip('torch')
+  generator = torch.Generator().manual_seed(0)
+  base = torch.randn(6, 10, generator=generator)
+  state = {
+      'transposed': base.t(),  # non-contiguous
+      'every_third': base[2:4, 1::3],  # offset and strides
+      'row1': base[1], 'row3': base[3],  # one storage, two offsets
+      'expanded': base[0, :4].expand(3, 4),  # stride 0
+      'half': torch.randn(4, 3, generator=generator).half().t(),
+      'bfloat16': torch.randn(5, generator=generator).bfloat16(),
+      'double': torch.randn(2, 2, generator=generator).double(),
+      'long': torch.arange(20)[::3],
+      'int': torch.arange(6, dtype=torch.int32).reshape(2, 3),
+      'short': torch.arange(4, dtype=torch.int16),
+      'char': torch.arange(-2, 2, dtype=torch.int8),
+      'byte': torch.arange(4, dtype=torch.uint8),
+      'bool': torch.arange(4) % 2 == 0,
+      'scalar': torch.tensor(3),
+      'empty': torch.zeros(0, 3),
+      'parameter': torch.nn.Parameter(torch.randn(3, generator=generator)),
+  }
+  assert not state['transposed'].is_contiguous()
+  assert state['row1'].untyped_storage().data_ptr() == (
+      state['row3'].untyped_storage().data_ptr())
+  path = tmp_path / 'views.pth'
+  torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+  _assert_same_as_torch_load(torch, path)
 
 
 def _randomize_batch_norms(torch, model):
