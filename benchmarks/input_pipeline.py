@@ -2,7 +2,7 @@
 
 Generates ``--num_images`` JPEGs of about ``--src_size`` (default 500x400,
 sizes jittered by up to 10%) in ``--classes`` class folders under a temporary
-directory, reads them with ``input_pipeline.image_folder_splits`` (the
+directory, reads them with ``splits.image_folder_splits`` (the
 Caltech/MIT67 path of main.py, which decodes every image once to drop
 unreadable ones) and times ``input_pipeline.train_batches`` with the paper's
 preprocessing: resize to 256x256, random crop 224, random horizontal flip,
@@ -35,6 +35,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=wrong-import-position
 
 from dtq_jax import input_pipeline  # pylint: disable=wrong-import-position
+from dtq_jax import splits  # pylint: disable=wrong-import-position
 
 
 def parse_args(argv=None):
@@ -104,7 +105,7 @@ def main(argv=None):
           f'each on average) in {gen_s:.1f} s', file=sys.stderr, flush=True)
 
     t = time.perf_counter()
-    train, _ = input_pipeline.image_folder_splits(root)
+    train, _ = splits.image_folder_splits(root)
     split_s = time.perf_counter() - t
 
     t = time.perf_counter()

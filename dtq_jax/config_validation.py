@@ -9,11 +9,12 @@ import os
 import jax
 
 from dtq_jax import quant
+from dtq_jax import tfds_tasks
 from dtq_jax.errors import ConfigError
 from dtq_jax.models import MODEL_NAMES
 
 METHODS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq')
-TFDS_DATASETS = ('caltech_birds2011', 'stanford_dogs', 'food101')
+TFDS_DATASETS = tfds_tasks.TFDS_NAMES
 DATASETS = ('image_folder', 'fashion_mnist') + TFDS_DATASETS
 SPECIAL_PRETRAINED = ('torchvision', 'none', 'source_task')
 # config.cpu_convolutions: XLA:CPU's kernels for convolutions (train.py).

@@ -1,36 +1,61 @@
-"""The train/test splits and preprocessing that a config names.
+"""Loads the task a config names: its Splits and preprocessing, as a ``Data``.
 
-``load(config)`` turns ``config.dataset`` into a ``Data``: input_pipeline
-Splits plus the keyword arguments of its train and eval pipelines, so the
-trainer never looks at dataset names.
+``load(config)`` turns ``config.dataset`` into a ``Data``: the train, test
+(and validation) Splits that ``sources`` reads and ``splits`` divides, plus
+the task's ``Preprocessing``. ``Data``'s methods give its batches through
+``input_pipeline``, so the trainer never looks at dataset names nor imports
+the pipeline.
 """
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Optional, Tuple
 
 from dtq_jax import errors
 from dtq_jax import input_pipeline
+from dtq_jax import sources
+from dtq_jax import splits
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """How a task's images become network inputs (see ``input_pipeline``).
+
+  Attributes:
+    image_size: side of the square crops the network sees.
+    resize_to: side that images are resized to before cropping; None: no
+      resize (fixed-size pixel arrays only).
+    mean: per-channel mean on the 0..1 scale (1 or C values).
+    std: per-channel standard deviation on the 0..1 scale.
+    crop_padding: zero padding on each side before the random training crop.
+  """
+  image_size: int
+  resize_to: Optional[int] = None
+  mean: Tuple[float, ...] = input_pipeline.IMAGENET_MEAN
+  std: Tuple[float, ...] = input_pipeline.IMAGENET_STD
+  crop_padding: int = 0
+
+  def __post_init__(self):
+    # Frozen: assign the normalised fields through object.__setattr__.
+    object.__setattr__(self, 'mean', tuple(self.mean))
+    object.__setattr__(self, 'std', tuple(self.std))
 
 
 @dataclasses.dataclass
 class Data:
-  """One task's splits and preprocessing.
+  """One task's splits and preprocessing, and the batches they give.
 
   Attributes:
     train: training Split.
     test: test Split.
     val: held-out validation Split (None under the paper's protocol).
-    train_kwargs: keyword arguments of ``input_pipeline.train_batches``
-      besides split, batch size and seed.
-    eval_kwargs: keyword arguments of ``input_pipeline.eval_batches``.
+    preprocessing: how the images become network inputs.
     source: the demo's source task (a ``Data``), else None.
   """
-  train: Any
-  test: Any
-  val: Optional[Any]
-  train_kwargs: dict
-  eval_kwargs: dict
+  train: sources.Split
+  test: sources.Split
+  val: Optional[sources.Split]
+  preprocessing: Preprocessing
   source: Optional['Data'] = None
 
   @property
@@ -43,20 +68,90 @@ class Data:
 
   @property
   def image_shape(self):
-    size = self.eval_kwargs['image_size']
+    size = self.preprocessing.image_size
     return (size, size, self.train.channels)
+
+  @property
+  def train_kwargs(self):
+    """Deprecated: train.py switches to the methods.
+
+    Keyword arguments of ``input_pipeline.train_batches`` besides split,
+    batch size and seed.
+    """
+    return dataclasses.asdict(self.preprocessing)
+
+  @property
+  def eval_kwargs(self):
+    """Deprecated: train.py switches to the methods.
+
+    Keyword arguments of ``input_pipeline.eval_batches`` besides split and
+    batch size.
+    """
+    kwargs = dataclasses.asdict(self.preprocessing)
+    del kwargs['crop_padding']
+    return kwargs
+
+  def train_batches(self, batch_size, *, seed, start_step=0, process_index=0,
+                    process_count=1):
+    """The endless, augmented training stream of ``train``.
+
+    Args:
+      batch_size: global batch size.
+      seed: non-negative integer; with ``start_step`` it fixes every batch.
+      start_step: first global step to yield (resumes the identical stream).
+      process_index: this process's index.
+      process_count: number of processes; each gets its rows of every global
+        batch.
+
+    Returns:
+      An iterator of {'image': float32 (b, S, S, C), 'label': int32 (b,)},
+      b = batch_size // process_count (see ``input_pipeline.train_batches``).
+    """
+    p = self.preprocessing
+    return input_pipeline.train_batches(
+        self.train, batch_size, p.image_size, seed, resize_to=p.resize_to,
+        mean=p.mean, std=p.std, start_step=start_step,
+        crop_padding=p.crop_padding, process_index=process_index,
+        process_count=process_count)
+
+  def eval_batches(self, split, batch_size, *, process_index=0,
+                   process_count=1):
+    """One ordered pass over ``split`` in fixed-shape, masked batches.
+
+    Args:
+      split: one of this Data's Splits (``train``, ``val`` or ``test``).
+      batch_size: global batch size.
+      process_index: this process's index.
+      process_count: number of processes.
+
+    Returns:
+      An iterator of {'image', 'label', 'mask'} over
+      ``num_eval_batches(split, batch_size)`` batches (see
+      ``input_pipeline.eval_batches``).
+    """
+    p = self.preprocessing
+    return input_pipeline.eval_batches(
+        split, batch_size, p.image_size, resize_to=p.resize_to, mean=p.mean,
+        std=p.std, process_index=process_index, process_count=process_count)
+
+  def steps_per_epoch(self, batch_size):
+    """Full training batches per epoch: floor(num_train / batch_size)."""
+    return input_pipeline.steps_per_epoch(self.num_train, batch_size)
+
+  def num_eval_batches(self, split, batch_size):
+    """Batches that ``eval_batches(split, batch_size)`` yields."""
+    return input_pipeline.eval_num_batches(len(split), batch_size)
 
 
 def _data(d, train, test, source=None, holdout=True):
   """Wraps splits with the preprocessing of ``config.dataset`` ``d``."""
   val = None
   if holdout and d.val_fraction:
-    train, val = input_pipeline.split_validation(train, d.val_fraction,
-                                                 d.data_seed)
-  common = dict(image_size=d.image_size, resize_to=d.resize_to or None,
-                mean=tuple(d.mean), std=tuple(d.std))
-  return Data(train, test, val, dict(common, crop_padding=d.crop_padding),
-              common, source)
+    train, val = splits.split_validation(train, d.val_fraction, d.data_seed)
+  preprocessing = Preprocessing(
+      image_size=d.image_size, resize_to=d.resize_to or None,
+      mean=tuple(d.mean), std=tuple(d.std), crop_padding=d.crop_padding)
+  return Data(train, test, val, preprocessing, source)
 
 
 def load(config):
@@ -84,18 +179,18 @@ def load(config):
 def _load(d):
   """Splits of ``config.dataset`` ``d``."""
   if d.name == 'fashion_mnist':
-    s = input_pipeline.fashion_mnist_transfer_splits(
+    s = splits.fashion_mnist_transfer_splits(
         d.data_dir or None, tuple(d.source_classes), tuple(d.target_classes),
         d.shots_per_class, d.data_seed)
     source = _data(d, s['source_train'], s['source_test'], holdout=False)
     data = _data(d, s['target_train'], s['target_test'], source=source)
   elif d.name == 'image_folder':
-    train, test = input_pipeline.image_folder_splits(
+    train, test = splits.image_folder_splits(
         d.root, d.train_per_class or None, d.test_per_class or None,
         seed=d.data_seed)
     data = _data(d, train, test)
   else:
-    train, test = input_pipeline.tfds_splits(
+    train, test = splits.tfds_splits(
         d.name, data_dir=d.data_dir or None,
         train_per_class=d.train_per_class or None, seed=d.data_seed)
     data = _data(d, train, test)
@@ -104,7 +199,7 @@ def _load(d):
 
 def source_fingerprint(d):
   """Identifies the demo's image files (names, sizes, times) for caching."""
-  root = d.data_dir or input_pipeline.FASHION_MNIST_DIR
+  root = d.data_dir or sources.FASHION_MNIST_DIR
   if not os.path.isdir(root):
     return 'tfds:fashion_mnist'
   return sorted((name, os.path.getsize(os.path.join(root, name)),

@@ -405,8 +405,8 @@ def channel_weights(model, variables, data, config=None, *, batch_size, seed,
       MobileNetV2 with ``bits_w = bits_a = 32``; the teacher).
     variables: its ``{'params', 'batch_stats'}`` (host or single-device
       arrays).
-    data: the target task's ``datasets.Data``: ``data.train`` with
-      ``data.train_kwargs`` gives the augmented training stream.
+    data: the target task's ``datasets.Data``: ``data.train_batches`` gives
+      the augmented training stream.
     config: ``config.delta`` (see ``DEFAULTS``), or None for the defaults.
     batch_size: batch size of head training and of the rise batches.
     seed: seed of the training stream (order and augmentation), the head's
@@ -426,16 +426,13 @@ def channel_weights(model, variables, data, config=None, *, batch_size, seed,
       one batch.
     FloatingPointError: a non-finite head loss or rise.
   """
-  # Imported lazily: input_pipeline pulls in TensorFlow.
-  from dtq_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   s = settings(config)
   paths = tapped_convolutions(_model_name(model), variables['params'])
   num_classes = num_classes or data.num_classes
   head = TargetHead(num_classes, dropout_rate=model.dropout_rate)
-  steps_per_epoch = input_pipeline.steps_per_epoch(len(data.train), batch_size)
+  steps_per_epoch = data.steps_per_epoch(batch_size)
   # One stream: head training, then the first batches of the next epoch.
-  batches = input_pipeline.train_batches(data.train, batch_size, seed=seed,
-                                         **data.train_kwargs)
+  batches = data.train_batches(batch_size, seed=seed)
   head_params, epoch_losses = train_head(
       model, head, variables, batches, s, steps_per_epoch,
       jax.random.PRNGKey(seed))

@@ -265,12 +265,10 @@ def calibrate_run(config, student, variables, num_batches=0, batch_size=0,
   Returns:
     ``(ranges, info)``; ``info`` describes the calibration for the manifest.
   """
-  from dtq_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   batch_size = batch_size or config.eval_batch_size
   data = data or _load_data(config)
-  batches = input_pipeline.eval_batches(data.train, batch_size,
-                                        **data.eval_kwargs)
-  total = input_pipeline.eval_num_batches(len(data.train), batch_size)
+  batches = data.eval_batches(data.train, batch_size)
+  total = data.num_eval_batches(data.train, batch_size)
   used = min(num_batches, total) if num_batches else total
   ranges = calibration.calibrate(student, variables, batches, used, stat)
   return ranges, dict(source='calibration', stat=stat, batches=used,
@@ -543,7 +541,6 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
     A report dict (accuracies in %, agreements as fractions).
   """
   from dtq_jax import datasets  # pylint: disable=g-import-not-at-top
-  from dtq_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   manifest, exported = read(path)
   predict_int = integer_predictor(manifest, exported)
   config = ml_collections.ConfigDict(manifest['config'])
@@ -572,8 +569,7 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
   logits_diff = 0.0
   labels = []
   seconds = {k: 0.0 for k in paths}
-  batches = input_pipeline.eval_batches(data.test, batch_size,
-                                        **data.eval_kwargs)
+  batches = data.eval_batches(data.test, batch_size)
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break

@@ -17,9 +17,9 @@ except ImportError:
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from configs import mit67
-from dtq_jax import input_pipeline
+from dtq_jax import sources
 
-_CHECK_REACHABLE = input_pipeline._check_reachable  # pylint: disable=protected-access
+_CHECK_REACHABLE = sources._check_reachable  # pylint: disable=protected-access
 
 
 @pytest.fixture(autouse=True, scope='session')
@@ -44,10 +44,10 @@ def _compilation_cache(tmp_path_factory):
 def _no_download_host_probe(monkeypatch):
   """Tests run offline, and tfds.testing.mock_data fakes only the download.
 
-  ``input_pipeline`` probes the download hosts before TFDS downloads, which
-  would fail every mock_data test here.
+  ``sources`` probes the download hosts before TFDS downloads, which would
+  fail every mock_data test here.
   """
-  monkeypatch.setattr(input_pipeline, '_check_reachable', lambda urls: None)
+  monkeypatch.setattr(sources, '_check_reachable', lambda urls: None)
 
 
 @pytest.fixture(name='check_reachable')

@@ -12,9 +12,9 @@ import pytest
 
 from dtq_jax import datasets
 from dtq_jax import delta
-from dtq_jax import input_pipeline
 from dtq_jax.models import create_model
 from dtq_jax.models.head import TargetHead
+from dtq_jax import sources
 
 TINY = dict(widths=(4, 8, 8, 8))
 NUM_CLASSES = 3
@@ -31,14 +31,13 @@ def _separable_split(per_class=16, seed=0):
   images = rng.integers(0, 50, (len(labels), 28, 28, 1))
   images = (images + 90 * labels[:, None, None, None]).astype(np.uint8)
   order = rng.permutation(len(labels))
-  return input_pipeline.Split(images[order], labels[order],
-                              [f'c{k}' for k in range(NUM_CLASSES)])
+  return sources.Split(images[order], labels[order],
+                       [f'c{k}' for k in range(NUM_CLASSES)])
 
 
 def _data(split):
-  common = dict(image_size=28, mean=(0.25,), std=(0.35,))
-  return datasets.Data(split, split, None, dict(common, crop_padding=2),
-                       common)
+  return datasets.Data(split, split, None, datasets.Preprocessing(
+      image_size=28, mean=(0.25,), std=(0.35,), crop_padding=2))
 
 
 def _numpy_init(shapes, seed):
@@ -69,9 +68,7 @@ def _tiny_teacher(seed=0):
 
 
 def _batches(split, n, batch_size=16, seed=0):
-  stream = input_pipeline.train_batches(split, batch_size, 28, seed,
-                                        mean=(0.25,), std=(0.35,),
-                                        crop_padding=2)
+  stream = _data(split).train_batches(batch_size, seed=seed)
   return [next(stream) for _ in range(n)]
 
 

@@ -9,11 +9,10 @@ from configs import fmnist
 from dtq_jax import config_validation
 from dtq_jax import datasets
 from dtq_jax import experiment
-from dtq_jax import input_pipeline
+from dtq_jax import sources
 from dtq_jax import train
 
-_FILES = os.path.join(input_pipeline.FASHION_MNIST_DIR,
-                      'train-images-idx3-ubyte.gz')
+_FILES = os.path.join(sources.FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')
 
 
 @pytest.mark.skipif(

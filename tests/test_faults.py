@@ -28,6 +28,7 @@ from dtq_jax import config_validation
 from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import input_pipeline
+from dtq_jax import splits
 from dtq_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -542,7 +543,7 @@ def test_odd_and_corrupt_images_are_converted_or_skipped(env, baseline_run):
   assert _result(workdir)['history'][-1]['test']['count'] == 12
   assert re.search(r'Skipped 3 unreadable image\(s\) of 33', proc.stderr), (
       proc.stderr[-3000:])
-  train_split, test_split = input_pipeline.image_folder_splits(
+  train_split, test_split = splits.image_folder_splits(
       env['root'], 6, 4)
   assert sorted(os.path.basename(p) for p in train_split.skipped) == [
       'corrupt.jpg', 'empty.png', 'truncated.png']

@@ -1,102 +1,35 @@
-"""Tests of dtq_jax.input_pipeline: sources, splits and tf.data pipelines.
+"""Tests of dtq_jax.input_pipeline (tf.data preprocessing and batching) and of
+the batches that datasets.Data gives through it.
 
-Everything runs offline on small data the tests write themselves (image
-folders, idx files, mocked TFDS); the real Fashion-MNIST files are read only
-where the Debian package put them.
+Everything runs offline on small data the tests write themselves.
 """
 
 import base64
-import gzip
 import itertools
 import os
-import socket
 import struct
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
+import data_files
+from data_files import assert_one_line
+from dtq_jax import datasets
 from dtq_jax import input_pipeline as ip
+from dtq_jax import sources
+from dtq_jax import splits
 
 # Normalisation that keeps pixels on the 0..1 scale, so tests can read the
 # original pixel values back from a batch.
 IDENTITY = {'mean': (0.0,), 'std': (1.0,)}
 IDENTITY3 = {'mean': (0.0,) * 3, 'std': (1.0,) * 3}
-PER_CLASS = 8  # readable images per class in the folder fixture
+PER_CLASS = data_files.PER_CLASS
+_index_split = data_files.index_split
 
 
-def _assert_one_line(excinfo, *fragments):
-  message = str(excinfo.value)
-  assert '\n' not in message
-  for fragment in fragments:
-    assert str(fragment) in message
-
-
-def _rgb(rng, height, width):
-  return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def _write(path, data):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'wb') as f:
-    f.write(data)
-
-
-def _jpeg(image):
-  return tf.io.encode_jpeg(image).numpy()
-
-
-def _png(image):
-  return tf.io.encode_png(image).numpy()
-
-
-def _make_class(folder, count, rng, first=0):
-  """Writes ``count`` random PNG/JPEG images of varied sizes."""
-  for i in range(first, first + count):
-    image = _rgb(rng, int(rng.integers(20, 50)), int(rng.integers(20, 50)))
-    if i % 2:
-      _write(os.path.join(folder, f'img{i:03d}.png'), _png(image))
-    else:
-      # Upper-case extension: matching is case-insensitive.
-      _write(os.path.join(folder, f'img{i:03d}.JPG'), _jpeg(image))
-
-
-@pytest.fixture(scope='module')
-def folder(tmp_path_factory):
-  """root/{ant,bee,cat}: 8 readable images each, plus junk to be skipped."""
-  root = str(tmp_path_factory.mktemp('folder'))
-  rng = np.random.default_rng(0)
-  for name in ('ant', 'bee', 'cat'):
-    _make_class(os.path.join(root, name), PER_CLASS, rng)
-  # A grayscale and an RGBA image replace one of bee's and one of cat's.
-  os.remove(os.path.join(root, 'bee', 'img000.JPG'))
-  _write(os.path.join(root, 'bee', 'gray.png'),
-         _png(rng.integers(0, 256, (30, 24, 1), dtype=np.uint8)))
-  os.remove(os.path.join(root, 'cat', 'img001.png'))
-  _write(os.path.join(root, 'cat', 'rgba.png'),
-         _png(rng.integers(0, 256, (26, 30, 4), dtype=np.uint8)))
-  os.remove(os.path.join(root, 'cat', 'img002.JPG'))
-  _write(os.path.join(root, 'cat', 'gray.jpg'),
-         _jpeg(rng.integers(0, 256, (28, 33, 1), dtype=np.uint8)))
-  # Unreadable: random bytes and a truncated JPEG, both in ant.
-  _write(os.path.join(root, 'ant', 'corrupt.jpg'), rng.bytes(500))
-  _write(os.path.join(root, 'ant', 'truncated.jpeg'),
-         _jpeg(_rgb(rng, 40, 40))[:300])
-  # Ignored: other extensions, hidden files, nested folders.
-  _write(os.path.join(root, 'ant', 'notes.txt'), b'not an image')
-  _write(os.path.join(root, 'ant', '.hidden.png'), _png(_rgb(rng, 8, 8)))
-  _make_class(os.path.join(root, 'cat', 'nested'), 2, rng)
-  return root
-
-
-def _index_split(num, size=8, channels=1, num_classes=3):
-  """Constant images whose pixel value is the example's index."""
-  images = np.broadcast_to(
-      np.arange(num, dtype=np.uint8)[:, None, None, None],
-      (num, size, size, channels)).copy()
-  return ip.Split(images, np.arange(num) % num_classes,
-                  [f'c{i}' for i in range(num_classes)])
+@pytest.fixture(name='folder', scope='module')
+def folder_fixture(tmp_path_factory):
+  return data_files.write_folder(str(tmp_path_factory.mktemp('folder')))
 
 
 def _ids(batch):
@@ -109,119 +42,12 @@ def _take(iterator, count):
 
 
 # ---------------------------------------------------------------------------
-# Per-class sampling.
-
-
-def test_per_class_subset_is_deterministic_and_nested():
-  labels = np.repeat(np.arange(4), 10)[np.random.default_rng(1).permutation(40)]
-  small = ip.per_class_subset(labels, 3, seed=5)
-  assert np.array_equal(small, np.sort(small))
-  assert np.array_equal(np.bincount(labels[small]), [3, 3, 3, 3])
-  assert np.array_equal(small, ip.per_class_subset(labels, 3, seed=5))
-  assert not np.array_equal(small, ip.per_class_subset(labels, 3, seed=6))
-  assert set(small) <= set(ip.per_class_subset(labels, 6, seed=5))
-  with pytest.raises(ValueError) as e:
-    ip.per_class_subset(labels, 11, seed=0)
-  _assert_one_line(e, 'per_class=11')
-
-
-def test_split_validation_is_stratified():
-  split = _index_split(30)
-  train, val = ip.split_validation(split, 0.2, seed=0)
-  assert np.array_equal(np.bincount(val.labels), [2, 2, 2])
-  assert np.array_equal(np.bincount(train.labels), [8, 8, 8])
-  ids = np.concatenate([train.images[:, 0, 0, 0], val.images[:, 0, 0, 0]])
-  assert sorted(ids) == list(range(30))
-  with pytest.raises(ValueError):
-    ip.split_validation(_index_split(3), 0.5, seed=0)
-
-
-# ---------------------------------------------------------------------------
-# Image folders.
-
-
-def test_folder_random_split(folder):
-  train, test = ip.image_folder_splits(folder, 3, 2, seed=0)
-  assert train.class_names == ['ant', 'bee', 'cat']
-  assert np.array_equal(np.bincount(train.labels), [3, 3, 3])
-  assert np.array_equal(np.bincount(test.labels), [2, 2, 2])
-  assert not set(train.images) & set(test.images)
-  assert sorted(os.path.basename(p) for p in train.skipped) == [
-      'corrupt.jpg', 'truncated.jpeg']
-  for path, label in zip(train.images + test.images,
-                         np.concatenate([train.labels, test.labels])):
-    assert os.path.basename(os.path.dirname(path)) == train.class_names[label]
-    assert 'nested' not in path and not path.endswith('.txt')
-
-  again, _ = ip.image_folder_splits(folder, 3, 2, seed=0)
-  assert again.images == train.images
-  other, _ = ip.image_folder_splits(folder, 3, 2, seed=1)
-  assert other.images != train.images
-  # The test set does not depend on train_per_class and training sets nest.
-  bigger, same_test = ip.image_folder_splits(folder, 5, 2, seed=0)
-  assert same_test.images == test.images
-  assert set(train.images) <= set(bigger.images)
-  # Without test_per_class, every remaining image is a test image.
-  train, rest = ip.image_folder_splits(folder, 3, seed=0)
-  assert np.array_equal(np.bincount(rest.labels), [PER_CLASS - 3] * 3)
-  assert not set(train.images) & set(rest.images)
-
-
-def test_folder_official_layout(tmp_path):
-  rng = np.random.default_rng(2)
-  for part, count in (('train', 6), ('test', 3)):
-    for name in ('x', 'y'):
-      _make_class(str(tmp_path / part / name), count, rng)
-  train, test = ip.image_folder_splits(str(tmp_path))
-  assert np.array_equal(np.bincount(train.labels), [6, 6])
-  assert np.array_equal(np.bincount(test.labels), [3, 3])
-  assert all('/train/' in p for p in train.images)
-  assert all('/test/' in p for p in test.images)
-  sub, test2 = ip.image_folder_splits(str(tmp_path), train_per_class=4, seed=3)
-  assert np.array_equal(np.bincount(sub.labels), [4, 4])
-  assert set(sub.images) <= set(train.images) and test2.images == test.images
-  again, _ = ip.image_folder_splits(str(tmp_path), 4, seed=3)
-  assert sub.images == again.images
-
-
-def test_folder_errors(tmp_path, folder):
-  missing = str(tmp_path / 'nope')
-  with pytest.raises(FileNotFoundError) as e:
-    ip.image_folder_splits(missing, 1, 1)
-  _assert_one_line(e, missing)
-
-  (tmp_path / 'empty_root').mkdir()
-  with pytest.raises(ValueError) as e:
-    ip.image_folder_splits(str(tmp_path / 'empty_root'), 1, 1)
-  _assert_one_line(e, 'no class subfolders')
-
-  rng = np.random.default_rng(3)
-  _make_class(str(tmp_path / 'data' / 'full'), 3, rng)
-  _write(str(tmp_path / 'data' / 'void' / 'readme.txt'), b'x')
-  with pytest.raises(ValueError) as e:
-    ip.image_folder_splits(str(tmp_path / 'data'), 1, 1)
-  _assert_one_line(e, os.path.join(str(tmp_path / 'data'), 'void'),
-                   'no readable images')
-
-  with pytest.raises(ValueError) as e:
-    ip.image_folder_splits(folder, 6, 3)
-  _assert_one_line(e, 'train_per_class + test_per_class = 9', 'has 8')
-
-  with pytest.raises(ValueError) as e:
-    ip.image_folder_splits(folder)
-  _assert_one_line(e, 'train_per_class or test_per_class')
-
-
-def test_folder_left_empty_by_skipping_is_an_error(tmp_path):
-  _write(str(tmp_path / 'a' / 'bad.png'), b'\x89PNG broken')
-  with pytest.raises(ValueError) as e:
-    ip.image_folder_splits(str(tmp_path), 1, 1)
-  _assert_one_line(e, 'no readable images')
+# Decoding.
 
 
 def test_folder_pipeline_decodes_gray_and_rgba(folder):
-  part1, part2 = ip.image_folder_splits(folder, PER_CLASS // 2, seed=0)
-  train = ip.Split(part1.images + part2.images,
+  part1, part2 = splits.image_folder_splits(folder, PER_CLASS // 2, seed=0)
+  train = sources.Split(part1.images + part2.images,
                    np.concatenate([part1.labels, part2.labels]),
                    part1.class_names)
   names = [os.path.basename(p) for p in train.images]
@@ -261,22 +87,23 @@ _GIF = base64.b64decode(
 
 def test_folder_reads_bmp_and_gif(tmp_path):
   image = np.random.default_rng(4).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-  _write(str(tmp_path / 'x' / 'a.bmp'), _bmp(image))
-  _write(str(tmp_path / 'x' / 'b.GIF'), _GIF)
-  _write(str(tmp_path / 'x' / 'c.png'), _png(image))
-  train, test = ip.image_folder_splits(str(tmp_path), test_per_class=1, seed=0)
+  data_files.write(str(tmp_path / 'x' / 'a.bmp'), _bmp(image))
+  data_files.write(str(tmp_path / 'x' / 'b.GIF'), _GIF)
+  data_files.write(str(tmp_path / 'x' / 'c.png'), data_files.png(image))
+  train, test = splits.image_folder_splits(str(tmp_path), test_per_class=1,
+                                           seed=0)
   assert len(train) + len(test) == 3 and not train.skipped
-  whole = ip.Split(sorted(train.images + test.images), [0, 0, 0], ['x'])
+  whole = sources.Split(sorted(train.images + test.images), [0, 0, 0], ['x'])
   batch = next(ip.eval_batches(whole, 3, 8, resize_to=8, **IDENTITY3))
   np.testing.assert_allclose(batch['image'][0] * 255, image, atol=1e-3)
   np.testing.assert_allclose(batch['image'][2] * 255, image, atol=1e-3)
 
 
 def test_split_needs_resize_for_files(folder):
-  train, _ = ip.image_folder_splits(folder, 2, 2, seed=0)
+  train, _ = splits.image_folder_splits(folder, 2, 2, seed=0)
   with pytest.raises(ValueError) as e:
     ip.eval_batches(train, 4, 32)
-  _assert_one_line(e, 'resize_to')
+  assert_one_line(e, 'resize_to')
 
 
 # ---------------------------------------------------------------------------
@@ -285,11 +112,11 @@ def test_split_needs_resize_for_files(folder):
 
 def test_normalisation_and_centre_crop():
   image = np.arange(64, dtype=np.uint8).reshape(1, 8, 8, 1) * 3
-  split = ip.Split(np.concatenate([image, image]), [0, 1], ['a', 'b'])
+  split = sources.Split(np.concatenate([image, image]), [0, 1], ['a', 'b'])
   batch = next(ip.eval_batches(split, 2, 4, mean=(0.5,), std=(0.25,)))
   expected = (image[0, 2:6, 2:6].astype(np.float32) / 255 - 0.5) / 0.25
   np.testing.assert_allclose(batch['image'][0], expected, atol=1e-6)
-  rgb = ip.Split(np.full((2, 6, 6, 3), 255, np.uint8), [0, 0], ['a'])
+  rgb = sources.Split(np.full((2, 6, 6, 3), 255, np.uint8), [0, 0], ['a'])
   batch = next(ip.eval_batches(rgb, 2, 6))
   np.testing.assert_allclose(
       batch['image'][0, 0, 0],
@@ -297,7 +124,7 @@ def test_normalisation_and_centre_crop():
 
 
 def test_resize_then_crop_shapes():
-  split = ip.Split(np.random.default_rng(0).integers(
+  split = sources.Split(np.random.default_rng(0).integers(
       0, 256, (4, 50, 40, 3), dtype=np.uint8), [0, 1, 0, 1], ['a', 'b'])
   train = next(ip.train_batches(split, 4, 32, seed=0, resize_to=40))
   evals = next(ip.eval_batches(split, 4, 32, resize_to=40))
@@ -309,7 +136,7 @@ def test_resize_then_crop_shapes():
 def test_fashion_style_augmentation_pads_crops_and_flips():
   # A left-to-right ramp shows flips (reversed) and shifted crops.
   ramp = np.tile(np.arange(28, dtype=np.uint8) * 9, (28, 1))[None, :, :, None]
-  split = ip.Split(np.repeat(ramp, 16, axis=0), np.zeros(16, int), ['a'])
+  split = sources.Split(np.repeat(ramp, 16, axis=0), np.zeros(16, int), ['a'])
   batch = next(ip.train_batches(split, 16, 28, seed=0, crop_padding=2,
                                 **IDENTITY))
   rows = np.rint(batch['image'][:, 14, :, 0] * 255)
@@ -369,7 +196,7 @@ def test_train_without_drop_remainder_yields_short_batches():
                      process_count=2)
   with pytest.raises(ValueError) as e:
     ip.train_batches(split, 16, 8, seed=0)
-  _assert_one_line(e, 'drop_remainder=False')
+  assert_one_line(e, 'drop_remainder=False')
 
 
 @pytest.mark.parametrize('drop_remainder', [True, False])
@@ -388,7 +215,7 @@ def test_train_resume_matches_uninterrupted_stream(drop_remainder):
 
 
 def test_train_resume_from_files(folder):
-  train, _ = ip.image_folder_splits(folder, 4, seed=0)
+  train, _ = splits.image_folder_splits(folder, 4, seed=0)
   kwargs = dict(seed=1, resize_to=24, start_step=0)
   full = _take(ip.train_batches(train, 4, 16, **kwargs), 5)
   kwargs['start_step'] = 4
@@ -448,240 +275,68 @@ def test_eval_process_slices():
 
 
 # ---------------------------------------------------------------------------
-# TFDS (mocked: no download).
+# datasets.Data: its batches are the pipeline functions' batches.
 
 
-def _fake_tfds(requested, num=12, corrupt_index=None):
-  """An ``as_dataset_fn`` for tfds.testing.mock_data that records splits."""
-
-  def as_dataset(self, split, **unused_kwargs):
-    requested.append((self.name, split))
-    rng = np.random.default_rng(len(requested))
-    images = [_png(_rgb(rng, 30 + i, 20 + i)) if i % 2 else _jpeg(
-        _rgb(rng, 20 + i, 30)) for i in range(num)]
-    if corrupt_index is not None:
-      images[corrupt_index] = b'broken'
-    return tf.data.Dataset.from_tensor_slices({
-        'image': tf.constant(images, tf.string),
-        'label': tf.constant(np.arange(num) % 3, tf.int64)})
-
-  return as_dataset
+def _same_batches(got, expected):
+  assert len(got) == len(expected)
+  for a, b in zip(got, expected):
+    assert a.keys() == b.keys()
+    for key in a:
+      assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape
+      assert a[key].tobytes() == b[key].tobytes(), key
 
 
-def test_tfds_caltech_birds(tmp_path):
-  requested = []
-  with tfds.testing.mock_data(as_dataset_fn=_fake_tfds(requested,
-                                                       corrupt_index=5)):
-    train, test = ip.tfds_splits('caltech_birds2011', data_dir=str(tmp_path),
-                                 train_per_class=3, seed=0)
-  assert requested == [('caltech_birds2011', 'train'),
-                       ('caltech_birds2011', 'test')]
-  assert train.num_classes == 200
-  assert train.images.dtype == object and isinstance(train.images[0], bytes)
-  assert np.array_equal(np.bincount(train.labels), [3, 3, 3])
-  assert train.skipped == ('tfds:caltech_birds2011/train[5]',)
-  assert len(test) == 11
-  batch = next(ip.eval_batches(test, 4, 24, resize_to=28))
-  assert batch['image'].shape == (4, 24, 24, 3)
-
-
-def test_tfds_food101_uses_validation_split():
-  requested = []
-  with tfds.testing.mock_data(as_dataset_fn=_fake_tfds(requested)):
-    ip.tfds_splits('food101', validate=False)
-  assert [split for _, split in requested] == ['train', 'validation']
-  # The stock random mock data works as well.
-  with tfds.testing.mock_data(num_examples=4):
-    train, test = ip.tfds_splits('food101')
-  assert len(train) == len(test) == 4 and train.num_classes == 101
-
-
-def test_tfds_offline_error(tmp_path, monkeypatch):
-  def no_network(*unused_args, **unused_kwargs):
-    raise ConnectionError('no internet')
-
-  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
-                      no_network)
-  with pytest.raises(FileNotFoundError) as e:
-    ip.tfds_splits('stanford_dogs', data_dir=str(tmp_path))
-  _assert_one_line(e, "'stanford_dogs'", str(tmp_path),
-                   '--config.dataset.data_dir')
-
-
-def test_tfds_offline_fails_fast_without_downloading(tmp_path, monkeypatch,
-                                                    check_reachable):
-  # Offline, TFDS's own downloader retries for minutes; the hosts are probed
-  # first. No proxy, so the probe runs.
-  for var in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY',
-              'all_proxy', 'ALL_PROXY'):
-    monkeypatch.delenv(var, raising=False)
-  probed = []
-
-  def no_dns(address, timeout=None):
-    probed.append((address, timeout))
-    raise socket.gaierror(-2, 'Name or service not known')
-
-  def must_not_download(*unused_args, **unused_kwargs):
-    raise AssertionError('download_and_prepare ran')
-
-  monkeypatch.setattr(socket, 'create_connection', no_dns)
-  monkeypatch.setattr(ip, '_check_reachable', check_reachable)
-  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
-                      must_not_download)
-  with pytest.raises(FileNotFoundError) as e:
-    ip.tfds_splits('food101', data_dir=str(tmp_path))
-  _assert_one_line(e, "'food101'", 'cannot reach data.vision.ee.ethz.ch:80',
-                   '--config.dataset.data_dir')
-  assert probed == [(('data.vision.ee.ethz.ch', 80), 10.0)]
-
-  # Behind a proxy the direct probe would be wrong: TFDS downloads.
-  monkeypatch.setenv('https_proxy', 'http://proxy.example:3128')
-  monkeypatch.setenv('http_proxy', 'http://proxy.example:3128')
-  with pytest.raises(FileNotFoundError, match='download_and_prepare ran'):
-    ip.tfds_splits('food101', data_dir=str(tmp_path))
-  assert len(probed) == 1
-
-
-# ---------------------------------------------------------------------------
-# Fashion-MNIST.
-
-
-def _idx_bytes(array, magic):
-  header = struct.pack('>I', magic) + struct.pack(f'>{array.ndim}I',
-                                                  *array.shape)
-  return header + array.astype(np.uint8).tobytes()
-
-
-def _write_fashion(folder, per_class=(6, 3), seed=0):
-  """Writes the four idx .gz files; pixel [0, 0] of image i holds i % 256."""
-  rng = np.random.default_rng(seed)
-  names = {'train': ('train-images-idx3-ubyte.gz',
-                     'train-labels-idx1-ubyte.gz'),
-           'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
-  arrays = {}
-  os.makedirs(folder, exist_ok=True)
-  for (part, (images_name, labels_name)), count in zip(names.items(),
-                                                       per_class):
-    labels = rng.permutation(np.repeat(np.arange(10), count))
-    images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
-    images[:, 0, 0] = np.arange(len(labels)) % 256
-    with gzip.open(os.path.join(folder, images_name), 'wb') as f:
-      f.write(_idx_bytes(images, 0x803))
-    with gzip.open(os.path.join(folder, labels_name), 'wb') as f:
-      f.write(_idx_bytes(labels, 0x801))
-    arrays[part] = (images, labels)
-  return arrays
-
-
-def test_fashion_mnist_idx_files(tmp_path):
-  written = _write_fashion(str(tmp_path))
-  data = ip.fashion_mnist_arrays(str(tmp_path))
-  for part, (images, labels) in written.items():
-    assert data[part].images.shape == (len(labels), 28, 28, 1)
-    assert data[part].images.dtype == np.uint8
-    assert data[part].labels.dtype == np.int32
-    assert np.array_equal(data[part].images[..., 0], images)
-    assert np.array_equal(data[part].labels, labels)
-  assert data['train'].class_names[9] == 'Ankle boot'
-
-
-@pytest.mark.parametrize('damage', ['magic', 'truncated', 'not_gzip',
-                                    'missing'])
-def test_fashion_mnist_corrupt_files(tmp_path, damage):
-  _write_fashion(str(tmp_path))
-  path = str(tmp_path / 't10k-labels-idx1-ubyte.gz')
-  if damage == 'magic':
-    with gzip.open(path, 'wb') as f:
-      f.write(_idx_bytes(np.zeros(30), 0x803))
-  elif damage == 'truncated':
-    with gzip.open(path, 'wb') as f:
-      f.write(_idx_bytes(np.zeros(30), 0x801)[:-5])
-  elif damage == 'not_gzip':
-    _write(path, b'plain bytes, not gzip')
+@pytest.mark.parametrize('files', [False, True])
+def test_data_methods_give_the_pipeline_functions_batches(folder, files):
+  if files:
+    train, test = splits.image_folder_splits(folder, 5, seed=0)
+    kwargs = dict(image_size=16, resize_to=20, mean=(0.4, 0.5, 0.6),
+                  std=(0.2, 0.3, 0.25))
   else:
-    os.remove(path)
-  error = FileNotFoundError if damage == 'missing' else ValueError
-  with pytest.raises(error) as e:
-    ip.fashion_mnist_arrays(str(tmp_path))
-  _assert_one_line(e, path)
+    train, test = _index_split(20), _index_split(10)
+    kwargs = dict(image_size=8, resize_to=None, mean=(0.3,), std=(0.2,))
+  data = datasets.Data(train, test, None,
+                       datasets.Preprocessing(crop_padding=2, **kwargs))
+  assert data.image_shape == (kwargs['image_size'],) * 2 + (train.channels,)
+  assert data.steps_per_epoch(4) == ip.steps_per_epoch(len(train), 4)
+  for start_step, process_index, process_count in ((0, 0, 1), (6, 1, 2)):
+    got = data.train_batches(4, seed=3, start_step=start_step,
+                             process_index=process_index,
+                             process_count=process_count)
+    expected = ip.train_batches(train, 4, seed=3, start_step=start_step,
+                                crop_padding=2, process_index=process_index,
+                                process_count=process_count, **kwargs)
+    _same_batches(_take(got, 7), _take(expected, 7))
+  for process_index, process_count in ((0, 1), (1, 2)):
+    got = list(data.eval_batches(test, 4, process_index=process_index,
+                                 process_count=process_count))
+    expected = list(ip.eval_batches(test, 4, process_index=process_index,
+                                    process_count=process_count, **kwargs))
+    _same_batches(got, expected)
+    assert len(got) == data.num_eval_batches(test, 4)
+  # The deprecated keyword dicts (train.py's until it uses the methods).
+  assert data.eval_kwargs == kwargs
+  assert data.train_kwargs == dict(kwargs, crop_padding=2)
+  _same_batches(_take(ip.train_batches(train, 4, seed=3, **data.train_kwargs),
+                      3), _take(data.train_batches(4, seed=3), 3))
 
 
-def test_fashion_mnist_falls_back_to_tfds(tmp_path, monkeypatch):
-  with tfds.testing.mock_data(num_examples=5):
-    data = ip.fashion_mnist_arrays(str(tmp_path))
-  assert data['train'].images.shape == (5, 28, 28, 1)
-  assert data['test'].labels.dtype == np.int32
-
-  def no_network(*unused_args, **unused_kwargs):
-    raise ConnectionError('no internet')
-
-  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
-                      no_network)
-  with pytest.raises(FileNotFoundError) as e:
-    ip.fashion_mnist_arrays(str(tmp_path),
-                            tfds_data_dir=str(tmp_path / 'tfds'))
-  _assert_one_line(e, 'apt-get install dataset-fashion-mnist', str(tmp_path))
-
-
-def test_fashion_mnist_transfer_splits(tmp_path):
-  written = _write_fashion(str(tmp_path))
-  (train_images, train_labels), (_, test_labels) = (written['train'],
-                                                    written['test'])
-  splits = ip.fashion_mnist_transfer_splits(str(tmp_path), [7, 2], [4, 0, 9],
-                                            shots_per_class=2, seed=0)
-  source = splits['source_train']
-  assert source.class_names == ['Sneaker', 'Pullover']
-  assert np.array_equal(np.bincount(source.labels), [6, 6])
-  assert np.array_equal(np.bincount(splits['source_test'].labels), [3, 3])
-  # Each remapped image is the original one of its class.
-  originals = train_labels[source.images[:, 0, 0, 0]]
-  assert np.array_equal(originals, np.array([7, 2])[source.labels])
-  target = splits['target_train']
-  assert target.class_names == ['Coat', 'T-shirt/top', 'Ankle boot']
-  assert np.array_equal(np.bincount(target.labels), [2, 2, 2])
-  assert np.array_equal(train_labels[target.images[:, 0, 0, 0]],
-                        np.array([4, 0, 9])[target.labels])
-  assert np.array_equal(train_images[target.images[:, 0, 0, 0]],
-                        target.images[..., 0])
-  target_test = splits['target_test']
-  assert len(target_test) == 9
-  assert np.array_equal(test_labels[target_test.images[:, 0, 0, 0]],
-                        np.array([4, 0, 9])[target_test.labels])
-  again = ip.fashion_mnist_transfer_splits(str(tmp_path), [7, 2], [4, 0, 9],
-                                           2, seed=0)
-  assert np.array_equal(again['target_train'].images, target.images)
-  other = ip.fashion_mnist_transfer_splits(str(tmp_path), [7, 2], [4, 0, 9],
-                                           2, seed=1)
-  assert not np.array_equal(other['target_train'].images, target.images)
-
-
-@pytest.mark.parametrize('source,target,shots,field', [
-    ([], [1], 1, 'source_classes'),
-    ([0, 10], [1], 1, 'source_classes'),
-    ([0, 0], [1], 1, 'source_classes'),
-    ([0], [], 1, 'target_classes'),
-    ([0, 1], [1, 2], 1, 'target_classes'),
-    ([0], [1], 0, 'shots_per_class'),
-    ([0], [1], 7, 'shots_per_class'),
-])
-def test_fashion_mnist_transfer_errors(tmp_path, source, target, shots, field):
-  _write_fashion(str(tmp_path))
-  with pytest.raises(ValueError) as e:
-    ip.fashion_mnist_transfer_splits(str(tmp_path), source, target, shots, 0)
-  _assert_one_line(e, field)
-
-
-@pytest.mark.skipif(
-    not os.path.exists(os.path.join(ip.FASHION_MNIST_DIR,
-                                    'train-images-idx3-ubyte.gz')),
-    reason=f'real Fashion-MNIST not installed in {ip.FASHION_MNIST_DIR} '
-    '(apt-get install dataset-fashion-mnist)')
-def test_real_fashion_mnist():
-  data = ip.fashion_mnist_arrays()
-  assert data['train'].images.shape == (60000, 28, 28, 1)
-  assert data['test'].images.shape == (10000, 28, 28, 1)
-  assert np.array_equal(np.bincount(data['train'].labels), [6000] * 10)
-  mean = data['train'].images.mean() / 255
-  std = data['train'].images.std() / 255
-  np.testing.assert_allclose(mean, ip.FASHION_MNIST_MEAN[0], atol=1e-4)
-  np.testing.assert_allclose(std, ip.FASHION_MNIST_STD[0], atol=1e-4)
+def test_load_gives_the_configs_splits_and_preprocessing(tiny_folder):
+  root, make_config = tiny_folder
+  config = make_config(root)
+  config.dataset.val_fraction = 0.2
+  config.dataset.crop_padding = 1
+  config.batch_size = 4
+  data = datasets.load(config)
+  d = config.dataset
+  assert data.preprocessing == datasets.Preprocessing(
+      image_size=16, resize_to=18, mean=tuple(d.mean), std=tuple(d.std),
+      crop_padding=1)
+  train, test = splits.image_folder_splits(str(root), 5, 3, seed=d.data_seed)
+  train, val = splits.split_validation(train, 0.2, d.data_seed)
+  for got, expected in ((data.train, train), (data.val, val),
+                        (data.test, test)):
+    assert got.images == expected.images
+    assert np.array_equal(got.labels, expected.labels)
+  assert data.num_classes == 3 and data.image_shape == (16, 16, 3)
