@@ -61,7 +61,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 from dtq_jax import config_validation  # pylint: disable=wrong-import-position
 from dtq_jax import layers  # pylint: disable=wrong-import-position
 from dtq_jax import quant  # pylint: disable=wrong-import-position
-from dtq_jax import train  # pylint: disable=wrong-import-position
+from dtq_jax import networks  # pylint: disable=wrong-import-position
+from dtq_jax import runtime as runtime_lib  # pylint: disable=wrong-import-position
 
 import train_step as train_step_bench  # pylint: disable=wrong-import-position
 
@@ -110,7 +111,7 @@ def collect_convs(model, batch, image_size, bits):
   small = model == 'small_resnet'
   num_source = 5 if small else 1000
   channels = 1 if small else 3
-  student = train.build_networks(config, 10, num_source).student
+  student = networks.build_networks(config, 10, num_source).student
   calls = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -280,7 +281,7 @@ def main(argv=None):
   for c in calls:
     groups.setdefault(spec_key(c), []).append(c)
   only = set(args.only.split(',')) if args.only else None
-  options = train.compiler_options(
+  options = runtime_lib.compiler_options(
       ml_collections.ConfigDict({'cpu_convolutions': args.cpu_convolutions}))
 
   rs = np.random.RandomState(0)

@@ -72,7 +72,9 @@ import numpy as np  # pylint: disable=wrong-import-position
 from configs import common  # pylint: disable=wrong-import-position
 from configs import fmnist  # pylint: disable=wrong-import-position
 from dtq_jax import config_validation  # pylint: disable=wrong-import-position
-from dtq_jax import train  # pylint: disable=wrong-import-position
+from dtq_jax import networks  # pylint: disable=wrong-import-position
+from dtq_jax import runtime as runtime_lib  # pylint: disable=wrong-import-position
+from dtq_jax import step as step_lib  # pylint: disable=wrong-import-position
 
 VARIANTS = ('dtq', 'dtq32', 'ft')
 # The opt-in speed-ups of config.quant (same maths, other kernels).
@@ -294,7 +296,7 @@ def make_teacher(args, model, image_size, channels, num_classes, num_source):
   """
   base = make_config(model, 'dtq', (32, 32), args.dtype, {}, args.batch,
                      image_size)
-  net = train.build_networks(base, num_classes, num_source).teacher
+  net = networks.build_networks(base, num_classes, num_source).teacher
   images = jnp.asarray(random_batch(args.seed, args.batch,
                                     (image_size, image_size, channels),
                                     num_classes)['image'])
@@ -327,25 +329,26 @@ class Variant:
     self.switches = {s: bool(config.quant[s]) for s in SWITCHES}
     self.cpu_convolutions = config.cpu_convolutions
     # As train.train_and_evaluate: the config's compiler options.
-    runtime = train.Runtime(compiler_options=train.compiler_options(config))
+    runtime = runtime_lib.Runtime(
+        compiler_options=runtime_lib.compiler_options(config))
     image_shape = (image_size, image_size, channels)
-    nets = train.build_networks(config, num_classes, num_source)
+    nets = networks.build_networks(config, num_classes, num_source)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(args.seed))
-    params, batch_stats = train.init_params(nets, init_rng, image_shape,
-                                            teacher_vars)
+    params, batch_stats = networks.init_params(nets, init_rng, image_shape,
+                                               teacher_vars)
     # Schedule lengths only place the learning-rate drop; any values do.
-    tx, _ = train.make_optimizer(config, params, nets.student.classifier_name,
-                                 steps_per_epoch=100, num_epochs=75)
-    self.state = runtime.replicate(train.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-        opt_state=tx.init(params), rng=state_rng,
-        nonfinite_steps=jnp.zeros((), jnp.int32)))
+    tx, _ = step_lib.make_optimizer(
+        config, params, nets.student.classifier_name, steps_per_epoch=100,
+        num_epochs=75)
+    self.state = runtime.replicate(step_lib.create_train_state(
+        config, nets, params, batch_stats, tx, state_rng, image_shape))
     self.frozen = runtime.replicate({'teacher': teacher_vars,
                                      'delta_weights': None})
     self.batch = runtime.put_batch(
         random_batch(args.seed, args.batch, image_shape, num_classes))
 
-    step_fn = runtime.jit_train_step(config, nets, tx)
+    step_fn = runtime.jit_train_step(
+        step_lib.make_train_step(config, nets, tx))
     t0 = time.perf_counter()
     lowered = step_fn.lower(self.state, self.batch, self.frozen)
     t1 = time.perf_counter()
@@ -360,7 +363,7 @@ class Variant:
     if args.dump_hlo:
       os.makedirs(args.dump_hlo, exist_ok=True)
       path = os.path.join(args.dump_hlo,
-                          f'{model}_{name}_b{args.batch}.hlo.txt')
+                          f'{model}_{self.name}_b{args.batch}.hlo.txt')
       bench_util.write_text_atomic(path, hlo)
     del hlo
     self.first_s = None

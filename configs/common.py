@@ -7,7 +7,9 @@ once. Every field is documented where it is set.
 
 import ml_collections
 
-METHODS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq')
+from dtq_jax.config_validation import DEFAULT_CPU_CONVOLUTIONS
+from dtq_jax.config_validation import METHODS
+
 NETWORKS = ('resnet50', 'mobilenet_v2')
 _BITS = {'4bit': 4, '5bit': 5, '32bit': 32}
 # Softmax temperature of the KL term per network (authors' defaults).
@@ -145,7 +147,7 @@ def paper_config(dataset, arg=None):
   # faster for the whole ResNet-50 step than jaxlib 0.10's own choice,
   # YNNPACK ('jaxlib_default'); results agree to float32 rounding
   # (benchmarks/README.md).
-  c.cpu_convolutions = 'eigen'
+  c.cpu_convolutions = DEFAULT_CPU_CONVOLUTIONS
 
   c.seed = 0  # repeat r (1-based) trains with seed + r.
   c.repeats = 1

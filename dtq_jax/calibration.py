@@ -169,17 +169,3 @@ def has_collected_ranges(ranges):
   flat = layer_ranges(ranges or {})
   return bool(flat) and all(int(np.asarray(r.get('count', 1))) > 0
                             for r in flat.values())
-
-
-def make_predict(student, head):
-  """``(backbone_variables, head_params, images) -> target logits`` (jitted).
-
-  ``backbone_variables`` holds ``params`` and ``batch_stats`` and, for a
-  static-range student, ``quant_ranges``.
-  """
-
-  def predict(variables, head_params, images):
-    _, feats = student.apply(variables, images, train=False)
-    return head.apply({'params': head_params}, feats['pooled'])
-
-  return jax.jit(predict)

@@ -19,6 +19,7 @@ DATASETS = ('image_folder', 'fashion_mnist') + TFDS_DATASETS
 SPECIAL_PRETRAINED = ('torchvision', 'none', 'source_task')
 # config.cpu_convolutions: XLA:CPU's kernels for convolutions (train.py).
 CPU_CONVOLUTIONS = ('eigen', 'jaxlib_default')
+DEFAULT_CPU_CONVOLUTIONS = 'eigen'
 
 
 def _check_choice(config, field, choices):

@@ -22,6 +22,9 @@ from dtq_jax import delta
 from dtq_jax import pretrained as pretrained_lib
 from dtq_jax import train
 from dtq_jax.models import create_model
+from dtq_jax import checkpoints
+from dtq_jax import files
+from dtq_jax import networks
 
 SUMMARY = 'summary.json'
 CONFIG = 'config.json'
@@ -62,7 +65,7 @@ def _check_same_config(config, workdir):
           f'{workdir} holds an unfinished run with a different config '
           f'(fields: {", ".join(diff[:5])}); use another --workdir.')
   elif jax.process_index() == 0:
-    train._write_json_atomic(path, current)  # pylint: disable=protected-access
+    files.write_json(path, current)
 
 
 def _diff(a, b, prefix=''):
@@ -88,7 +91,7 @@ def load_teacher(config, data):
     return train_source_teacher(config, data)
   if config.pretrained == 'none':
     model = create_model(config.model, **dict(config.get('model_kwargs', {})))
-    return train.init_variables(model, jax.random.PRNGKey(config.seed),
+    return networks.init_variables(model, jax.random.PRNGKey(config.seed),
                                 data.image_shape)
   channels = data.image_shape[-1] if data is not None else None
   if channels not in (None, pretrained_lib.INPUT_CHANNELS):
@@ -145,7 +148,7 @@ def train_source_teacher(config, data):
     pre.num_epochs = p.num_epochs
     pre.steps_per_epoch = p.get('steps_per_epoch', 0)
     pre.optim.update(p.optim)
-    init = train.init_variables(model, jax.random.PRNGKey(p.seed),
+    init = networks.init_variables(model, jax.random.PRNGKey(p.seed),
                                 data.source.image_shape)
     print(f'Training the teacher on source classes '
           f'{tuple(config.dataset.source_classes)} (cached in {root}).')
@@ -156,7 +159,7 @@ def train_source_teacher(config, data):
       multihost_utils.sync_global_devices('dtq_jax teacher trained')
   else:
     logging.info('Using the cached teacher in %s.', root)
-  trained = train.restore_params(run_dir)
+  trained = checkpoints.restore_params(run_dir)
   params = dict(trained['params']['backbone'])
   params[model.classifier_name] = trained['params']['head']['fc']
   variables = {'params': params, 'batch_stats': trained['batch_stats']}
@@ -176,8 +179,8 @@ def _delta_weights(config, workdir, data, teacher):
     return delta.load_weights(path)
   print('DELTA: training a head on the frozen network and measuring filter '
         'removal for the channel weights.')
-  nets = train.build_networks(config, data.num_classes,
-                              train.num_source_classes(teacher))
+  nets = networks.build_networks(config, data.num_classes,
+                                 networks.num_source_classes(teacher))
   weights = delta.channel_weights(nets.teacher, teacher, data, config.delta,
                                   batch_size=config.batch_size,
                                   seed=config.seed)
@@ -190,8 +193,8 @@ def summarize(results, config, wall_time_s):
   """Mean and population std over repeats of final and best accuracy."""
   summary = {'config': _config_json(config), 'wall_time_s': wall_time_s,
              'method': config.method, 'repeats': len(results),
-             'bits_w': train.student_bits(config)[0],
-             'bits_a': train.student_bits(config)[1]}
+             'bits_w': networks.student_bits(config)[0],
+             'bits_a': networks.student_bits(config)[1]}
   for key in ('final_test_accuracy', 'best_test_accuracy'):
     values = [r[key] for r in results]
     summary[key] = float(np.mean(values))
@@ -251,7 +254,7 @@ def run_single(config, workdir, data=None, teacher=None):
         delta_weights))
   summary = summarize(results, config, time.time() - start)
   if jax.process_index() == 0:
-    train._write_json_atomic(summary_path, summary)  # pylint: disable=protected-access
+    files.write_json(summary_path, summary)
   print(format_table([(config.method, summary)]))
   return summary
 
@@ -282,9 +285,6 @@ def run(config, workdir):
                                    teacher)
   table = format_table(list(summaries.items()))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'comparison.md.tmp'), 'w') as f:
-      f.write(table + '\n')
-    os.replace(os.path.join(workdir, 'comparison.md.tmp'),
-               os.path.join(workdir, 'comparison.md'))
+    files.write_text(os.path.join(workdir, 'comparison.md'), table + '\n')
   print(table)
   return summaries

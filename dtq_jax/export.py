@@ -75,10 +75,11 @@ from safetensors import safe_open
 import safetensors.numpy
 
 from dtq_jax import calibration
+from dtq_jax import files
 from dtq_jax import int_inference
 from dtq_jax import layers
+from dtq_jax import networks
 from dtq_jax import quant
-from dtq_jax import train
 
 FORMAT = 'dtq-jax-export'
 VERSION = 1
@@ -238,8 +239,8 @@ def _tree_bytes(tree):
 
 def _dir_bytes(path):
   total = 0
-  for root, _, files in os.walk(path):
-    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  for root, _, names in os.walk(path):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in names)
   return total
 
 
@@ -376,14 +377,14 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
   head = params['head']
   num_classes = int(np.asarray(head['fc']['kernel']).shape[-1])
   feature_dim = int(np.asarray(head['fc']['kernel']).shape[0])
-  nets = train.build_networks(
+  nets = networks.build_networks(
       config, num_classes,
-      train.num_source_classes({'params': params['backbone']}))
+      networks.num_source_classes({'params': params['backbone']}))
   student = nets.student
   variables = {'params': params['backbone'],
                'batch_stats': state['batch_stats']}
   image_shape = _image_shape(student, variables, config.dataset.image_size)
-  bits_w, bits_a = train.student_bits(config)
+  bits_w, bits_a = networks.student_bits(config)
 
   ranges = state.get(layers.RANGES)
   if (ranges and calibration.has_collected_ranges(ranges) and
@@ -552,16 +553,16 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
     state, _ = restore_state(
         seed_dirs(workdir)[src['seed']], src['checkpoint'] == 'best')
     params = state['params']
-    nets = train.build_networks(
+    nets = networks.build_networks(
         config, manifest['model']['num_classes'],
-        train.num_source_classes({'params': params['backbone']}))
+        networks.num_source_classes({'params': params['backbone']}))
     fq_vars = {'params': params['backbone'],
                'batch_stats': state['batch_stats']}
     static_vars = dict(fq_vars, **{
         layers.RANGES: exported[layers.RANGES]['backbone']})
-    static = calibration.make_predict(
+    static = networks.make_predict(
         calibration.with_act_ranges(nets.student, 'static'), nets.head)
-    dynamic = calibration.make_predict(nets.student, nets.head)
+    dynamic = networks.make_predict(nets.student, nets.head)
     paths['static_fake_quant'] = lambda x: static(static_vars, params['head'],
                                                   x)
     paths['dynamic_fake_quant'] = lambda x: dynamic(fq_vars, params['head'], x)
@@ -663,7 +664,7 @@ def main(argv=None):
       report = check(args.out, args.workdir,
                      max_batches=args.max_eval_batches)
       if args.report:
-        train._write_json_atomic(args.report, report)  # pylint: disable=protected-access
+        files.write_json(args.report, report)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

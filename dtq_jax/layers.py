@@ -12,6 +12,7 @@ a calibration pass, see calibration.py), and ``act_ranges='static'`` makes it
 quantize with the stored range instead of the batch's.
 """
 
+import dataclasses
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
@@ -26,6 +27,67 @@ ACT_RANGES = ('dynamic', 'static')
 RANGE_STATS = ('ema', 'mean', 'minmax')
 
 PaddingLike = Union[str, int, Sequence[Tuple[int, int]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+  """How the quantized convolutions of one network quantize and compute.
+
+  The ``QuantConv`` attributes that are the same for every convolution of a
+  network (the bit widths are the model's own attributes). Built once from
+  ``config.quant`` (``from_config``) and handed to a model as its
+  ``conv_kwargs`` (``as_conv_kwargs``). Attributes as in ``QuantConv``.
+  """
+  weight_range_axis: Optional[int] = None
+  range_grad: bool = True
+  pointwise_as_dot: bool = False
+  depthwise_as_shifts: bool = False
+  fused_vjp: bool = False
+  act_ranges: str = 'dynamic'
+  range_stat: str = 'ema'
+  range_momentum: float = 0.9
+
+  @classmethod
+  def from_config(cls, quant_config):
+    """The student's settings in training, from ``config.quant``.
+
+    Training always quantizes activations with each batch's range (the
+    paper's); with ``act_ranges='static'`` it also keeps the running ranges
+    (``range_stat``, ``range_momentum``) that evaluation then uses
+    (``with_act_ranges``).
+
+    Args:
+      quant_config: the run config's ``quant`` section.
+
+    Returns:
+      A ``QuantSettings``.
+    """
+    q = quant_config
+    return cls(weight_range_axis=-1 if q.per_channel_weights else None,
+               range_grad=q.range_grad,
+               pointwise_as_dot=q.pointwise_as_dot,
+               depthwise_as_shifts=q.depthwise_as_shifts,
+               fused_vjp=q.fused_vjp,
+               range_stat=q.get('range_stat', cls.range_stat),
+               range_momentum=q.get('range_momentum', cls.range_momentum))
+
+  def kernels_only(self):
+    """The same kernel choices, quantizer settings at their defaults.
+
+    The full-precision teacher computes with the same kernels as the
+    student; nothing else applies to it.
+    """
+    return QuantSettings(pointwise_as_dot=self.pointwise_as_dot,
+                         depthwise_as_shifts=self.depthwise_as_shifts)
+
+  def replace(self, **changes):
+    """A copy with ``changes``."""
+    return dataclasses.replace(self, **changes)
+
+  def as_conv_kwargs(self):
+    """The settings as ``QuantConv`` keyword arguments (a model's
+    ``conv_kwargs``)."""
+    return dataclasses.asdict(self)
 
 
 def _normalize_padding(padding, ndim):

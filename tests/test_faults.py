@@ -30,6 +30,8 @@ from dtq_jax import experiment
 from dtq_jax import input_pipeline
 from dtq_jax import splits
 from dtq_jax import train
+from dtq_jax import checkpoints
+from dtq_jax import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
@@ -238,8 +240,8 @@ def assert_same_as_baseline(workdir, baseline):
   for key in ('final_test_accuracy', 'best_test_accuracy'):
     assert _summary(workdir)[key] == _summary(baseline)[key]
   for best in (False, True):
-    a = train.restore_params(_seed_dir(workdir), best=best)
-    b = train.restore_params(_seed_dir(baseline), best=best)
+    a = checkpoints.restore_params(_seed_dir(workdir), best=best)
+    b = checkpoints.restore_params(_seed_dir(baseline), best=best)
     jax.tree.map(np.testing.assert_array_equal, a, b)
   # Nothing half-written is left behind.
   assert not glob.glob(os.path.join(str(workdir), '**', '*.tmp*'),
@@ -358,7 +360,7 @@ def test_signal_while_logging_stops_with_a_checkpoint_of_that_step(
   config.eval_every_epochs = 4
   config.checkpoint_every_steps = 0  # checkpoints: at step 4 and on a stop
   config.log_every_steps = 1
-  write = train._Logger.write  # pylint: disable=protected-access
+  write = files.MetricsLog.write  # pylint: disable=protected-access
 
   def write_then_signal(self, step, scalars):
     write(self, step, scalars)
@@ -366,7 +368,7 @@ def test_signal_while_logging_stops_with_a_checkpoint_of_that_step(
       os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(0.01)  # Python runs the handler between bytecodes.
 
-  monkeypatch.setattr(train._Logger, 'write', write_then_signal)  # pylint: disable=protected-access
+  monkeypatch.setattr(files.MetricsLog, 'write', write_then_signal)  # pylint: disable=protected-access
   workdir = tmp_path / 'run'
   with pytest.raises(train.Interrupted) as e:
     experiment.run(config_validation.validate(config), str(workdir))
@@ -378,13 +380,13 @@ def test_signal_while_logging_stops_with_a_checkpoint_of_that_step(
 def test_resumed_logs_drop_what_was_logged_after_the_checkpoint(tmp_path):
   # A killed attempt logged steps 4 and 5 (and half of 6) after its last
   # checkpoint, step 3; the resumed run trains them again.
-  logger = train._Logger(str(tmp_path), True)  # pylint: disable=protected-access
+  logger = files.MetricsLog(str(tmp_path), True)  # pylint: disable=protected-access
   for step in range(1, 6):
     logger.write(step, {'train/loss_ce': float(step)})
   logger.close()
   with open(tmp_path / 'metrics.jsonl', 'a') as f:
     f.write('{"step": 6, "train/lo')
-  logger = train._Logger(str(tmp_path), True, start_step=3)  # pylint: disable=protected-access
+  logger = files.MetricsLog(str(tmp_path), True, start_step=3)  # pylint: disable=protected-access
   logger.write(4, {'train/loss_ce': 40.0})
   logger.close()
   with open(tmp_path / 'metrics.jsonl') as f:
@@ -463,7 +465,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(env,
   steps = finished_checkpoints(workdir)
   assert steps and steps[-1] == bad_step - 1
   assert not checkpoints_being_written(workdir)
-  restored = train.restore_params(_seed_dir(workdir))
+  restored = checkpoints.restore_params(_seed_dir(workdir))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored))
   assert not os.path.exists(os.path.join(_seed_dir(workdir), 'result.json'))
 

@@ -18,7 +18,8 @@ from dtq_jax import config_validation
 from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import input_pipeline
-from dtq_jax import train
+from dtq_jax import checkpoints
+from dtq_jax import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,8 +78,8 @@ def test_run_writes_checkpoints_events_and_summary(image_folder, tmp_path,
                                                     method, monkeypatch):
   # The train step of a whole run (all epochs and evaluations) compiles once.
   chex.clear_trace_counter()
-  make_step = train.make_train_step
-  monkeypatch.setattr(train, 'make_train_step', lambda *a: (
+  make_step = step_lib.make_train_step
+  monkeypatch.setattr(step_lib, 'make_train_step', lambda *a: (
       chex.assert_max_traces(make_step(*a), n=1)))
   workdir = str(tmp_path / 'run')
   summary = experiment.run(folder_config(image_folder, method), workdir)
@@ -124,8 +125,8 @@ def test_resume_after_interruption_matches_uninterrupted(
   resumed = experiment.run(config, workdir)
   for key in ('final_test_accuracy', 'best_test_accuracy'):
     assert resumed[key] == full[key]
-  a = train.restore_params(os.path.join(tmp_path, 'full', 'seed_1'))
-  b = train.restore_params(os.path.join(workdir, 'seed_1'))
+  a = checkpoints.restore_params(os.path.join(tmp_path, 'full', 'seed_1'))
+  b = checkpoints.restore_params(os.path.join(workdir, 'seed_1'))
   np.testing.assert_allclose(a['params']['head']['fc']['kernel'],
                              b['params']['head']['fc']['kernel'], rtol=1e-6)
   # The logs read as the uninterrupted run's: what the crashed attempt
@@ -247,17 +248,17 @@ def test_paper_configs_load_and_validate(name, arg, tmp_path):
       5 if '5bit' in arg else 32 if '32bit' in arg else 4)
   assert config.method == ('ft' if 'ft' in arg else 'dtq')
   # METHOD.md: T = 60 for ResNet-50, 30 for MobileNetV2.
-  assert train.kl_temperature(config) == (30.0 if mobilenet else 60.0)
+  assert step_lib.kl_temperature(config) == (30.0 if mobilenet else 60.0)
 
 
 def test_temperature_follows_a_model_override(tmp_path):
   config = mit67.get_config()
   config.dataset.root = str(tmp_path)
-  assert train.kl_temperature(config) == 60.0
+  assert step_lib.kl_temperature(config) == 60.0
   config.model = 'mobilenet_v2'  # as --config.model=mobilenet_v2 does
-  assert train.kl_temperature(config) == 30.0
+  assert step_lib.kl_temperature(config) == 30.0
   config.dtq.temperature = 12.0  # an explicit value wins
-  assert train.kl_temperature(config) == 12.0
+  assert step_lib.kl_temperature(config) == 12.0
   config.dtq.temperature = 0.0
   config.model = 'resnet18'  # no paper value: an error where DTQ runs
   config.method = 'ft'

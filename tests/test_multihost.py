@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dtq_jax import errors
+from dtq_jax import checkpoints
 from dtq_jax import distributed
-from dtq_jax import train
+from dtq_jax import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 900  # all three runs together; about 3 minutes on 2 cores.
@@ -207,7 +207,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert a['test']['loss'] == pytest.approx(b['test']['loss'], rel=1e-4)
 
   # The multi-process checkpoint restores in a single (one-device) process.
-  restored = train.restore_params(str(multi_dir / 'seed_1'))
+  restored = checkpoints.restore_params(str(multi_dir / 'seed_1'))
   flat = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in
           jax.tree_util.tree_leaves_with_path(restored)}
   _assert_trees_close(flat, first(dumps['process0']), rtol=0, atol=0)

@@ -37,8 +37,8 @@ from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import models
 from dtq_jax import pretrained
+from dtq_jax import networks
 from dtq_jax import torch_archive
-from dtq_jax import train
 import test_torch_archive
 
 # --- A hand-written generator of torchvision's state_dict names -------------
@@ -801,10 +801,10 @@ def test_pretrained_file_starts_teacher_and_student(tmp_path):
   np.testing.assert_array_equal(teacher['params']['fc']['kernel'],
                                 state['fc.weight'].T)
 
-  nets = train.build_networks(config, num_classes=3,
-                              num_source_classes=train.num_source_classes(
+  nets = networks.build_networks(config, num_classes=3,
+                              num_source_classes=networks.num_source_classes(
                                   teacher))
-  params, batch_stats = train.init_params(nets, jax.random.PRNGKey(0),
+  params, batch_stats = networks.init_params(nets, jax.random.PRNGKey(0),
                                           (32, 32, 3), teacher)
   chex.assert_trees_all_equal(params['backbone'], teacher['params'])
   chex.assert_trees_all_equal(batch_stats, teacher['batch_stats'])

@@ -13,8 +13,10 @@ import pytest
 
 from configs import fmnist
 from dtq_jax import losses
-from dtq_jax import train
 from dtq_jax.models import create_model
+from dtq_jax import networks
+from dtq_jax import runtime as runtime_lib
+from dtq_jax import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,16 +31,16 @@ def _config(method='dtq', **overrides):
 
 
 def _setup(config, batch=8, num_classes=3, runtime=None):
-  runtime = runtime or train.Runtime()
+  runtime = runtime or runtime_lib.Runtime()
   teacher_model = create_model(config.model, num_classes=5,
                                **config.model_kwargs)
   images = jnp.zeros((1, 28, 28, 1))
   teacher = dict(teacher_model.init(jax.random.PRNGKey(0), images))
-  nets = train.build_networks(config, num_classes, 5)
-  params, batch_stats = train.init_params(nets, jax.random.PRNGKey(1),
+  nets = networks.build_networks(config, num_classes, 5)
+  params, batch_stats = networks.init_params(nets, jax.random.PRNGKey(1),
                                           (28, 28, 1), teacher)
-  tx, _ = train.make_optimizer(config, params, 'fc', 10, 3)
-  state = train.TrainState(
+  tx, _ = step_lib.make_optimizer(config, params, 'fc', 10, 3)
+  state = step_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       opt_state=tx.init(params), rng=jax.random.PRNGKey(2),
       nonfinite_steps=jnp.zeros((), jnp.int32))
@@ -58,7 +60,7 @@ def test_step_runs_and_compiles_once(method):
   config = _config(method)
   nets, tx, state, batches, frozen, runtime = _setup(config)
   step = jax.jit(chex.assert_max_traces(
-      train.make_train_step(config, nets, tx), n=1), donate_argnums=(0,))
+      step_lib.make_train_step(config, nets, tx), n=1), donate_argnums=(0,))
   for batch in batches:
     state, metrics = step(state, runtime.put_batch(batch), frozen)
   assert int(state.step) == 3
@@ -77,7 +79,7 @@ def test_dtq_total_loss_matches_formula():
   nets, _, state, batches, frozen, _ = _setup(config)
   state = jax.device_get(state)
   batch = batches[0]
-  total, (terms, _, aux) = train.compute_losses(
+  total, (terms, _, aux) = step_lib.compute_losses(
       config, nets, state.params, state.batch_stats, batch['image'],
       batch['label'], jax.device_get(frozen), jax.random.PRNGKey(0))
   t_logits, t_feats = nets.teacher.apply(frozen['teacher'], batch['image'])
@@ -99,7 +101,7 @@ def test_source_classifier_and_teacher_stay_frozen():
   nets, tx, state, batches, frozen, runtime = _setup(config)
   fc0 = jax.device_get(state.params['backbone']['fc'])
   conv0 = jax.device_get(state.params['backbone']['layer1_0']['conv1'])
-  step = jax.jit(train.make_train_step(config, nets, tx))
+  step = jax.jit(step_lib.make_train_step(config, nets, tx))
   for batch in batches:
     state, _ = step(state, runtime.put_batch(batch), frozen)
   chex.assert_trees_all_equal(jax.device_get(state.params['backbone']['fc']),
@@ -113,7 +115,7 @@ def test_source_classifier_and_teacher_stay_frozen():
 def test_nonfinite_step_is_skipped_and_counted():
   config = _config('ft')
   nets, tx, state, batches, frozen, runtime = _setup(config)
-  step = jax.jit(train.make_train_step(config, nets, tx))
+  step = jax.jit(step_lib.make_train_step(config, nets, tx))
   before = jax.device_get(state.params)
   bad = dict(batches[0], image=np.full_like(batches[0]['image'], np.nan))
   state, metrics = step(state, runtime.put_batch(bad), frozen)
@@ -140,14 +142,15 @@ def test_eight_devices_match_one_device():
   script = textwrap.dedent('''
       import jax, numpy as np
       import tests.test_train as t
-      from dtq_jax import train
+      from dtq_jax import runtime as runtime_lib
+      from dtq_jax import step as step_lib
       assert jax.device_count() == 8, jax.devices()
       out = {}
       for n in (1, 8):
         config = t._config('dtq')
-        rt = train.Runtime(jax.devices()[:n])
+        rt = runtime_lib.Runtime(jax.devices()[:n])
         nets, tx, state, batches, frozen, rt = t._setup(config, runtime=rt)
-        step = rt.jit_train_step(config, nets, tx)
+        step = rt.jit_train_step(step_lib.make_train_step(config, nets, tx))
         losses = []
         for batch in batches:
           state, m = step(state, rt.put_batch(batch), frozen)
@@ -170,17 +173,17 @@ def test_eight_devices_match_one_device():
 def test_compiler_options_pick_eigen_convolutions_on_cpu_only():
   config = _config()
   assert config.cpu_convolutions == 'eigen'
-  options = train.compiler_options(config, backend='cpu')
+  options = runtime_lib.compiler_options(config, backend='cpu')
   assert options == {'xla_cpu_experimental_ynn_fusion_type':
                      'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,'
                      'LIBRARY_FUSION_TYPE_REDUCE'}
-  assert train.compiler_options(config, backend='gpu') is None
-  assert train.compiler_options(config, backend='tpu') is None
+  assert runtime_lib.compiler_options(config, backend='gpu') is None
+  assert runtime_lib.compiler_options(config, backend='tpu') is None
   config.cpu_convolutions = 'jaxlib_default'
-  assert train.compiler_options(config, backend='cpu') is None
+  assert runtime_lib.compiler_options(config, backend='cpu') is None
   config.cpu_convolutions = 'onednn'
   with pytest.raises(ValueError, match='cpu_convolutions'):
-    train.compiler_options(config, backend='cpu')
+    runtime_lib.compiler_options(config, backend='cpu')
 
 
 def _conv(x, k):
@@ -194,7 +197,7 @@ def test_eigen_convolutions_keep_ynnpack_dots_and_reductions():
   a = jnp.ones((256, 256))
   library = {}
   for choice in ('eigen', 'jaxlib_default'):
-    rt = train.Runtime(compiler_options=train.compiler_options(
+    rt = runtime_lib.Runtime(compiler_options=runtime_lib.compiler_options(
         _config(cpu_convolutions=choice)))
     library[choice] = [
         '__ynn_fusion' in rt.jit(f).lower(*args).compile().as_text()
@@ -209,9 +212,11 @@ def test_cpu_convolution_choices_train_alike():
   out = {}
   for choice in ('eigen', 'jaxlib_default'):
     config = _config('dtq', cpu_convolutions=choice)
-    rt = train.Runtime(compiler_options=train.compiler_options(config))
+    rt = runtime_lib.Runtime(
+        compiler_options=runtime_lib.compiler_options(config))
     nets, tx, state, batches, frozen, rt = _setup(config, runtime=rt)
-    state, metrics = rt.jit_train_step(config, nets, tx)(
+    state, metrics = rt.jit_train_step(
+        step_lib.make_train_step(config, nets, tx))(
         state, rt.put_batch(batches[0]), frozen)
     out[choice] = (float(metrics['loss']), jax.device_get(state.params))
   np.testing.assert_allclose(out['eigen'][0], out['jaxlib_default'][0],
