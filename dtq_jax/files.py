@@ -18,7 +18,7 @@ import tensorboardX
 # Temporary files are named ``<name>.tmp.<random>``, so a later start can
 # recognise (and remove) what a killed writer left behind.
 _TMP_NAME = re.compile(r'.\.tmp\.\w+$')
-# Files are readable by everyone, as ``open(..., 'w')`` would leave them with
+# Files are readable by everyone, as a plain ``open`` would leave them with
 # the usual umask; tempfile creates them 0600.
 _MODE = 0o644
 

@@ -422,7 +422,7 @@ def load(path):
     if tarfile.is_tarfile(path):
       raise UnsupportedFormatError(
           'the tar format of torch < 0.4; re-save it with a current torch '
-          '(torch.save(torch.load(f), f))')
+          '(load it with torch.load(f, weights_only=True), then torch.save)')
     with open(path, 'rb') as f:
       return _load_legacy(f, os.fstat(f.fileno()).st_size, budget)
   except ArchiveError as e:

@@ -583,6 +583,12 @@ def test_no_unsafe_deserialisation():
                       r'yaml\.(unsafe_)?load\(|\bimport\s+(pickle|dill|'
                       r'shelve|marshal)\b')
   for name, text in _product_sources().items():
+    if name == 'dtq_jax/torch_archive.py':
+      # The one unpickler: restricted to the globals a state_dict needs
+      # (tests/test_torch_archive.py tries malicious pickles on it).
+      assert re.search(r'class _Unpickler\(pickle\.Unpickler\)', text)
+      assert 'def find_class' in text
+      text = text.replace('import pickle', '')
     assert not unsafe.search(text), (name, unsafe.search(text).group(0))
     for call in re.finditer(r'torch\.load\(', text):
       args = text[call.end():text.index(')', call.end())]
