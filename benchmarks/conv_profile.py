@@ -60,8 +60,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from dtq_jax import config_validation  # pylint: disable=wrong-import-position
 from dtq_jax import layers  # pylint: disable=wrong-import-position
-from dtq_jax import quant  # pylint: disable=wrong-import-position
 from dtq_jax import networks  # pylint: disable=wrong-import-position
+from dtq_jax import quant  # pylint: disable=wrong-import-position
 from dtq_jax import runtime as runtime_lib  # pylint: disable=wrong-import-position
 
 import train_step as train_step_bench  # pylint: disable=wrong-import-position

@@ -57,8 +57,8 @@ import numpy as np
 import optax
 
 from dtq_jax import losses
-from dtq_jax.models import MODEL_NAMES
 from dtq_jax.models import mobilenet_v2
+from dtq_jax.models import MODEL_NAMES
 from dtq_jax.models.head import TargetHead
 from dtq_jax.models.mobilenet_v2 import MobileNetV2
 from dtq_jax.models.resnet import ResNet

@@ -16,15 +16,15 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from dtq_jax import errors
+from dtq_jax import checkpoints
 from dtq_jax import datasets
 from dtq_jax import delta
+from dtq_jax import errors
+from dtq_jax import files
+from dtq_jax import networks
 from dtq_jax import pretrained as pretrained_lib
 from dtq_jax import train
 from dtq_jax.models import create_model
-from dtq_jax import checkpoints
-from dtq_jax import files
-from dtq_jax import networks
 
 SUMMARY = 'summary.json'
 CONFIG = 'config.json'

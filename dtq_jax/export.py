@@ -74,12 +74,12 @@ import orbax.checkpoint as ocp
 from safetensors import safe_open
 import safetensors.numpy
 
-from dtq_jax import calibration
 from dtq_jax import files
 from dtq_jax import int_inference
 from dtq_jax import layers
 from dtq_jax import networks
 from dtq_jax import quant
+from dtq_jax import static_ranges
 
 FORMAT = 'dtq-jax-export'
 VERSION = 1
@@ -260,7 +260,7 @@ def calibrate_run(config, student, variables, num_batches=0, batch_size=0,
     variables: ``{'params', 'batch_stats'}`` of the student.
     num_batches: batches to use; 0: one pass over the training split.
     batch_size: 0: ``config.eval_batch_size``.
-    stat: 'minmax', 'mean' or 'ema' (see calibration.calibrate).
+    stat: 'minmax', 'mean' or 'ema' (see static_ranges.calibrate).
     data: preloaded ``datasets.Data``.
 
   Returns:
@@ -271,7 +271,7 @@ def calibrate_run(config, student, variables, num_batches=0, batch_size=0,
   batches = data.eval_batches(data.train, batch_size)
   total = data.num_eval_batches(data.train, batch_size)
   used = min(num_batches, total) if num_batches else total
-  ranges = calibration.calibrate(student, variables, batches, used, stat)
+  ranges = static_ranges.calibrate(student, variables, batches, used, stat)
   return ranges, dict(source='calibration', stat=stat, batches=used,
                       batch_size=batch_size,
                       images=min(used * batch_size, len(data.train)),
@@ -299,7 +299,7 @@ def student_tensors(student, variables, head_params, ranges, image_shape):
     and byte counts.
   """
   convs = quantized_convs(student, variables, image_shape)
-  flat_ranges = calibration.layer_ranges(ranges or {})
+  flat_ranges = static_ranges.layer_ranges(ranges or {})
   classifier = student.classifier_name
   backbone = {k: v for k, v in variables['params'].items() if k != classifier}
   flat_params = traverse_util.flatten_dict(backbone, sep='/')
@@ -387,7 +387,7 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
   bits_w, bits_a = networks.student_bits(config)
 
   ranges = state.get(layers.RANGES)
-  if (ranges and calibration.has_collected_ranges(ranges) and
+  if (ranges and static_ranges.has_collected_ranges(ranges) and
       not recalibrate):
     range_info = dict(source='training',
                       stat=config.quant.get('range_stat', 'ema'),
@@ -561,7 +561,7 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
     static_vars = dict(fq_vars, **{
         layers.RANGES: exported[layers.RANGES]['backbone']})
     static = networks.make_predict(
-        calibration.with_act_ranges(nets.student, 'static'), nets.head)
+        static_ranges.with_act_ranges(nets.student, 'static'), nets.head)
     dynamic = networks.make_predict(nets.student, nets.head)
     paths['static_fake_quant'] = lambda x: static(static_vars, params['head'],
                                                   x)

@@ -8,7 +8,7 @@ Activation ranges (METHOD.md: dynamic, the paper's) can also be *static*,
 opt-in: every quantized convolution keeps running statistics of its input's
 min and max in the ``'quant_ranges'`` variable collection (``lo``, ``hi``,
 ``count``), updated whenever that collection is mutable (a training step or
-a calibration pass, see calibration.py), and ``act_ranges='static'`` makes it
+a calibration pass, see static_ranges.py), and ``act_ranges='static'`` makes it
 quantize with the stored range instead of the batch's.
 """
 

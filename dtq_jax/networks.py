@@ -13,9 +13,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from dtq_jax import attention
 from dtq_jax import layers
 from dtq_jax import quant
-from dtq_jax import transfer
 from dtq_jax.models import create_model
 from dtq_jax.models.head import TargetHead
 
@@ -72,11 +72,11 @@ def build_networks(config, num_classes, num_source_classes):
       config.model, num_classes=num_source_classes, dtype=dtype,
       conv_kwargs=settings.kernels_only().as_conv_kwargs(), **kwargs)
   head = TargetHead(num_classes, dropout_rate=student.dropout_rate)
-  attention = None
+  modules = None
   if config.method == 'dtq':
-    attention = transfer.TransferAttention(
+    modules = attention.TransferAttention(
         uniform=config.dtq.attention == 'uniform')
-  return Networks(student, teacher, head, attention)
+  return Networks(student, teacher, head, modules)
 
 
 def num_source_classes(teacher):

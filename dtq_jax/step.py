@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dtq_jax import calibration
+from dtq_jax import attention
 from dtq_jax import losses
 from dtq_jax import networks
-from dtq_jax import transfer
+from dtq_jax import static_ranges
 
 # Methods whose loss needs the teacher's forward pass.
 TEACHER_METHODS = ('dtq', 'delta')
@@ -82,7 +82,7 @@ def create_train_state(config, nets, params, batch_stats, tx, rng,
   if not networks.uses_static_ranges(config):
     return TrainState(**fields)
   return StaticRangesTrainState(**fields, quant_ranges=(
-      calibration.empty_ranges(nets.student, {
+      static_ranges.empty_ranges(nets.student, {
           'params': params['backbone'], 'batch_stats': batch_stats},
                                image_shape)))
 
@@ -154,7 +154,7 @@ def _dtq_terms(config, nets, params, student_out, teacher_out):
   terms = {'kl': c.kl_weight * losses.kl_divergence(
       source_logits, teacher_logits, kl_temperature(config))}
   if nets.attention is None or c.attention == 'uniform':
-    weights = transfer.TransferAttention(uniform=True).apply(
+    weights = attention.TransferAttention(uniform=True).apply(
         {}, teacher_feats['taps'])
   else:
     weights = nets.attention.apply({'params': params['attention']},
@@ -212,8 +212,8 @@ def compute_losses(config, nets, params, batch_stats, images, labels, frozen,
   variables = {'params': params['backbone'], 'batch_stats': batch_stats}
   mutable = ['batch_stats']
   if quant_ranges is not None:
-    variables[calibration.RANGES] = quant_ranges
-    mutable.append(calibration.RANGES)
+    variables[static_ranges.RANGES] = quant_ranges
+    mutable.append(static_ranges.RANGES)
   student_out, new_state = nets.student.apply(
       variables, images, train=True, mutable=mutable,
       rngs={'dropout': k_model})
@@ -223,7 +223,7 @@ def compute_losses(config, nets, params, batch_stats, images, labels, frozen,
   terms = {'ce': losses.cross_entropy(logits, labels)}
   aux = {'logits': logits}
   if quant_ranges is not None:
-    aux['quant_ranges'] = new_state[calibration.RANGES]
+    aux['quant_ranges'] = new_state[static_ranges.RANGES]
   method = config.method
   if method in TEACHER_METHODS:
     teacher_out = nets.teacher.apply(frozen['teacher'], images, train=False)
@@ -289,7 +289,7 @@ def make_train_step(config, nets, tx):
     metrics['accuracy'] = 100.0 * jnp.mean(
         jnp.argmax(aux['logits'], -1) == batch['label'])
     for i, w in enumerate(aux.get('attention', [])):
-      metrics[f'attention_entropy_{i}'] = transfer.attention_entropy(w)
+      metrics[f'attention_entropy_{i}'] = attention.attention_entropy(w)
     return new_state, metrics
 
   return train_step
@@ -312,7 +312,7 @@ def make_eval_step(nets, act_ranges='dynamic'):
   Returns:
     The (unjitted) step function; its outputs are sums over the batch.
   """
-  student = calibration.with_act_ranges(nets.student, act_ranges)
+  student = static_ranges.with_act_ranges(nets.student, act_ranges)
 
   def eval_step(params, batch_stats, batch, quant_ranges=None):
     mask = batch['mask'].astype(bool)
@@ -320,7 +320,7 @@ def make_eval_step(nets, act_ranges='dynamic'):
                        batch['image'][:1])
     variables = {'params': params['backbone'], 'batch_stats': batch_stats}
     if quant_ranges is not None:
-      variables[calibration.RANGES] = quant_ranges
+      variables[static_ranges.RANGES] = quant_ranges
     _, feats = student.apply(variables, images, train=False)
     logits = nets.head.apply({'params': params['head']}, feats['pooled'])
     weights = mask.astype(jnp.float32)

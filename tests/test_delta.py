@@ -12,9 +12,9 @@ import pytest
 
 from dtq_jax import datasets
 from dtq_jax import delta
+from dtq_jax import sources
 from dtq_jax.models import create_model
 from dtq_jax.models.head import TargetHead
-from dtq_jax import sources
 
 TINY = dict(widths=(4, 8, 8, 8))
 NUM_CLASSES = 3

@@ -24,14 +24,14 @@ import pytest
 import tensorflow as tf
 
 from configs import mit67
+from dtq_jax import checkpoints
 from dtq_jax import config_validation
 from dtq_jax import errors
 from dtq_jax import experiment
+from dtq_jax import files
 from dtq_jax import input_pipeline
 from dtq_jax import splits
 from dtq_jax import train
-from dtq_jax import checkpoints
-from dtq_jax import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600

@@ -36,8 +36,8 @@ from configs import mit67
 from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import models
-from dtq_jax import pretrained
 from dtq_jax import networks
+from dtq_jax import pretrained
 from dtq_jax import torch_archive
 import test_torch_archive
 

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtq_jax import calibration
 from dtq_jax import layers
 from dtq_jax import quant
+from dtq_jax import static_ranges
 from dtq_jax.models import create_model
 
 TINY = dict(widths=(4, 8, 8, 8))
@@ -162,12 +162,12 @@ def tiny_model():
 
 def test_calibrate_on_one_batch_reproduces_dynamic_evaluation(tiny_model):
   model, variables, x = tiny_model
-  ranges = calibration.calibrate(model, variables, [{'image': x}])
-  flat = calibration.layer_ranges(ranges)
+  ranges = static_ranges.calibrate(model, variables, [{'image': x}])
+  flat = static_ranges.layer_ranges(ranges)
   # Every quantized convolution (not the stem) has a range.
   assert len(flat) == 4 * 2 + 3 and 'conv1' not in flat
   assert all(int(r['count']) == 1 for r in flat.values())
-  static = calibration.with_act_ranges(model, 'static')
+  static = static_ranges.with_act_ranges(model, 'static')
   y_static, _ = _apply(static, dict(variables, quant_ranges=ranges), x)
   y_dynamic, _ = _apply(model, variables, x)
   np.testing.assert_allclose(y_static, y_dynamic, rtol=0, atol=1e-5)
@@ -185,37 +185,37 @@ def test_calibrate_mean_over_batches_and_padding_rows(tiny_model):
   padded[-1] = 1e3
   mask = np.ones(6, np.float32)
   mask[-1] = 0
-  ranges = calibration.calibrate(
+  ranges = static_ranges.calibrate(
       model, variables, [{'image': x}, {'image': padded, 'mask': mask},
                          {'image': x}], num_batches=2, range_stat='mean')
-  stem = calibration.layer_ranges(ranges)['layer1_0/conv1']
+  stem = static_ranges.layer_ranges(ranges)['layer1_0/conv1']
   assert int(stem['count']) == 2
   assert float(stem['hi']) < 100.0
 
 
 def test_empty_ranges_and_check(tiny_model):
   model, variables, _ = tiny_model
-  empty = calibration.empty_ranges(model, variables, (12, 12, 1))
-  flat = calibration.layer_ranges(empty)
+  empty = static_ranges.empty_ranges(model, variables, (12, 12, 1))
+  flat = static_ranges.layer_ranges(empty)
   assert len(flat) == 11
   assert all(int(r['count']) == 0 for r in flat.values())
-  assert not calibration.has_collected_ranges(empty)
+  assert not static_ranges.has_collected_ranges(empty)
   with pytest.raises(ValueError, match='calibrate'):
-    calibration.check_ranges(empty)
+    static_ranges.check_ranges(empty)
   fp = create_model('small_resnet', num_classes=3, **TINY)
   fp_vars = jax.eval_shape(fp.init, jax.random.PRNGKey(0),
                            jnp.zeros((1, 12, 12, 1)))
-  assert calibration.empty_ranges(fp, fp_vars, (12, 12, 1)) == {}
+  assert static_ranges.empty_ranges(fp, fp_vars, (12, 12, 1)) == {}
 
 
 def test_training_apply_collects_ranges_and_batch_stats(tiny_model):
   model, variables, x = tiny_model
-  collecting = calibration.with_act_ranges(model, 'dynamic', 'ema', 0.9)
-  ranges = calibration.empty_ranges(model, variables, x.shape[1:])
+  collecting = static_ranges.with_act_ranges(model, 'dynamic', 'ema', 0.9)
+  ranges = static_ranges.empty_ranges(model, variables, x.shape[1:])
   _, state = _apply(collecting, dict(variables, quant_ranges=ranges), x,
                     train=True, mutable=['batch_stats', 'quant_ranges'])
   assert set(state) == {'batch_stats', 'quant_ranges'}
-  assert calibration.has_collected_ranges(state['quant_ranges'])
+  assert static_ranges.has_collected_ranges(state['quant_ranges'])
 
 
 def test_collecting_leaves_the_gradient_unchanged():

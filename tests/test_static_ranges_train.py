@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from dtq_jax import calibration
 from dtq_jax import config_validation
 from dtq_jax import experiment
 from dtq_jax import export
+from dtq_jax import static_ranges
 
 
 def test_static_run_collects_evaluates_and_exports(tmp_path, tiny_folder):
@@ -23,7 +23,7 @@ def test_static_run_collects_evaluates_and_exports(tmp_path, tiny_folder):
   assert 'test_dynamic' in result['history'][-1]
   assert summary['final_test_accuracy'] == result['final_test_accuracy']
   state, step = export.restore_state(os.path.join(workdir, 'seed_1'))
-  ranges = calibration.layer_ranges(state['quant_ranges'])
+  ranges = static_ranges.layer_ranges(state['quant_ranges'])
   assert len(ranges) == 11
   assert all(int(r['count']) == step for r in ranges.values())
   manifest = export.export_run(workdir, str(tmp_path / 'm.dtq'),

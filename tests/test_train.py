@@ -13,10 +13,10 @@ import pytest
 
 from configs import fmnist
 from dtq_jax import losses
-from dtq_jax.models import create_model
 from dtq_jax import networks
 from dtq_jax import runtime as runtime_lib
 from dtq_jax import step as step_lib
+from dtq_jax.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,12 +1,12 @@
-"""Tests for dtq_jax.transfer: the channel-attention module of AFA."""
+"""Tests for dtq_jax.attention: the channel-attention module of AFA."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dtq_jax import attention
 from dtq_jax import losses
-from dtq_jax import transfer
 
 
 def _map(shape=(3, 4, 4, 6), seed=0):
@@ -56,7 +56,7 @@ def _init(module, *args):
 @pytest.mark.parametrize('shape', [(3, 4, 4, 6), (2, 7, 7, 10), (2, 3, 5, 4)])
 def test_param_names_and_shapes(shape):
   _, h, w, c = shape
-  params = _init(transfer.ChannelAttention(), _map(shape))['params']
+  params = _init(attention.ChannelAttention(), _map(shape))['params']
   assert jax.tree.map(jnp.shape, params) == {
       'fc1': {'kernel': (h * w, h)},
       'fc2': {'kernel': (h, 1)},
@@ -70,7 +70,7 @@ def test_param_names_and_shapes(shape):
 
 def test_weights_sum_to_one_over_channels():
   x = _map()
-  module = transfer.ChannelAttention()
+  module = attention.ChannelAttention()
   variables = _init(module, x)
   a = module.apply(variables, x)
   assert a.shape == (3, 6)
@@ -84,7 +84,7 @@ def test_matches_numpy_reference(shape):
   x = _map(shape)
   _, h, w, c = shape
   params = _params(h, w, c)
-  a = transfer.ChannelAttention().apply({'params': params}, x)
+  a = attention.ChannelAttention().apply({'params': params}, x)
   np.testing.assert_allclose(
       a, np_attention(x, params['fc1']['kernel'], params['fc2']['kernel'],
                       params['bias']), rtol=1e-5, atol=1e-7)
@@ -102,7 +102,7 @@ def test_positions_flattened_row_major(row, col):
   w2[0, 0] = 1.0
   params = {'fc1': {'kernel': w1}, 'fc2': {'kernel': w2},
             'bias': np.zeros((c,), np.float32)}
-  a = transfer.ChannelAttention().apply({'params': params}, x)
+  a = attention.ChannelAttention().apply({'params': params}, x)
   picked = np.asarray(x[:, row, col, :], np.float64)
   expected = np.exp(picked) / np.sum(np.exp(picked), axis=-1, keepdims=True)
   np.testing.assert_allclose(a, expected, rtol=1e-5)
@@ -113,7 +113,7 @@ def test_bias_shifts_weights():
   # Small weights, so that the weights without bias are far from one-hot.
   params = _params(4, 4, 6, scale=0.2)
   params['bias'] = np.zeros((6,), np.float32)
-  module = transfer.ChannelAttention()
+  module = attention.ChannelAttention()
   a0 = np.asarray(module.apply({'params': params}, x), np.float64)
   assert np.max(a0) < 0.9
   c, shift = 2, 5.0
@@ -137,7 +137,7 @@ def test_no_gradient_into_teacher_map():
   x = _map()
   params = _params(4, 4, 6)
   g_x = jax.jit(jax.grad(lambda x: jnp.sum(
-      transfer.ChannelAttention().apply({'params': params}, x)[:, 0])))(x)
+      attention.ChannelAttention().apply({'params': params}, x)[:, 0])))(x)
   np.testing.assert_array_equal(g_x, 0.0)
 
 
@@ -145,7 +145,7 @@ def test_transfer_attention_modules_and_gradient_from_afa():
   maps = [_map((2, 4, 4, 3), 0), _map((2, 2, 2, 5), 1), _map((2, 2, 2, 4), 2),
           _map((2, 1, 1, 6), 3)]
   students = [m + 0.5 * _map(m.shape, 10 + i) for i, m in enumerate(maps)]
-  module = transfer.TransferAttention()
+  module = attention.TransferAttention()
   params = _init(module, maps)['params']
   assert sorted(params) == [f'attention_{i}' for i in range(4)]
   for i, m in enumerate(maps):
@@ -167,7 +167,7 @@ def test_transfer_attention_modules_and_gradient_from_afa():
 
 def test_uniform_gives_one_over_c_and_no_params():
   maps = [_map((2, 4, 4, 3)), _map((2, 2, 2, 8))]
-  module = transfer.TransferAttention(uniform=True)
+  module = attention.TransferAttention(uniform=True)
   variables = module.init(jax.random.key(0), maps)
   assert not jax.tree.leaves(variables)  # Nothing to train or to save.
   weights = module.apply(variables, maps)
@@ -179,12 +179,12 @@ def test_uniform_gives_one_over_c_and_no_params():
 def test_attention_entropy():
   for c in (3, 8, 2048):
     uniform = jnp.full((4, c), 1.0 / c)
-    np.testing.assert_allclose(transfer.attention_entropy(uniform),
+    np.testing.assert_allclose(attention.attention_entropy(uniform),
                                np.log(c), rtol=1e-5)
   one_hot = jax.nn.one_hot(jnp.array([0, 2]), 5)
-  np.testing.assert_allclose(transfer.attention_entropy(one_hot), 0.0,
+  np.testing.assert_allclose(attention.attention_entropy(one_hot), 0.0,
                              atol=1e-6)
   p = np.array([[0.5, 0.25, 0.25], [0.7, 0.2, 0.1]])
   expected = -np.mean(np.sum(p * np.log(p), axis=-1))
-  np.testing.assert_allclose(transfer.attention_entropy(p), expected,
+  np.testing.assert_allclose(attention.attention_entropy(p), expected,
                              rtol=1e-5)
