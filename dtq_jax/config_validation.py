@@ -75,7 +75,7 @@ def validate(config, device_count=None):
     if config[field] % device_count:
       raise ConfigError(field, config[field],
                         f'must be divisible by the {device_count} devices.')
-  _check_choice(config, 'dtq.attention', ('learned', 'uniform'))
+  _check_choice(config, 'dtq.attention', ('learned', 'uniform', 'reversed'))
   _check_choice(config, 'dtq.afa_normalization', ('final', 'mean'))
   by_model = config.dtq.get('temperature_by_model') or {}
   uses_dtq = 'dtq' in (config.method,) + tuple(
@@ -135,7 +135,8 @@ def _check_dataset(config):
           set(value)) != len(value):
         raise ConfigError(f'dataset.{field}', value,
                           'allowed: distinct class ids in 0..9.')
-    if set(d.source_classes) & set(d.target_classes):
+    if d.get('split') != 'in_domain' and (
+        set(d.source_classes) & set(d.target_classes)):
       raise ConfigError('dataset.target_classes', tuple(d.target_classes),
                         'must not overlap dataset.source_classes.')
     _check_positive(config, 'dataset.shots_per_class')

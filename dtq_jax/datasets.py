@@ -179,9 +179,19 @@ def load(config):
 def _load(d):
   """Splits of ``config.dataset`` ``d``."""
   if d.name == 'fashion_mnist':
-    s = splits.fashion_mnist_transfer_splits(
-        d.data_dir or None, tuple(d.source_classes), tuple(d.target_classes),
-        d.shots_per_class, d.data_seed)
+    kind = d.get('split', 'out_of_domain')
+    if kind == 'in_domain':
+      s = splits.fashion_mnist_in_domain_splits(
+          d.data_dir or None, tuple(d.source_classes),
+          tuple(d.target_classes), d.teacher_per_class, d.shots_per_class,
+          d.data_seed, d.teacher_seed)
+    elif kind == 'out_of_domain':
+      s = splits.fashion_mnist_transfer_splits(
+          d.data_dir or None, tuple(d.source_classes),
+          tuple(d.target_classes), d.shots_per_class, d.data_seed)
+    else:
+      raise ValueError(f'dataset.split={kind!r}; allowed: out_of_domain, '
+                       'in_domain')
     source = _data(d, s['source_train'], s['source_test'], holdout=False)
     data = _data(d, s['target_train'], s['target_test'], source=source)
   elif d.name == 'image_folder':

@@ -113,6 +113,7 @@ def _teacher_key(config, data):
   payload = json.dumps(dict(
       model=config.model, model_kwargs=dict(config.get('model_kwargs', {})),
       source_classes=list(d.source_classes), image_size=d.image_size,
+      split=[d.get(k) for k in ('split', 'teacher_per_class', 'teacher_seed')],
       mean=list(d.mean), std=list(d.std), files=files,
       pretrain=_config_json(config.pretrain),
       version=1), sort_keys=True)

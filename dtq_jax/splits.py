@@ -318,3 +318,112 @@ def fashion_mnist_transfer_splits(data_dir, source_classes, target_classes,
       'target_test': _remap(data['test'], target),
   }
 
+
+
+
+# The stream of the in-domain split's teacher/target division (independent of
+# the target's shot draw, stream 2, and of the validation hold-out, stream 3).
+_TEACHER_STREAM = 5
+
+
+def _check_count(field, value):
+  if isinstance(value, bool) or not isinstance(
+      value, (int, np.integer)) or value < 1:
+    raise ValueError(f'{field} must be an integer >= 1, got {value!r}')
+
+
+def in_domain_indices(labels, source_classes, target_classes,
+                      teacher_per_class, shots_per_class, seed,
+                      teacher_seed=0):
+  """Divides one training set between a teacher and a few-shot target task.
+
+  Per class, a permutation keyed by (teacher_seed, class) gives the teacher
+  its first ``teacher_per_class`` images (source classes only); the target's
+  ``shots_per_class`` images per target class are drawn with ``seed`` from
+  the rest, as ``per_class_subset`` draws them (nested across shot counts).
+  The two index sets are disjoint.
+
+  Args:
+    labels: (N,) class indices of the training set.
+    source_classes: classes the teacher learns.
+    target_classes: classes of the target task (may overlap the source ones).
+    teacher_per_class: images per source class for the teacher, >= 1.
+    shots_per_class: images per target class for the target task, >= 1.
+    seed: non-negative integer (the target's draw).
+    teacher_seed: non-negative integer (the teacher's part).
+
+  Returns:
+    ``(teacher, target)``: sorted int64 indices into ``labels``.
+
+  Raises:
+    ValueError: a count below 1, or too few images left in a class (the
+      message names the field).
+  """
+  _check_count('teacher_per_class', teacher_per_class)
+  _check_count('shots_per_class', shots_per_class)
+  source, target = set(source_classes), set(target_classes)
+  teacher_idx, rest_idx = [], []
+  for c, perm in _class_permutations(labels, teacher_seed,
+                                     _TEACHER_STREAM).items():
+    n_teacher = teacher_per_class if c in source else 0
+    if c in source and n_teacher >= len(perm):
+      raise ValueError(f'teacher_per_class={teacher_per_class} leaves no '
+                       f'training image of class {c} ({len(perm)} images) '
+                       'for the target task')
+    if c in source:
+      teacher_idx.append(perm[:n_teacher])
+    if c in target:
+      if len(perm) - n_teacher < shots_per_class:
+        raise ValueError(f'shots_per_class={shots_per_class} exceeds the '
+                         f'{len(perm) - n_teacher} training images of class '
+                         f'{c} that the teacher leaves')
+      rest_idx.append(perm[n_teacher:])
+  rest = np.sort(np.concatenate(rest_idx))
+  shots = rest[per_class_subset(np.asarray(labels)[rest], shots_per_class,
+                                seed)]
+  return np.sort(np.concatenate(teacher_idx)).astype(np.int64), shots
+
+
+def fashion_mnist_in_domain_splits(data_dir, source_classes, target_classes,
+                                   teacher_per_class, shots_per_class, seed,
+                                   teacher_seed=0, *, tfds_data_dir=None):
+  """The demo's in-domain tasks: teacher and target share the image domain.
+
+  As ImageNet covers the paper's target sets, the teacher here learns
+  Fashion-MNIST itself (``source_classes``, usually all ten) from part of the
+  training images, and the target task draws its few shots from the other
+  training images (``in_domain_indices``): no target training image was seen
+  by the teacher.
+
+  Args:
+    data_dir: see ``sources.fashion_mnist_arrays``.
+    source_classes: class indices (0..9) the teacher learns; label i of the
+      source splits is source_classes[i].
+    target_classes: class indices of the target task (may overlap the source
+      classes); label i is target_classes[i].
+    teacher_per_class: training images per source class for the teacher.
+    shots_per_class: training images per target class.
+    seed: non-negative integer (the target's draw).
+    teacher_seed: non-negative integer (the teacher's part).
+    tfds_data_dir: see ``sources.fashion_mnist_arrays``.
+
+  Returns:
+    {'source_train', 'source_test', 'target_train', 'target_test'} as
+    ``fashion_mnist_transfer_splits`` returns them; the test splits hold all
+    test images of their classes.
+
+  Raises:
+    ValueError: invalid classes or counts (the message names the field).
+  """
+  source = _check_classes('source_classes', source_classes)
+  target = _check_classes('target_classes', target_classes)
+  data = sources.fashion_mnist_arrays(data_dir, tfds_data_dir=tfds_data_dir)
+  teacher_idx, target_idx = in_domain_indices(
+      data['train'].labels, source, target, teacher_per_class,
+      shots_per_class, seed, teacher_seed)
+  return {
+      'source_train': _remap(data['train'].subset(teacher_idx), source),
+      'source_test': _remap(data['test'], source),
+      'target_train': _remap(data['train'].subset(target_idx), target),
+      'target_test': _remap(data['test'], target),
+  }
