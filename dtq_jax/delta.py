@@ -48,7 +48,6 @@ computes the same weights from the same stream.
 """
 
 import functools
-import os
 import re
 
 import jax
@@ -56,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dtq_jax import files
 from dtq_jax import losses
 from dtq_jax.models import mobilenet_v2
 from dtq_jax.models import MODEL_NAMES
@@ -461,15 +461,10 @@ def save_weights(path, weights):
   """Writes the per-map weights to ``path`` (.npz, no pickle) atomically."""
   arrays = {f'map_{i}': np.asarray(w, np.float32)
             for i, w in enumerate(weights)}
-  tmp = f'{path}.tmp.{os.getpid()}'
-  try:
+  with files.atomic_path(path) as tmp:
     # A file object: np.savez would append '.npz' to a name.
     with open(tmp, 'wb') as f:
       np.savez(f, **arrays)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def load_weights(path):

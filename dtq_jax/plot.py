@@ -23,6 +23,7 @@ import textwrap
 from matplotlib.figure import Figure
 
 from dtq_jax import errors
+from dtq_jax import files
 
 METRICS = 'metrics.jsonl'
 DEFAULT_NAME = 'curves.png'
@@ -303,14 +304,9 @@ def save_png(fig, path, dpi=DPI):
   Raises:
     errors.UserError: the folder cannot be written.
   """
-  tmp = f'{path}.tmp.{os.getpid()}'
   with errors.user_errors(f'writing {path}', OSError):
-    try:
+    with files.atomic_path(path) as tmp:
       fig.savefig(tmp, format='png', dpi=dpi)
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
 
 
 def main(argv=None):

@@ -49,7 +49,6 @@ from typing import Mapping, Optional, Tuple
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 
 from flax import traverse_util
 import jax
@@ -60,6 +59,7 @@ import safetensors
 import safetensors.numpy
 import tqdm
 
+from dtq_jax import files
 from dtq_jax import models
 from dtq_jax import torch_archive
 
@@ -453,17 +453,6 @@ def _check_exists(path):
     raise FileNotFoundError(f'No such pretrained checkpoint: {path}')
 
 
-def _atomic_path(path):
-  """A temporary file next to ``path``, for writing then ``os.replace``."""
-  directory, name = os.path.split(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f'.{name}.{uuid.uuid4().hex[:12]}.partial')
-  # Created here with mode 0o666 (less the umask) so that the final file has
-  # ordinary permissions (tempfile.mkstemp would make it 0o600).
-  os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-  return tmp
-
-
 def _flat_keys(variables):
   flat = traverse_util.flatten_dict(
       {c: dict(variables[c]) for c in COLLECTIONS if c in variables})
@@ -481,22 +470,14 @@ def save_variables(variables, path, name=''):
     name: model name recorded in the safetensors metadata.
   """
   flat = _flat_keys(variables)
-  tmp = _atomic_path(path)
-  mode = os.stat(tmp).st_mode & 0o777
-  try:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with files.atomic_path(path) as tmp:
     if path.endswith('.npz'):
       with open(tmp, 'wb') as f:
         np.savez(f, **flat)
     else:
       safetensors.numpy.save_file(
           flat, tmp, metadata={'format': CONVERTED_FORMAT, 'model': name})
-      # safetensors recreates the file as 0o600; restore the umask's mode.
-      os.chmod(tmp, mode)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _is_converted(keys):
@@ -600,9 +581,8 @@ def download(url, cache_dir=None, progress=True, timeout=60.0):
   except (urllib.error.URLError, OSError, ValueError) as e:
     # One line, no chained traceback: the message says all there is to do.
     raise DownloadError(offline(getattr(e, 'reason', None) or e)) from None
-  tmp = _atomic_path(dest)
   digest = hashlib.sha256()
-  try:
+  with files.atomic_path(dest) as tmp:
     total = response.headers.get('Content-Length')
     with response, open(tmp, 'wb') as f, tqdm.tqdm(
         total=int(total) if total else None, unit='B', unit_scale=True,
@@ -618,10 +598,6 @@ def download(url, cache_dir=None, progress=True, timeout=60.0):
         digest.update(chunk)
         bar.update(len(chunk))
     _check_hash(digest.hexdigest(), filename, url)
-    os.replace(tmp, dest)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return dest
 
 
