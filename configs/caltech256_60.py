@@ -12,7 +12,7 @@ with ``--config.FIELD=VALUE`` (e.g. ``--config.repeats=5``).
 Data: Caltech-256 as data/256_ObjectCategories/<class>/*.jpg; the split is drawn per class with dataset.data_seed.
 Schedule: 9000 iterations at batch 64 over 15420 training images = 37
 epochs, learning rate x0.1 at epoch 24.
-The paper reports DTQ above DELTA-Q here as well; no number is reproduced in METHOD.md.
+The paper reports DTQ above DELTA-Q here as well; no number is reproduced in docs/method.md.
 """
 
 from configs import common

@@ -12,7 +12,7 @@ with ``--config.FIELD=VALUE`` (e.g. ``--config.repeats=5``).
 Data: TFDS caltech_birds2011 (downloaded on first use, or prepared in --config.dataset.data_dir).
 Schedule: 9000 iterations at batch 64 over 5994 training images = 96
 epochs, learning rate x0.1 at epoch 64.
-The paper reports DTQ above DELTA-Q; no number is reproduced in METHOD.md.
+The paper reports DTQ above DELTA-Q; no number is reproduced in docs/method.md.
 """
 
 from configs import common

@@ -12,7 +12,7 @@ with ``--config.FIELD=VALUE`` (e.g. ``--config.repeats=5``).
 Data: TFDS food101 (downloaded on first use, or prepared in --config.dataset.data_dir).
 Schedule: 9000 iterations at batch 64 over 75750 training images = 8
 epochs, learning rate x0.1 at epoch 5.
-The paper reports DTQ above DELTA-Q; no number is reproduced in METHOD.md.
+The paper reports DTQ above DELTA-Q; no number is reproduced in docs/method.md.
 """
 
 from configs import common

@@ -12,7 +12,7 @@ with ``--config.FIELD=VALUE`` (e.g. ``--config.repeats=5``).
 Data: MIT Indoors 67 from its official page, arranged as data/mit67/{train,test}/<class>/*.jpg (see README, "Datasets").
 Schedule: 9000 iterations at batch 64 over 5360 training images = 107
 epochs, learning rate x0.1 at epoch 71.
-The paper reports DTQ above DELTA-Q on MIT67 (4-bit); no per-setting number is reproduced in METHOD.md.
+The paper reports DTQ above DELTA-Q on MIT67 (4-bit); no per-setting number is reproduced in docs/method.md.
 """
 
 from configs import common

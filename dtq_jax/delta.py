@@ -1,6 +1,6 @@
 """DELTA's fixed channel weights (Li et al., ICLR 2019), as DELTA-Q uses them.
 
-METHOD.md ("Baselines", DELTA-Q) weights the channels of each tapped map by how
+docs/method.md ("DELTA-Q") weights the channels of each tapped map by how
 much the frozen full-precision network needs them on the target task:
 
 1. a new head (``TargetHead``, with the network's dropout) is trained on top of
@@ -17,7 +17,7 @@ much the frozen full-precision network needs them on the target task:
    DELTA reference code steps ``ExponentialLR(gamma = 0.1 ** (1 / 6))`` once
    per epoch instead; ``head_lr_staircase=True`` gives that (``epoch`` is then
    the integer epoch). The reference code also leaves the backbone's BatchNorm
-   in training mode while it trains the head; METHOD.md (and this module)
+   in training mode while it trains the head; docs/method.md (and this module)
    keeps the whole network in inference mode.
 2. with the network and the trained head in inference mode, on the next
    ``num_batches`` batches of the same augmented training stream (the first
@@ -63,9 +63,9 @@ from dtq_jax.models.head import TargetHead
 from dtq_jax.models.mobilenet_v2 import MobileNetV2
 from dtq_jax.models.resnet import ResNet
 
-# config.delta fields of the channel-weight computation, with their defaults
-# (METHOD.md; the DELTA reference code). Other fields of config.delta (alpha,
-# beta) are the loss weights and are not read here.
+# config.delta fields of the channel-weight computation, with their
+# defaults (docs/method.md; the DELTA reference code). Other fields of
+# config.delta (alpha, beta) are the loss weights and are not read here.
 DEFAULTS = dict(
     head_epochs=10,  # epochs of head training on the frozen network.
     head_lr=0.01,  # initial learning rate of the head.
@@ -398,7 +398,7 @@ def weights_from_rises(rises, temperature=DEFAULTS['temperature']):
 
 def channel_weights(model, variables, data, config=None, *, batch_size, seed,
                     num_classes=None, return_diagnostics=False):
-  """DELTA's per-channel weights of the four tapped maps (METHOD.md).
+  """DELTA's per-channel weights of the four tapped maps (docs/method.md).
 
   Args:
     model: the frozen full-precision network (a ``create_model`` ResNet or

@@ -4,7 +4,7 @@ Models take the convolution class as a ``conv`` attribute, so the same network
 definition builds the full-precision teacher (``bits_w = bits_a = 32``) and the
 quantized student.
 
-Activation ranges (METHOD.md: dynamic, the paper's) can also be *static*,
+Activation ranges (docs/method.md: dynamic, the paper's) can also be *static*,
 opt-in: every quantized convolution keeps running statistics of its input's
 min and max in the ``'quant_ranges'`` variable collection (``lo``, ``hi``,
 ``count``), updated whenever that collection is mutable (a training step or

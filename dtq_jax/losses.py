@@ -1,6 +1,6 @@
 """Loss terms of DTQ and its baselines: pure functions of arrays.
 
-All formulas are those of ../shared/METHOD.md; feature maps are NHWC.
+All formulas are those of docs/method.md; feature maps are NHWC.
 Teacher inputs are wrapped in ``stop_gradient`` so a caller cannot train the
 teacher by accident.
 """

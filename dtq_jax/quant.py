@@ -1,7 +1,7 @@
 """Fake quantization: the paper's min-max asymmetric uniform quantizer.
 
 Pure functions of arrays; this module imports only jax so it can be reused
-outside Flax (see ../shared/METHOD.md, "Quantizer").
+outside Flax (see docs/method.md, "The quantizer").
 
 For a tensor ``x`` and bit width ``k``::
 
@@ -168,7 +168,7 @@ def fake_quant_fused(x, bits):
   """``fake_quant(x, bits)`` (per tensor, range gradient) with its own VJP.
 
   Autodiff through ``min``/``max`` and the scale keeps several intermediates
-  of the tensor's size and walks it several times. The gradient METHOD.md
+  of the tensor's size and walks it several times. The gradient docs/method.md
   specifies has a closed form: with ``u = (x - lo) / s``, ``n = 2**bits - 1``
   and ``t = sum(g * (round(u) - u))``::
 

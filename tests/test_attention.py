@@ -16,7 +16,7 @@ def _map(shape=(3, 4, 4, 6), seed=0):
 
 
 def np_attention(teacher_map, w1, w2, bias):
-  """Reference forward of METHOD.md with NumPy.
+  """Reference forward of docs/method.md with NumPy.
 
   Args:
     teacher_map: (B, H, W, C) map (NHWC, as the models produce).

@@ -1,4 +1,4 @@
-"""Tests of dtq_jax.delta: DELTA's channel weights (METHOD.md, DELTA-Q)."""
+"""Tests of dtq_jax.delta: DELTA's channel weights (docs/method.md, DELTA-Q)."""
 
 import functools
 import os

@@ -12,7 +12,7 @@ DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
 def np_fake_quant(x, bits, axis=None):
-  """Reference min-max quantizer of METHOD.md, in float32 NumPy.
+  """Reference min-max quantizer of docs/method.md, in float32 NumPy.
 
   Args:
     x: array.

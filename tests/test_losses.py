@@ -1,4 +1,4 @@
-"""Tests for dtq_jax.losses against NumPy versions of METHOD.md's formulas."""
+"""Tests of dtq_jax.losses against NumPy versions of docs/method.md's terms."""
 
 import jax
 import jax.numpy as jnp

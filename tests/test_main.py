@@ -247,7 +247,7 @@ def test_paper_configs_load_and_validate(name, arg, tmp_path):
   assert config.bits_w == config.bits_a == (
       5 if '5bit' in arg else 32 if '32bit' in arg else 4)
   assert config.method == ('ft' if 'ft' in arg else 'dtq')
-  # METHOD.md: T = 60 for ResNet-50, 30 for MobileNetV2.
+  # docs/method.md: T = 60 for ResNet-50, 30 for MobileNetV2.
   assert step_lib.kl_temperature(config) == (30.0 if mobilenet else 60.0)
 
 

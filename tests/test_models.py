@@ -93,7 +93,7 @@ TORCHVISION_PARAM_COUNTS = {
     'mobilenet_v2': 3504872,
 }
 
-# The layer whose output each tap is (METHOD.md, "Feature maps used for
+# The layer whose output each tap is (docs/method.md, "Feature maps used for
 # transfer"): ResNet conv3 (Bottleneck) / conv2 (BasicBlock) of the last block
 # of each stage, before its BatchNorm; MobileNetV2 the projection BatchNorm
 # (torchvision's index 3 inside .conv) of blocks 5, 9, 13, 17.

@@ -1,7 +1,8 @@
 """Tests for dtq_jax.quant: the paper's min-max fake quantizer.
 
 Expected values are written out by hand or computed with NumPy from the
-formulas of METHOD.md ("Quantizer"), never by calling the implementation.
+formulas of docs/method.md ("The quantizer"), never by calling the
+implementation.
 """
 
 import functools
@@ -140,8 +141,8 @@ def test_numpy_integer_bits_accepted():
 # --------------------------------------------------------------------------
 # Gradients.
 #
-# Closed form (METHOD.md). With round's gradient the identity and the clip's
-# gradient the identity for every element, q_j = round(u_j) * s + lo with
+# Closed form (docs/method.md). With round's gradient the identity and the
+# clip's gradient the identity for every element, q_j = round(u_j) * s + lo with
 # u_j = (x_j - lo) / s gives
 #   dq_j = du_j * s + round(u_j) ds + dlo
 #        = (dx_j - dlo - u_j ds) + round(u_j) ds + dlo

@@ -6,8 +6,8 @@ converting pretrained weights is a table of name rules (see pretrained.py).
 Padding is explicit and symmetric as in PyTorch, so outputs match torchvision
 number for number.
 
-Quantization rules (METHOD.md): the stem convolution and the classifier stay
-full precision; every other convolution, the 1x1 shortcut included, quantizes
+Quantization rules (docs/method.md): the stem convolution and the classifier
+stay full precision; every other convolution, the 1x1 shortcut included, quantizes
 its kernel to ``bits_w`` and its input to ``bits_a`` bits.
 """
 
