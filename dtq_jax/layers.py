@@ -90,7 +90,8 @@ class QuantSettings:
     return dataclasses.asdict(self)
 
 
-def _normalize_padding(padding, ndim):
+def normalize_padding(padding, ndim):
+  """'SAME'/'VALID' unchanged; an int or pairs as ((lo, hi), ...) per dim."""
   if isinstance(padding, str):
     return padding
   if isinstance(padding, int):
@@ -116,11 +117,6 @@ def pair(value, name):
     raise ValueError(f'{name}={value!r}: QuantConv is 2-D; give an int or two '
                      'ints.')
   return value
-
-
-def normalize_padding(padding, ndim):
-  """'SAME'/'VALID' unchanged; an int or pairs as ((lo, hi), ...) per dim."""
-  return _normalize_padding(padding, ndim)
 
 
 def _depthwise_as_shifts(x, kernel, strides, pads):
@@ -271,7 +267,7 @@ class QuantConv(nn.Module):
     input_dilation = pair(self.input_dilation, 'input_dilation')
     kernel_dilation = pair(self.kernel_dilation, 'kernel_dilation')
     kernel_size = kernel.shape[:2]
-    pads = _normalize_padding(self.padding, 2)
+    pads = normalize_padding(self.padding, 2)
     # The rewrites cover undilated convolutions only; lax resolves 'SAME' with
     # dilations itself.
     if input_dilation == kernel_dilation == (1, 1):
