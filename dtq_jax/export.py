@@ -3,31 +3,52 @@
   python -m dtq_jax.export --workdir runs/fmnist/dtq --out model.dtq
   python -m dtq_jax.export --workdir runs/fmnist/dtq --out model.dtq --check
   python -m dtq_jax.export --out model.dtq --check
+  python -m dtq_jax.export --workdir runs/fmnist/dtq --format onnx \
+      --out model.onnx --check
 
 ``--workdir`` is the folder of a finished single-method run (``config.json``
-and ``seed_N/``); the student of its first seed (``--seed``), latest
-checkpoint (``--best``: the best one) is written to ``--out``. ``--check``
-runs the integer inference path (int_inference.py) of ``--out`` on the test
-set; with ``--workdir`` it also evaluates the checkpoint with fake
-quantization, static ranges (the exported ones) and dynamic ranges (the
-paper's), and reports how often the top-1 predictions agree.
+and ``seed_N/``, whose ``result.json`` marks it finished; an unfinished one
+needs ``--allow_unfinished``); the student of its first seed (``--seed``),
+latest checkpoint (``--best``: the best one) is written to ``--out``, as a
+``.dtq`` file (the default) or, with ``--format onnx`` (or an ``--out``
+ending in ``.onnx``), as an ONNX model (onnx_export.py). ``--check`` runs the
+exported model on the test set: the integer inference path
+(int_inference.py) of a ``.dtq``, onnxruntime for ONNX; with ``--workdir`` it
+also evaluates the checkpoint with fake quantization, static ranges (the
+exported ones) and dynamic ranges (the paper's), and reports how often the
+top-1 predictions agree. Bad files and runs are one-line errors (exit 2).
 
-File format (``.dtq``, version 1)
+Using an export from Python::
+
+  manifest, predict = export.load_integer_model('model.dtq')
+  logits = predict(images)  # float32 (N, H, W, C), preprocessed as below
+  names = [manifest['class_names'][i] for i in logits.argmax(-1)]
+
+File format (``.dtq``, version 2)
 ---------------------------------
 A safetensors file (https://github.com/huggingface/safetensors: an 8-byte
 little-endian header length, a JSON header naming every tensor's dtype, shape
 and byte range, then the raw little-endian data; no pickle). Its header
-metadata holds one entry, ``"dtq_manifest"``: a JSON document with
+metadata holds two entries: ``"dtq_manifest"``, a JSON document, and
+``"dtq_manifest_sha256"``, the SHA-256 of that document's text. The manifest
+has
 
-* ``format`` ("dtq-jax-export"), ``version`` (1);
+* ``format`` ("dtq-jax-export"), ``version`` (2; version 1 files, without
+  checksums, are refused: export the run again);
+* ``checksums``: per tensor, the SHA-256 of its dtype, shape and raw bytes
+  (``tensor_checksum``); the reader refuses a file whose tensors, ranges or
+  manifest do not match, and non-finite ranges;
+* ``class_names``: the target classes in output (logit) order;
 * ``model``: ``name``, ``kwargs`` (for ``models.create_model``), ``bits_w``,
   ``bits_a``, ``weight_range_axis`` (null: one kernel range per tensor; -1:
   per output channel), ``classifier_name``, ``num_classes`` (target),
   ``feature_dim``, ``image_shape``; the frozen *source* classifier is not
   exported (``source_classifier: "omitted"``);
-* ``preprocess``: ``image_size``, ``resize_to``, ``mean``, ``std``: the
-  network's input is ``(pixels / 255 - mean) / std`` after resizing and centre
-  cropping;
+* ``preprocess``: ``image_size``, ``resize_to``, ``mean``, ``std``,
+  ``layout`` ("NHWC"), ``dtype`` ("float32"): the network's input is
+  ``(pixels / 255 - mean) / std`` after resizing (shorter side to
+  ``resize_to``, if set) and centre cropping to ``image_size``; ``predict``
+  refuses integer pixels;
 * ``quantized_convs``: per quantized convolution (path as below): ``bits_w``,
   ``bits_a``, ``kernel_shape`` (HWIO), ``strides``, ``padding`` (pairs),
   ``groups``;
@@ -35,8 +56,8 @@ metadata holds one entry, ``"dtq_manifest"``: a JSON document with
 * ``activation_ranges``: where the static ranges come from (``source``:
   "training" or "calibration", ``stat``, ``batches``, ``batch_size``,
   ``images``);
-* ``sizes`` (bytes), ``source`` (workdir, seed, checkpoint, step) and the
-  run's ``config``.
+* ``sizes`` (bytes), ``source`` (workdir, seed, checkpoint, step, and
+  ``finished``: whether the run had finished) and the run's ``config``.
 
 Tensors are named ``<collection>/<module path>/<name>``:
 
@@ -58,14 +79,16 @@ Tensors are named ``<collection>/<module path>/<name>``:
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import sys
 import time
 
-import flax.linen as nn
+from flax import errors as flax_errors
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -74,17 +97,23 @@ import orbax.checkpoint as ocp
 from safetensors import safe_open
 import safetensors.numpy
 
+from dtq_jax import errors
 from dtq_jax import files
 from dtq_jax import int_inference
 from dtq_jax import layers
 from dtq_jax import networks
+from dtq_jax import onnx_export
 from dtq_jax import quant
 from dtq_jax import static_ranges
 
 FORMAT = 'dtq-jax-export'
-VERSION = 1
+VERSION = 2
 MANIFEST_KEY = 'dtq_manifest'
+MANIFEST_CHECKSUM_KEY = 'dtq_manifest_sha256'
 CONFIG = 'config.json'
+RESULT = 'result.json'
+FORMATS = ('dtq', 'onnx')
+FILE_MODE = 0o644  # Exports are read by others: not the temp file's 0600.
 
 
 # --------------------------------------------------------------------------
@@ -169,10 +198,16 @@ def restore_state(run_dir, best=False):
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {run_dir}.')
   # Onto this process's first device, wherever the checkpoint was written.
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(
-          fallback_sharding=jax.sharding.SingleDeviceSharding(
-              jax.local_devices()[0]))))
+  # A damaged step folder fails inside Orbax with a message that names no
+  # file (e.g. a JSON decoding error): say which one.
+  with errors.user_errors(
+      f'cannot read checkpoint {mngr.directory}/{step} (damaged or '
+      'incomplete; move it aside to export the step before it)',
+      (ValueError, OSError, KeyError, TypeError)):
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(
+            fallback_sharding=jax.sharding.SingleDeviceSharding(
+                jax.local_devices()[0]))))
   state = jax.device_get(dict(restored.state))
   return state, int(step)
 
@@ -323,8 +358,13 @@ def student_tensors(student, variables, head_params, ranges, image_shape):
       if path not in flat_ranges:
         raise ValueError(f'no activation range for {path}.')
       for end in ('lo', 'hi'):
-        tensors[f'{layers.RANGES}/backbone/{path}/{end}'] = np.asarray(
-            flat_ranges[path][end], np.float32).reshape(())
+        value = np.asarray(flat_ranges[path][end], np.float32).reshape(())
+        if not np.isfinite(value):
+          raise ValueError(f'the activation range of {path} is {end}='
+                           f'{value}; a non-finite range cannot be exported '
+                           '(the run diverged, or calibrate again with '
+                           '--recalibrate).')
+        tensors[f'{layers.RANGES}/backbone/{path}/{end}'] = value
   for name, value in flat_params.items():
     tensors[f'params/backbone/{name}'] = np.asarray(value, np.float32)
   for name, value in traverse_util.flatten_dict(variables['batch_stats'],
@@ -345,9 +385,81 @@ def student_tensors(student, variables, head_params, ranges, image_shape):
   return tensors, packed, convs, sizes
 
 
+def tensor_checksum(array):
+  """SHA-256 (hex) of an array's dtype, shape and row-major bytes."""
+  array = np.asarray(array, order='C')
+  digest = hashlib.sha256(f'{array.dtype.str}{list(array.shape)}'.encode())
+  digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def make_export(student, variables, head_params, ranges, image_shape, *,
+                name, kwargs, bits_w, bits_a, preprocess, class_names,
+                activation_ranges, source=None, config=None):
+  """The tensors and manifest of an export (see the module docstring).
+
+  Args:
+    student: the (dynamic-range) student module.
+    variables: its ``{'params', 'batch_stats'}`` (source classifier
+      included; it is not exported).
+    head_params: the target classifier's parameters.
+    ranges: the static activation ranges (``'quant_ranges'`` tree).
+    image_shape: (H, W, C) of one input image.
+    name: the model's name for ``models.create_model``.
+    kwargs: the model's further ``create_model`` arguments.
+    bits_w: the student's weight bits.
+    bits_a: the student's activation bits.
+    preprocess: the manifest's ``preprocess`` entry.
+    class_names: the target classes in output order.
+    activation_ranges: where the ranges come from (manifest entry).
+    source: the run, step and checkpoint exported (manifest entry).
+    config: the run's config dict.
+
+  Returns:
+    ``(tensors, manifest)``: name -> numpy array (codes packed), and the
+    manifest with the tensors' checksums.
+  """
+  classifier = student.classifier_name
+  num_classes = int(np.asarray(head_params['fc']['kernel']).shape[-1])
+  if class_names is not None and len(class_names) != num_classes:
+    raise ValueError(f'{len(class_names)} class names for a classifier of '
+                     f'{num_classes} outputs.')
+  tensors, packed, convs, sizes = student_tensors(student, variables,
+                                                  head_params, ranges,
+                                                  image_shape)
+  axes = {c['weight_range_axis'] for c in convs.values()}
+  manifest = dict(
+      format=FORMAT, version=VERSION,
+      model=dict(name=name, kwargs=dict(kwargs or {}), bits_w=bits_w,
+                 bits_a=bits_a,
+                 weight_range_axis=axes.pop() if len(axes) == 1 else None,
+                 classifier_name=classifier, source_classifier='omitted',
+                 num_classes=num_classes,
+                 feature_dim=int(np.asarray(
+                     head_params['fc']['kernel']).shape[0]),
+                 image_shape=list(image_shape)),
+      class_names=None if class_names is None else list(class_names),
+      preprocess=dict(preprocess, layout='NHWC', dtype='float32'),
+      quantized_convs=convs, packed=packed,
+      activation_ranges=activation_ranges, sizes=sizes, source=source or {},
+      config=config or {},
+      checksums={k: tensor_checksum(v) for k, v in tensors.items()})
+  return tensors, manifest
+
+
+def output_format(path, fmt=None):
+  """'dtq' or 'onnx': ``fmt`` if given, else from the file name."""
+  if fmt is None:
+    return 'onnx' if str(path).lower().endswith('.onnx') else 'dtq'
+  if fmt not in FORMATS:
+    raise ValueError(f'--format {fmt!r}; allowed: {", ".join(FORMATS)}.')
+  return fmt
+
+
 def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
                calibration_batch_size=0, calibration_stat='minmax',
-               recalibrate=False, data=None, verbose=True):
+               recalibrate=False, data=None, verbose=True, fmt=None,
+               allow_unfinished=False):
   """Writes the student of a finished run to ``out`` (see module docstring).
 
   Args:
@@ -359,12 +471,23 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
     calibration_batch_size: 0: the config's eval batch size.
     calibration_stat: 'minmax', 'mean' or 'ema'.
     recalibrate: calibrate even if the run collected ranges in training.
-    data: preloaded ``datasets.Data`` (loaded from the config if needed).
+    data: preloaded ``datasets.Data`` (loaded from the config if needed: for
+      the class names, and to calibrate).
     verbose: print a summary.
+    fmt: 'dtq' or 'onnx' (None: 'onnx' for an ``out`` ending in .onnx).
+    allow_unfinished: export a repeat without ``result.json`` (its newest
+      checkpoint; the manifest records ``source.finished = false``).
 
   Returns:
     The manifest, with ``sizes['file_bytes']`` added.
+
+  Raises:
+    ValueError: an unfinished run, a folder as ``out``, bad ranges.
+    FileNotFoundError: no run in ``workdir``.
   """
+  fmt = output_format(out, fmt)
+  if os.path.isdir(out):
+    raise ValueError(f'--out {out} is a folder; name the file to write.')
   config = load_config(workdir)
   seeds = seed_dirs(workdir)
   if not seeds:
@@ -372,11 +495,15 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
   seed = min(seeds) if seed is None else seed
   if seed not in seeds:
     raise ValueError(f'no seed_{seed} in {workdir} (have {list(seeds)}).')
+  finished = os.path.exists(os.path.join(seeds[seed], RESULT))
+  if not finished and not allow_unfinished:
+    raise ValueError(f'{seeds[seed]} has no {RESULT}: the run did not '
+                     'finish. Resume it, or export its newest checkpoint '
+                     'with --allow_unfinished.')
   state, step = restore_state(seeds[seed], best)
   params = state['params']
   head = params['head']
   num_classes = int(np.asarray(head['fc']['kernel']).shape[-1])
-  feature_dim = int(np.asarray(head['fc']['kernel']).shape[0])
   nets = networks.build_networks(
       config, num_classes,
       networks.num_source_classes({'params': params['backbone']}))
@@ -385,6 +512,7 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
                'batch_stats': state['batch_stats']}
   image_shape = _image_shape(student, variables, config.dataset.image_size)
   bits_w, bits_a = networks.student_bits(config)
+  data = data or _load_data(config)
 
   ranges = state.get(layers.RANGES)
   if (ranges and static_ranges.has_collected_ranges(ranges) and
@@ -398,42 +526,48 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
         calibration_batch_size, calibration_stat, data)
   else:
     ranges, range_info = {}, dict(source='none')
-  tensors, packed, convs, sizes = student_tensors(student, variables, head,
-                                                  ranges, image_shape)
+  d = config.dataset
+  tensors, manifest = make_export(
+      student, variables, head, ranges, image_shape, name=config.model,
+      kwargs=config.get('model_kwargs', {}) or {}, bits_w=bits_w,
+      bits_a=bits_a,
+      preprocess=dict(image_size=d.image_size,
+                      resize_to=d.resize_to or None, mean=list(d.mean),
+                      std=list(d.std)),
+      class_names=list(data.train.class_names), activation_ranges=range_info,
+      source=dict(workdir=os.path.abspath(workdir), seed=seed,
+                  checkpoint='best' if best else 'latest', step=step,
+                  finished=finished),
+      config=config.to_dict())
   ckpt_dir = os.path.join(seeds[seed], 'best' if best else 'checkpoints',
                           str(step))
-  sizes['training_checkpoint_bytes'] = (
+  manifest['sizes']['training_checkpoint_bytes'] = (
       _dir_bytes(ckpt_dir) if os.path.isdir(ckpt_dir) else None)
-  d = config.dataset
-  axes = {c['weight_range_axis'] for c in convs.values()}
-  manifest = dict(
-      format=FORMAT, version=VERSION,
-      model=dict(name=config.model,
-                 kwargs=dict(config.get('model_kwargs', {}) or {}),
-                 bits_w=bits_w, bits_a=bits_a,
-                 weight_range_axis=axes.pop() if len(axes) == 1 else None,
-                 classifier_name=student.classifier_name,
-                 source_classifier='omitted', num_classes=num_classes,
-                 feature_dim=feature_dim, image_shape=list(image_shape)),
-      preprocess=dict(image_size=d.image_size, resize_to=d.resize_to or None,
-                      mean=list(d.mean), std=list(d.std)),
-      quantized_convs=convs, packed=packed, activation_ranges=range_info,
-      sizes=sizes,
-      source=dict(workdir=os.path.abspath(workdir), seed=seed,
-                  checkpoint='best' if best else 'latest', step=step),
-      config=config.to_dict())
-  write(out, tensors, manifest)
+  if fmt == 'onnx':
+    write_onnx(out, manifest, tensors)
+  else:
+    write(out, tensors, manifest)
   manifest['sizes']['file_bytes'] = os.path.getsize(out)
   if verbose:
-    print(format_sizes(manifest, out))
+    print(format_sizes(manifest, out, fmt))
   return manifest
 
 
-def format_sizes(manifest, path):
+def format_sizes(manifest, path, fmt='dtq'):
   s = manifest['sizes']
+  m = manifest['model']
+  if fmt == 'onnx':
+    return (f'{path}: {s["file_bytes"]:,} bytes (ONNX opset '
+            f'{onnx_export.OPSET}, {len(manifest["quantized_convs"])} '
+            f'quantized convolutions, {m["bits_w"]}-bit weights stored as '
+            f'{np.dtype(onnx_export.code_dtype(m["bits_w"])).name} codes); '
+            f'the same tensors in float32: '
+            f'{s["float32_same_tensors_bytes"]:,} bytes '
+            f'({s["float32_same_tensors_bytes"] / s["file_bytes"]:.2f}x the '
+            'file)')
   lines = [f'{path}: {s["file_bytes"]:,} bytes '
            f'({len(manifest["quantized_convs"])} quantized convolutions, '
-           f'{manifest["model"]["bits_w"]}-bit weights packed: '
+           f'{m["bits_w"]}-bit weights packed: '
            f'{s["packed_kernel_bytes"]:,} bytes for '
            f'{s["float32_kernel_bytes"]:,} bytes of float32 kernels)',
            f'  the same tensors in float32: '
@@ -453,8 +587,21 @@ def format_sizes(manifest, path):
 # The file.
 
 
+def _replace(tmp, path):
+  """Gives ``tmp`` the exports' mode and renames it to ``path``."""
+  os.chmod(tmp, FILE_MODE)
+  os.replace(tmp, path)
+
+
 def write(path, tensors, manifest):
-  """Writes tensors and manifest as one safetensors file, atomically."""
+  """Writes tensors and manifest as one safetensors file, atomically.
+
+  The manifest's ``checksums`` are (re)computed from ``tensors``, and the
+  manifest's own checksum is stored beside it.
+  """
+  manifest = dict(manifest, checksums={
+      k: tensor_checksum(v) for k, v in tensors.items()})
+  text = json.dumps(manifest, sort_keys=True)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   tmp = f'{path}.tmp.{os.getpid()}'
@@ -463,15 +610,75 @@ def write(path, tensors, manifest):
         # order='C', not np.ascontiguousarray: that turns 0-d ranges into
         # shape (1,), and the format says shape ().
         {k: np.asarray(v, order='C') for k, v in tensors.items()}, tmp,
-        metadata={MANIFEST_KEY: json.dumps(manifest, sort_keys=True)})
-    os.replace(tmp, path)
+        metadata={MANIFEST_KEY: text,
+                  MANIFEST_CHECKSUM_KEY: hashlib.sha256(
+                      text.encode()).hexdigest()})
+    _replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
 
 
+def variables_of(manifest, arrays):
+  """Unpacks the codes of ``arrays`` (name -> array) into nested variables."""
+  arrays = dict(arrays)
+  for name, info in manifest['packed'].items():
+    shape = tuple(info['shape'])
+    arrays[name] = unpack(arrays[name], info['bits'],
+                          math.prod(shape)).reshape(shape)
+  return traverse_util.unflatten_dict(arrays, sep='/')
+
+
+def write_onnx(path, manifest, tensors):
+  """Writes the ONNX model of an export (onnx_export.py), atomically."""
+  model = onnx_export.build_model(manifest, variables_of(manifest, tensors))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp.{os.getpid()}'
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(model.SerializeToString())
+    _replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _verify(path, manifest, arrays):
+  """Raises ValueError unless tensors and manifest agree (see the format)."""
+  sums = manifest.get('checksums') or {}
+  for name in sorted(set(sums) - set(arrays)):
+    raise ValueError(f'{path}: tensor {name} is missing.')
+  for name in sorted(set(arrays) - set(sums)):
+    raise ValueError(f'{path}: tensor {name} is not in the manifest.')
+  for name in sorted(sums):
+    if tensor_checksum(arrays[name]) != sums[name]:
+      raise ValueError(f'{path}: tensor {name} does not match its checksum '
+                       '(the file is damaged).')
+  m = manifest['model']
+  for conv, info in manifest['quantized_convs'].items():
+    if info['bits_w'] != quant.FULL_PRECISION:
+      name = f'{int_inference.INT_WEIGHTS}/backbone/{conv}/codes'
+      packed = manifest['packed'].get(name)
+      if (packed is None or packed['bits'] != info['bits_w'] or
+          info['bits_w'] != m['bits_w'] or
+          list(packed['shape']) != list(info['kernel_shape'])):
+        raise ValueError(
+            f'{path}: the manifest contradicts itself about {conv} (model '
+            f'bits_w={m["bits_w"]}, layer bits_w={info["bits_w"]}, stored '
+            f'codes {packed}, kernel {info["kernel_shape"]}).')
+    if info['bits_a'] != quant.FULL_PRECISION and info['bits_a'] != m[
+        'bits_a']:
+      raise ValueError(f'{path}: the manifest contradicts itself about '
+                       f'{conv} (model bits_a={m["bits_a"]}, layer bits_a='
+                       f'{info["bits_a"]}).')
+  for name, value in arrays.items():
+    if (name.startswith((int_inference.INT_WEIGHTS, layers.RANGES)) and
+        name.endswith(('/lo', '/hi')) and not np.all(np.isfinite(value))):
+      raise ValueError(f'{path}: range {name} is not finite.')
+
+
 def read(path):
-  """Reads an exported model.
+  """Reads an exported model, verifying it.
 
   Args:
     path: a ``.dtq`` file.
@@ -481,54 +688,154 @@ def read(path):
     ``{'params': {'backbone', 'head'}, 'batch_stats': {'backbone'},
     'int_weights': {'backbone'}, 'quant_ranges': {'backbone'}}`` with the
     codes unpacked (uint8 arrays of the kernel shapes).
+
+  Raises:
+    ValueError: the file is no readable ``.dtq`` of this version, or its
+      tensors, ranges or manifest do not match (one line, naming the file).
   """
-  with safe_open(path, framework='np') as f:
-    metadata = f.metadata() or {}
-    if MANIFEST_KEY not in metadata:
-      raise ValueError(f'{path} has no {MANIFEST_KEY}; not a dtq export.')
-    manifest = json.loads(metadata[MANIFEST_KEY])
-    arrays = {k: f.get_tensor(k) for k in f.keys()}
+  if os.path.isdir(path):
+    raise ValueError(f'{path} is a folder, not a .dtq file.')
+  try:
+    with safe_open(path, framework='np') as f:
+      metadata = f.metadata() or {}
+      arrays = {k: f.get_tensor(k) for k in f.keys()}
+  except (safetensors.SafetensorError, OSError) as e:
+    if isinstance(e, FileNotFoundError):
+      raise
+    raise ValueError(f'{path} is not a readable .dtq file (truncated or not '
+                     f'an export): {e}') from e
+  if MANIFEST_KEY not in metadata:
+    raise ValueError(f'{path} has no {MANIFEST_KEY}; not a dtq export.')
+  text = metadata[MANIFEST_KEY]
+  try:
+    manifest = json.loads(text)
+  except ValueError as e:
+    raise ValueError(f'{path}: its manifest is not JSON ({e}).') from e
   if manifest.get('format') != FORMAT or manifest.get('version') != VERSION:
     raise ValueError(f'{path}: format {manifest.get("format")!r} version '
                      f'{manifest.get("version")!r}; this reader takes '
-                     f'{FORMAT!r} version {VERSION}.')
-  for name, info in manifest['packed'].items():
-    shape = tuple(info['shape'])
-    arrays[name] = unpack(arrays[name], info['bits'],
-                          math.prod(shape)).reshape(shape)
-  variables = traverse_util.unflatten_dict(arrays, sep='/')
+                     f'{FORMAT!r} version {VERSION} (export the run again).')
+  if hashlib.sha256(text.encode()).hexdigest() != metadata.get(
+      MANIFEST_CHECKSUM_KEY):
+    raise ValueError(f'{path}: the manifest does not match its checksum '
+                     '(edited or damaged).')
+  try:
+    _verify(path, manifest, arrays)
+    variables = variables_of(manifest, arrays)
+  except (KeyError, TypeError) as e:
+    raise ValueError(f'{path}: the manifest does not fit the file '
+                     f'({type(e).__name__}: {e}).') from e
+  except ValueError as e:
+    raise ValueError(str(e) if str(e).startswith(str(path)) else
+                     f'{path}: {e}') from e
   return manifest, variables
 
 
 def load_integer_model(path):
-  """``(manifest, predict)``: ``predict(images) -> target logits``."""
+  """Loads a ``.dtq`` export for integer inference.
+
+  Example::
+
+    from dtq_jax import export
+    manifest, predict = export.load_integer_model('model.dtq')
+    # images: float32 (N, H, W, C), preprocessed as manifest['preprocess']
+    # says: (pixels / 255 - mean) / std after resizing and centre cropping.
+    logits = predict(images)
+    labels = [manifest['class_names'][i] for i in logits.argmax(-1)]
+
+  Args:
+    path: the ``.dtq`` file.
+
+  Returns:
+    ``(manifest, predict)``; ``predict(images) -> target logits`` (N,
+    num_classes), jitted; it raises TypeError for integer (e.g. uint8) pixels.
+
+  Raises:
+    ValueError: the file is damaged or not an export (see ``read``).
+  """
   manifest, variables = read(path)
-  return manifest, integer_predictor(manifest, variables)
+  try:
+    return manifest, integer_predictor(manifest, variables)
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from e
 
 
 def integer_predictor(manifest, variables):
-  """``predict(images) -> target logits`` of read (manifest, variables)."""
-  student, head = int_inference.build(manifest)
+  """``predict(images) -> target logits`` of read (manifest, variables).
+
+  Raises:
+    ValueError: the manifest's model does not fit the variables.
+  """
   m = manifest['model']
-  backbone = {col: tree['backbone'] for col, tree in variables.items()
-              if 'backbone' in tree}
-  backbone = int_inference.with_source_stub(backbone, m['classifier_name'],
-                                            m['feature_dim'])
-  head_params = variables['params']['head']
-  predict = int_inference.make_predict(student, head)
-  return lambda images: predict(backbone, head_params, images)
+  try:
+    student, head = int_inference.build(manifest)
+    backbone = {col: tree['backbone'] for col, tree in variables.items()
+                if 'backbone' in tree}
+    backbone = int_inference.with_source_stub(
+        backbone, m['classifier_name'], m['feature_dim'])
+    head_params = variables['params']['head']
+    predict = int_inference.make_predict(student, head)
+    # Fails here, not at the first prediction, if the model (name, kwargs,
+    # bits) does not fit the stored tensors.
+    jax.eval_shape(predict, backbone, head_params,
+                   jnp.zeros((1,) + tuple(m['image_shape']), jnp.float32))
+  except (TypeError, ValueError, KeyError, flax_errors.FlaxError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f'the manifest\'s model ({m.get("name")}, kwargs '
+                     f'{m.get("kwargs")}) does not fit the stored tensors: '
+                     f'{first}') from e
+
+  def checked(images):
+    dtype = getattr(images, 'dtype', None)
+    if dtype is None:
+      images = np.asarray(images)
+      dtype = images.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f'predict takes float images preprocessed as the manifest says '
+          f'((pixels / 255 - mean) / std, {manifest["preprocess"]}), not '
+          f'{dtype} pixels.')
+    return predict(backbone, head_params, images)
+
+  return checked
 
 
 # --------------------------------------------------------------------------
 # Checking.
 
 
+def _onnx_predictor(path):
+  """``(manifest, predict, ranges)`` of an ONNX export, with onnxruntime."""
+  import onnx  # pylint: disable=g-import-not-at-top
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path):
+    raise ValueError(f'{path} is a folder, not an ONNX file.')
+  try:
+    model = onnx.load(path)
+    manifest = onnx_export.read_manifest(model)
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=['CPUExecutionProvider'])
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # onnx and onnxruntime raise their own types for a damaged file.
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f'{path} is not a readable ONNX export: {first}') from e
+
+  def predict(images):
+    return session.run([onnx_export.OUTPUT], {
+        onnx_export.INPUT: np.asarray(images, np.float32)})[0]
+
+  return manifest, predict, onnx_export.ranges(model)
+
+
 def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
-          verbose=True):
-  """Evaluates the integer model of ``path`` on its task's test set.
+          verbose=True, fmt=None):
+  """Evaluates the exported model ``path`` on its task's test set.
 
   Args:
-    path: the exported model.
+    path: the exported model (``.dtq``: the integer path; ONNX:
+      onnxruntime).
     workdir: the run it came from; if given, the same checkpoint is also
       evaluated with fake quantization (static ranges as exported, and the
       paper's dynamic ranges) and the top-1 predictions are compared.
@@ -537,29 +844,43 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
     max_batches: stop after this many test batches (0: all).
     data: preloaded ``datasets.Data``.
     verbose: print the report.
+    fmt: 'dtq' or 'onnx' (None: from the file name).
 
   Returns:
-    A report dict (accuracies in %, agreements as fractions).
+    A report dict (accuracies in %, agreements as fractions); the exported
+    model's entry is ``'int'`` (``.dtq``) or ``'onnx'``.
   """
   from dtq_jax import datasets  # pylint: disable=g-import-not-at-top
-  manifest, exported = read(path)
-  predict_int = integer_predictor(manifest, exported)
+  fmt = output_format(path, fmt)
+  if fmt == 'onnx':
+    key = 'onnx'
+    manifest, predict_exported, exported_ranges = _onnx_predictor(path)
+  else:
+    key = 'int'
+    manifest, exported = read(path)
+    try:
+      predict_exported = integer_predictor(manifest, exported)
+    except ValueError as e:
+      raise ValueError(f'{path}: {e}') from e
+    exported_ranges = exported.get(layers.RANGES, {}).get('backbone', {})
   config = ml_collections.ConfigDict(manifest['config'])
   data = data or datasets.load(config)
   batch_size = batch_size or config.eval_batch_size
-  paths = {'int': predict_int}
+  paths = {key: predict_exported}
   if workdir is not None:
     src = manifest['source']
-    state, _ = restore_state(
-        seed_dirs(workdir)[src['seed']], src['checkpoint'] == 'best')
+    seeds = seed_dirs(workdir)
+    if src['seed'] not in seeds:
+      raise ValueError(f'{path} was exported from seed_{src["seed"]}, which '
+                       f'{workdir} does not have.')
+    state, _ = restore_state(seeds[src['seed']], src['checkpoint'] == 'best')
     params = state['params']
     nets = networks.build_networks(
         config, manifest['model']['num_classes'],
         networks.num_source_classes({'params': params['backbone']}))
     fq_vars = {'params': params['backbone'],
                'batch_stats': state['batch_stats']}
-    static_vars = dict(fq_vars, **{
-        layers.RANGES: exported[layers.RANGES]['backbone']})
+    static_vars = dict(fq_vars, **{layers.RANGES: exported_ranges})
     static = networks.make_predict(
         static_ranges.with_act_ranges(nets.student, 'static'), nets.head)
     dynamic = networks.make_predict(nets.student, nets.head)
@@ -583,22 +904,23 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
       preds[name].append(out[name].argmax(-1)[mask])
     if 'static_fake_quant' in out:
       logits_diff = max(logits_diff, float(np.abs(
-          out['int'] - out['static_fake_quant'])[mask].max()))
+          out[key] - out['static_fake_quant'])[mask].max()))
     labels.append(batch['label'][mask])
   labels = np.concatenate(labels)
   preds = {k: np.concatenate(v) for k, v in preds.items()}
-  report = dict(model=os.path.abspath(path), test_images=int(labels.size),
-                batch_size=batch_size, sizes=manifest['sizes'],
+  report = dict(model=os.path.abspath(path), format=fmt, exported=key,
+                test_images=int(labels.size), batch_size=batch_size,
+                sizes=manifest['sizes'], file_bytes=os.path.getsize(path),
                 activation_ranges=manifest['activation_ranges'])
   for name, p in preds.items():
     report[name] = dict(accuracy=100.0 * float(np.mean(p == labels)),
                         seconds=seconds[name])
   if workdir is not None:
-    report['agreement_int_vs_static'] = float(
-        np.mean(preds['int'] == preds['static_fake_quant']))
+    report[f'agreement_{key}_vs_static'] = float(
+        np.mean(preds[key] == preds['static_fake_quant']))
     report['agreement_static_vs_dynamic'] = float(
         np.mean(preds['static_fake_quant'] == preds['dynamic_fake_quant']))
-    report['max_abs_logit_diff_int_vs_static'] = logits_diff
+    report[f'max_abs_logit_diff_{key}_vs_static'] = logits_diff
   if verbose:
     print(format_report(report))
   return report
@@ -608,16 +930,19 @@ def format_report(report):
   lines = [f'{report["test_images"]} test images '
            f'(batch {report["batch_size"]}):']
   names = {'int': 'integer inference (exported)',
+           'onnx': 'ONNX, onnxruntime (exported)',
            'static_fake_quant': 'fake quant, static ranges',
            'dynamic_fake_quant': 'fake quant, dynamic ranges (paper)'}
   for key, label in names.items():
     if key in report:
       lines.append(f'  {label:38s} top-1 {report[key]["accuracy"]:.2f}%')
-  if 'agreement_int_vs_static' in report:
-    lines.append(f'  same top-1, integer vs static fake quant: '
-                 f'{100 * report["agreement_int_vs_static"]:.2f}% '
+  key = report.get('exported', 'int')
+  what = 'integer' if key == 'int' else 'ONNX'
+  if f'agreement_{key}_vs_static' in report:
+    lines.append(f'  same top-1, {what} vs static fake quant: '
+                 f'{100 * report[f"agreement_{key}_vs_static"]:.2f}% '
                  f'(max |logit difference| '
-                 f'{report["max_abs_logit_diff_int_vs_static"]:.2g})')
+                 f'{report[f"max_abs_logit_diff_{key}_vs_static"]:.2g})')
     lines.append(f'  same top-1, static vs dynamic fake quant: '
                  f'{100 * report["agreement_static_vs_dynamic"]:.2f}%')
   return '\n'.join(lines)
@@ -627,18 +952,26 @@ def main(argv=None):
   parser = argparse.ArgumentParser(
       prog='python -m dtq_jax.export',
       description='Export a trained DTQ student as packed integer weights '
-      '(--workdir, --out) and/or evaluate the integer model (--check).')
+      '(.dtq) or ONNX (--workdir, --out) and/or evaluate the exported model '
+      '(--check).')
   parser.add_argument('--workdir', help='folder of a finished single-method '
                       'run (config.json, seed_N/); exports its student')
-  parser.add_argument('--out', required=True, help='the .dtq file')
+  parser.add_argument('--out', required=True,
+                      help='the .dtq (or .onnx) file')
+  parser.add_argument('--format', choices=FORMATS, default=None,
+                      help='dtq (the default) or onnx; default: onnx for an '
+                      '--out ending in .onnx')
   parser.add_argument('--check', action='store_true',
-                      help='evaluate the integer model on the test set (and '
+                      help='evaluate the exported model on the test set (and '
                       'compare with fake quantization when --workdir is '
                       'given)')
   parser.add_argument('--seed', type=int, default=None,
                       help='which repeat (default: the first)')
   parser.add_argument('--best', action='store_true',
                       help='export the best checkpoint, not the latest')
+  parser.add_argument('--allow_unfinished', action='store_true',
+                      help='export a run without result.json (its newest '
+                      'checkpoint; the manifest records the step)')
   parser.add_argument('--calibration_batches', type=int, default=0,
                       help='training batches for the static ranges (0: the '
                       'whole training split)')
@@ -659,14 +992,16 @@ def main(argv=None):
                  calibration_batches=args.calibration_batches,
                  calibration_batch_size=args.calibration_batch_size,
                  calibration_stat=args.calibration_stat,
-                 recalibrate=args.recalibrate)
+                 recalibrate=args.recalibrate, fmt=args.format,
+                 allow_unfinished=args.allow_unfinished)
     if args.check:
       report = check(args.out, args.workdir,
-                     max_batches=args.max_eval_batches)
+                     max_batches=args.max_eval_batches, fmt=args.format)
       if args.report:
         files.write_json(args.report, report)
-  except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
+  except (errors.UserError, ValueError, OSError) as e:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f'error: {first}', file=sys.stderr)
     return 2
   return 0
 

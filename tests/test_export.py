@@ -1,12 +1,18 @@
 """Export to packed integers, and the integer inference path."""
 
+import hashlib
 import json
 import math
+import os
+import shutil
+import stat
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
+import safetensors.numpy
 
 from dtq_jax import config_validation
 from dtq_jax import experiment
@@ -208,3 +214,172 @@ def test_export_refuses_a_folder_without_a_run(tmp_path, capsys):
   assert export.main(['--workdir', str(tmp_path), '--out',
                       str(tmp_path / 'm.dtq')]) == 2
   assert 'config.json' in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# The interface of the file, and its integrity.
+
+
+@pytest.fixture(scope='module')
+def exported(tiny_run, tmp_path_factory):
+  """The tiny run exported once: ``(path, manifest, tensors)``."""
+  path = str(tmp_path_factory.mktemp('exported') / 'model.dtq')
+  old_umask = os.umask(0o077)  # The file's mode must not depend on it.
+  try:
+    assert export.main(['--workdir', tiny_run, '--out', path]) == 0
+  finally:
+    os.umask(old_umask)
+  with safetensors.safe_open(path, framework='np') as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+    manifest = json.loads(f.metadata()[export.MANIFEST_KEY])
+  return path, manifest, tensors
+
+
+def test_manifest_names_classes_and_preprocessing(exported):
+  path, manifest, _ = exported
+  assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+  assert manifest['version'] == 2
+  assert manifest['class_names'] == ['class0', 'class1', 'class2']
+  assert manifest['preprocess'] == dict(
+      image_size=16, resize_to=18, mean=manifest['preprocess']['mean'],
+      std=manifest['preprocess']['std'], layout='NHWC', dtype='float32')
+  assert manifest['source']['finished'] is True
+  assert manifest['source']['step'] > 0
+  assert set(manifest['checksums']) == set(exported[2])
+  _, predict = export.load_integer_model(path)
+  with pytest.raises(TypeError, match='uint8 pixels'):
+    predict(np.zeros((1, 16, 16, 3), np.uint8))
+  assert predict(np.zeros((1, 16, 16, 3), np.float32)).shape == (1, 3)
+
+
+def _header(path):
+  with open(path, 'rb') as f:
+    data = f.read()
+  n = int.from_bytes(data[:8], 'little')
+  return data, 8 + n, json.loads(data[8:8 + n])
+
+
+def _patched(path, out, name, new_bytes):
+  """``path`` with tensor ``name``'s first bytes overwritten in place."""
+  data, start, header = _header(path)
+  offset = start + header[name]['data_offsets'][0]
+  data = data[:offset] + new_bytes + data[offset + len(new_bytes):]
+  with open(out, 'wb') as f:
+    f.write(data)
+
+
+def _damage(kind, exported, out):
+  """Writes a damaged or inconsistent copy of the export to ``out``."""
+  path, manifest, tensors = exported
+  codes = sorted(k for k in tensors if k.endswith('/codes'))[0]
+  act_lo = sorted(k for k in tensors if k.startswith('quant_ranges/') and
+                  k.endswith('/lo'))[0]
+  meta = {export.MANIFEST_KEY: json.dumps(manifest, sort_keys=True)}
+  meta[export.MANIFEST_CHECKSUM_KEY] = hashlib.sha256(
+      meta[export.MANIFEST_KEY].encode()).hexdigest()
+  if kind == 'flipped_code_bytes':
+    flipped = bytes(255 - b for b in tensors[codes][:16].tobytes())
+    _patched(path, out, codes, flipped)
+  elif kind == 'nan_range_bytes':
+    _patched(path, out, act_lo, np.float32(np.nan).tobytes())
+  elif kind == 'nan_range_rewritten':
+    export.write(out, dict(tensors, **{act_lo: np.float32(np.nan)}), manifest)
+  elif kind == 'manifest_edited':  # 2 bits over 4-bit codes, checksum old.
+    edited = json.loads(meta[export.MANIFEST_KEY])
+    edited['model']['bits_w'] = 2
+    safetensors.numpy.save_file(tensors, out, metadata={
+        export.MANIFEST_KEY: json.dumps(edited, sort_keys=True),
+        export.MANIFEST_CHECKSUM_KEY: meta[export.MANIFEST_CHECKSUM_KEY]})
+  elif kind == 'manifest_bits_rewritten':  # The same, checksums recomputed.
+    edited = json.loads(meta[export.MANIFEST_KEY])
+    edited['model']['bits_w'] = 2
+    for info in edited['quantized_convs'].values():
+      info['bits_w'] = 2
+    export.write(out, tensors, edited)
+  elif kind == 'missing_tensor':
+    safetensors.numpy.save_file(
+        {k: v for k, v in tensors.items() if k != codes}, out, metadata=meta)
+  elif kind == 'kwargs_do_not_fit':
+    edited = json.loads(meta[export.MANIFEST_KEY])
+    edited['model']['kwargs'] = dict(widths=[8, 8, 8, 8])
+    export.write(out, tensors, edited)
+  elif kind == 'truncated':
+    with open(path, 'rb') as f:
+      data = f.read()
+    with open(out, 'wb') as f:
+      f.write(data[:len(data) // 2])
+  elif kind == 'garbage':
+    with open(out, 'wb') as f:
+      f.write(np.random.default_rng(0).bytes(5000))
+  else:
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize('kind,message', [
+    ('flipped_code_bytes', 'does not match its checksum'),
+    ('nan_range_bytes', 'does not match its checksum'),
+    ('nan_range_rewritten', 'is not finite'),
+    ('manifest_edited', 'manifest does not match its checksum'),
+    ('manifest_bits_rewritten', 'contradicts itself'),
+    ('missing_tensor', 'is missing'),
+    ('kwargs_do_not_fit', 'does not fit the stored tensors'),
+    ('truncated', 'not a readable .dtq file'),
+    ('garbage', 'not a readable .dtq file'),
+])
+def test_damaged_export_is_refused_in_one_line(exported, tmp_path, capsys,
+                                               kind, message):
+  out = str(tmp_path / 'damaged.dtq')
+  _damage(kind, exported, out)
+  with pytest.raises(ValueError, match=message):
+    export.load_integer_model(out)
+  assert export.main(['--out', out, '--check']) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('error: ') and len(err.splitlines()) == 1, err
+  assert message in err and out in err
+
+
+def test_export_refuses_a_folder_as_out(tiny_run, tmp_path, capsys):
+  assert export.main(['--workdir', tiny_run, '--out', str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert 'is a folder' in err and len(err.splitlines()) == 1
+
+
+def _copy_run(tiny_run, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(tiny_run, workdir)
+  (seed,) = export.seed_dirs(workdir).values()
+  return workdir, seed
+
+
+def test_unfinished_run_needs_allow_unfinished(tiny_run, tmp_path, capsys):
+  workdir, seed = _copy_run(tiny_run, tmp_path)
+  os.remove(os.path.join(seed, 'result.json'))
+  out = str(tmp_path / 'model.dtq')
+  assert export.main(['--workdir', workdir, '--out', out]) == 2
+  err = capsys.readouterr().err.strip()
+  assert 'did not finish' in err and '--allow_unfinished' in err
+  assert not os.path.exists(out)
+  assert export.main(['--workdir', workdir, '--out', out,
+                      '--allow_unfinished']) == 0
+  manifest, _ = export.read(out)
+  assert manifest['source']['finished'] is False
+  steps = [int(s) for s in os.listdir(os.path.join(seed, 'checkpoints'))
+           if s.isdigit()]
+  assert manifest['source']['step'] == max(steps)
+
+
+def test_garbage_newest_checkpoint_is_one_line(tiny_run, tmp_path, capsys):
+  workdir, seed = _copy_run(tiny_run, tmp_path)
+  ckpts = os.path.join(seed, 'checkpoints')
+  last = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
+  garbage = os.path.join(ckpts, str(last + 100))
+  shutil.copytree(os.path.join(ckpts, str(last)), garbage)
+  for root, _, names in os.walk(garbage):
+    for name in names:
+      with open(os.path.join(root, name), 'w') as f:
+        f.write('garbage')
+  assert export.main(['--workdir', workdir,
+                      '--out', str(tmp_path / 'm.dtq')]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  assert 'cannot read checkpoint' in err and str(last + 100) in err
