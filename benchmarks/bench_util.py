@@ -14,6 +14,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,16 +95,17 @@ def parse_bits(text):
   return int(parts[0]), int(parts[1])
 
 
-def add_step_args(parser, models, variants):
+def add_step_args(parser, models, variants, allocator='keep'):
   """The options train_step.py and torch_reference.py share.
 
-  --model, --bits, --steps, --warmup, --rounds and --variants; checked by
-  ``check_model_variant_args`` after parsing.
+  --model, --bits, --steps, --warmup, --rounds, --variants, --allocator and
+  --take_turns; checked by ``check_model_variant_args`` after parsing.
 
   Args:
     parser: an argparse parser.
     models: allowed model names.
     variants: allowed variant names (all by default).
+    allocator: the default of --allocator (``dtq_jax.allocator`` mode).
   """
   parser.add_argument('--model', default='resnet50',
                       help='comma-separated: ' + ', '.join(models))
@@ -120,6 +122,17 @@ def add_step_args(parser, models, variants):
                       'steps)')
   parser.add_argument('--variants', default=','.join(variants),
                       help='comma-separated subset of ' + ', '.join(variants))
+  parser.add_argument('--allocator', default=allocator,
+                      choices=('keep', 'default'),
+                      help='dtq_jax.allocator mode: keep (glibc keeps freed '
+                      'memory, main.py\'s default) or default (glibc as it '
+                      f'is); default {allocator}; $DTQ_ALLOCATOR wins')
+  parser.add_argument('--take_turns', default=None, metavar='FILE:ME:NEXT',
+                      help='time each round only when FILE holds ME, then '
+                      'write NEXT into it: processes started with the same '
+                      'FILE time their rounds alternately (e.g. JAX and '
+                      'PyTorch, FILE:jax:torch and FILE:torch:jax, one of '
+                      'them named in FILE at start)')
 
 
 def check_model_variant_args(parser, args, models, variants):
@@ -141,6 +154,21 @@ def check_model_variant_args(parser, args, models, variants):
     setattr(args, flag, names)
   if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
     parser.error('--steps and --rounds must be >= 1 and --warmup >= 0')
+  if args.take_turns is not None:
+    parts = args.take_turns.rsplit(':', 2)
+    if len(parts) != 3 or not all(parts):
+      parser.error(f'--take_turns {args.take_turns!r}: use FILE:ME:NEXT')
+    args.take_turns = tuple(parts)
+
+
+def configure_allocator(mode):
+  """Applies ``dtq_jax.allocator.configure(mode)``; returns its description.
+
+  Call it before the benchmark allocates its step (right after parsing).
+  """
+  add_repo_to_path()
+  from dtq_jax import allocator  # pylint: disable=g-import-not-at-top
+  return allocator.configure(mode)
 
 
 def machine_info(**extra):
@@ -171,16 +199,54 @@ def emit(record):
   print(json.dumps(record, sort_keys=False), flush=True)
 
 
-def time_rounds(model, variants, rounds, steps):
+# How long a process taking turns waits for its turn before giving up (the
+# other process may have died).
+TURN_TIMEOUT_S = 3 * 3600
+
+
+def _wait_for_turn(path, me):
+  start = time.monotonic()
+  while True:
+    try:
+      with open(path) as f:
+        if f.read().strip() == me:
+          return
+    except FileNotFoundError:
+      pass
+    if time.monotonic() - start > TURN_TIMEOUT_S:
+      sys.exit(f'--take_turns: {path} did not name {me!r} within '
+               f'{TURN_TIMEOUT_S} s')
+    time.sleep(0.2)
+
+
+def time_rounds(model, variants, rounds, steps, take_turns=None):
   """Times ``variants`` in turn, ``rounds`` times (``v.time_steps(steps)``).
 
   Interleaving spreads load changes of a shared machine over all variants.
+
+  Args:
+    model: the model's name (progress messages).
+    variants: objects with ``name`` and ``time_steps(steps)``.
+    rounds: how many times to time every variant.
+    steps: steps per variant and round.
+    take_turns: None, or (FILE, ME, NEXT): wait before each round until FILE
+      holds ME, write NEXT after it, so that processes time alternately.
+
+  Returns:
+    The load averages (1, 5, 15 min) at the start of each round.
   """
+  loads = []
   for r in range(rounds):
+    if take_turns:
+      _wait_for_turn(take_turns[0], take_turns[1])
+    loads.append(load_average())
     for v in variants:
       print(f'# {model} {v.name}: timing round {r + 1}/{rounds} ...',
             file=sys.stderr, flush=True)
       v.time_steps(steps)
+    if take_turns:
+      write_text_atomic(take_turns[0], take_turns[2])
+  return loads
 
 
 def fmt(value, digits=3):

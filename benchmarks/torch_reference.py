@@ -62,28 +62,47 @@ FULL_PRECISION = 32
 # Quantizer (METHOD.md, "Quantizer").
 
 
-def round_ste(u):
-  """round(u) in the forward pass, identity gradient (straight-through)."""
-  return u + (torch.round(u) - u).detach()
+class RoundClamp(torch.autograd.Function):
+  """round(clamp(u, 0, levels)) forward, identity backward (straight-through).
+
+  The authors' one clamp and their rounding as one autograd Function: with
+  ``u = (x - lo) / s`` the clamp to [0, levels] is their clip of ``x`` to
+  [lo, hi], a no-op on the tensor's own range, and like their framework's
+  clip it passes the identity gradient to every element, the min and max
+  included. (PyTorch 2's ``torch.clamp`` no longer does: with scalar bounds
+  it gives the bounds' elements no gradient, with tensor bounds half.)
+  """
+
+  @staticmethod
+  def forward(ctx, u, levels):  # pylint: disable=arguments-differ
+    del ctx
+    return torch.clamp(u, 0, levels).round_()
+
+  @staticmethod
+  def backward(ctx, grad):  # pylint: disable=arguments-differ
+    del ctx
+    return grad, None
 
 
 def fake_quant(x, bits):
   """Min-max asymmetric uniform fake quantization of the whole tensor.
 
-  lo and hi stay in the graph (amin/amax share the gradient of ties evenly);
-  the clip passes the identity gradient to every element and none to lo/hi;
-  a constant tensor (scale 0) is returned unchanged.
+  The authors' step: lo and hi by min/max in the autograd graph (ties share
+  their gradient evenly), s = (hi - lo) / (2**bits - 1), round(clamp(...))
+  with the identity gradient, then back to floats; the gradient METHOD.md
+  specifies follows by autograd. A constant tensor (s = 0) divides by 1
+  instead, so q = lo = x with the identity gradient, as
+  ``dtq_jax.quant.fake_quant`` returns it (a scalar ``where``, no extra pass
+  over the tensor).
   """
   if bits == FULL_PRECISION:
     return x
+  levels = 2**bits - 1
   lo = torch.amin(x)
   hi = torch.amax(x)
-  scale = (hi - lo) / (2**bits - 1)
-  degenerate = scale <= 0
-  safe_scale = torch.where(degenerate, torch.ones_like(scale), scale)
-  clipped = x + (torch.clamp(x, lo.detach(), hi.detach()) - x).detach()
-  q = round_ste((clipped - lo) / safe_scale) * safe_scale + lo
-  return torch.where(degenerate, x, q)
+  scale = (hi - lo) / levels
+  scale = torch.where(scale > 0, scale, 1.0)
+  return RoundClamp.apply((x - lo) / scale, levels) * scale + lo
 
 
 class QuantConv2d(nn.Conv2d):
@@ -273,7 +292,9 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  bench_util.add_step_args(p, MODELS, VARIANTS)
+  # PyTorch as its users run it: glibc's malloc left alone (--allocator=keep
+  # gives it the allocator setting of dtq-jax's main.py).
+  bench_util.add_step_args(p, MODELS, VARIANTS, allocator='default')
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--image_size', type=int, default=224)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
@@ -290,6 +311,7 @@ def parse_args(argv=None):
   p.add_argument('--out', default=None, help='Markdown report path')
   args = p.parse_args(argv)
   bench_util.check_model_variant_args(p, args, MODELS, VARIANTS)
+  args.allocator = bench_util.configure_allocator(args.allocator)
   return args
 
 
@@ -432,7 +454,7 @@ def main(argv=None):
       torch_threads=torch.get_num_threads(),
       mkldnn=torch.backends.mkldnn.is_available(), device=args.device,
       device_name=(torch.cuda.get_device_name() if args.device == 'cuda'
-                   else 'cpu'))
+                   else 'cpu'), allocator=args.allocator)
   print('# ' + ', '.join(f'{k}={v}' for k, v in info.items()),
         file=sys.stderr, flush=True)
   records = []
@@ -452,10 +474,12 @@ def main(argv=None):
                     device)
       var.warm_up()
       variants.append(var)
-    bench_util.time_rounds(model, variants, args.rounds, args.steps)
+    loads = bench_util.time_rounds(model, variants, args.rounds, args.steps,
+                                   args.take_turns)
     first = None
     for var in variants:
       rec = var.record()
+      rec['load_per_round'] = loads
       first = first or rec
       rec['time_ratio'] = round(rec['step_ms'] / first['step_ms'], 3)
       records.append(rec)

@@ -145,6 +145,8 @@ def parse_args(argv=None):
                  'backend name (e.g. results/train_step_{backend}.md)')
   args = p.parse_args(argv)
   bench_util.check_model_variant_args(p, args, MODELS, VARIANTS)
+  # As main.py, before the step's buffers exist.
+  args.allocator = bench_util.configure_allocator(args.allocator)
   sets = args.speedups.split(',')
   args.speedups = []
   for text in sets:
@@ -549,10 +551,12 @@ def measure_model(args, model, specs):
                   num_classes, num_source)
     v.warm_up()
     variants.append(v)
-  bench_util.time_rounds(model, variants, args.rounds, args.steps)
+  loads = bench_util.time_rounds(model, variants, args.rounds, args.steps,
+                                args.take_turns)
   records, first = [], None
   for v in variants:
     rec = v.record()
+    rec['load_per_round'] = loads
     v.release()
     if rec['nonfinite_steps']:
       print(f'# WARNING: {model} {v.name}: {rec["nonfinite_steps"]} '
@@ -577,7 +581,7 @@ def main(argv=None):
   info = bench_util.machine_info(
       jax=jax.__version__, backend=jax.default_backend(),
       device_kind=device.device_kind, device_count=n_dev,
-      xla_flags=os.environ.get('XLA_FLAGS', ''))
+      xla_flags=os.environ.get('XLA_FLAGS', ''), allocator=args.allocator)
   print('# ' + ', '.join(f'{k}={v}' for k, v in info.items()),
         file=sys.stderr, flush=True)
 
