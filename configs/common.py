@@ -46,7 +46,10 @@ def method_config():
       kl_weight=0.5,
       afa_weight=0.01,
       temperature=60.0,
-      attention='learned',  # 'learned' (paper) or 'uniform' (ablation).
+      # 'learned' (paper); ablations: 'uniform' (1/C) or 'reversed' (the
+      # attention maximises the AFA term, the student still minimises it).
+      attention='learned',
+      attention_entropy_weight=0.0,  # > 0: loss -= it * sum of entropies.
       afa_normalization='final',  # 'final' (authors' final code) or 'mean'.
   ))
   # Baselines: the DTQ authors did not publish their values; these are the
@@ -142,6 +145,10 @@ def paper_config(dataset, arg=None):
       # 'mean' (of the per-batch min/max) or 'minmax' (extremes so far).
       range_momentum=0.9,  # of 'ema'.
   ))
+  # MobileNetV2's Dropout(0.2): 'shared' (authors' code) gives the target
+  # and the source classifier the same dropped-out features (one mask per
+  # step); 'independent' draws a mask for each.
+  c.head_dropout = 'shared'
   c.compute_dtype = 'float32'  # 'bfloat16' on accelerators (opt-in).
   # XLA:CPU only: the kernel library of convolutions. 'eigen' is 1.3-1.5x
   # faster for the whole ResNet-50 step than jaxlib 0.10's own choice,

@@ -64,6 +64,35 @@ class TransferAttention(nn.Module):
             for i, m in enumerate(teacher_maps)]
 
 
+@jax.custom_vjp
+def reverse_gradient(x):
+  """The identity whose gradient is negated (the 'reversed' attention).
+
+  Put between the attention and the AFA term, it makes the attention
+  *maximise* the term it weights while the student still minimises it: an
+  adversarial weighting that spreads over the channels where the student is
+  furthest from the teacher instead of collapsing onto the closest one.
+
+  Args:
+    x: any array.
+
+  Returns:
+    ``x``; its cotangent g becomes -g.
+  """
+  return x
+
+
+def _reverse_fwd(x):
+  return x, None
+
+
+def _reverse_bwd(_, g):
+  return (-g,)
+
+
+reverse_gradient.defvjp(_reverse_fwd, _reverse_bwd)
+
+
 def attention_entropy(weights):
   """Mean entropy (nats) of (B, C) channel weights; log(C) means uniform."""
   return -jnp.mean(jnp.sum(weights * jnp.log(weights + 1e-12), axis=-1))

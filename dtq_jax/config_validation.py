@@ -91,6 +91,8 @@ def validate(config, device_count=None):
   elif config.dtq.temperature != 0:
     _check_positive(config, 'dtq.temperature')
   _check_choice(config, 'compute_dtype', ('float32', 'bfloat16'))
+  if 'head_dropout' in config:
+    _check_choice(config, 'head_dropout', ('shared', 'independent'))
   if 'cpu_convolutions' in config:
     _check_choice(config, 'cpu_convolutions', CPU_CONVOLUTIONS)
   if 'act_ranges' in config.quant:

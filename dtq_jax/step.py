@@ -159,9 +159,18 @@ def _dtq_terms(config, nets, params, student_out, teacher_out):
   else:
     weights = nets.attention.apply({'params': params['attention']},
                                    teacher_feats['taps'])
+  # 'reversed' (ablation): the attention ascends the AFA term it weights.
+  afa_weights = ([attention.reverse_gradient(w) for w in weights]
+                 if c.attention == 'reversed' else weights)
   terms['afa'] = c.afa_weight * losses.afa_loss(
-      teacher_feats['taps'], feats['taps'], weights,
+      teacher_feats['taps'], feats['taps'], afa_weights,
       normalization=c.afa_normalization)
+  entropy_weight = c.get('attention_entropy_weight', 0.0)
+  if entropy_weight:
+    # Opt-in bonus against the attention's collapse onto a few channels:
+    # minus the weight times the summed per-map entropy (nats).
+    terms['attention_entropy'] = -entropy_weight * sum(
+        attention.attention_entropy(w) for w in weights)
   return terms, weights
 
 
@@ -218,8 +227,13 @@ def compute_losses(config, nets, params, batch_stats, images, labels, frozen,
       variables, images, train=True, mutable=mutable,
       rngs={'dropout': k_model})
   feats = student_out[1]
-  logits = nets.head.apply({'params': params['head']}, feats['pooled'],
-                           train=True, rngs={'dropout': k_head})
+  if 'dropped' in feats and config.get('head_dropout', 'shared') == 'shared':
+    # As in the authors' code, the target classifier reads the features the
+    # backbone's dropout already masked for the source classifier.
+    logits = nets.head.apply({'params': params['head']}, feats['dropped'])
+  else:
+    logits = nets.head.apply({'params': params['head']}, feats['pooled'],
+                             train=True, rngs={'dropout': k_head})
   terms = {'ce': losses.cross_entropy(logits, labels)}
   aux = {'logits': logits}
   if quant_ranges is not None:

@@ -224,3 +224,136 @@ def test_cpu_convolution_choices_train_alike():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6),
                out['eigen'][1], out['jaxlib_default'][1])
+
+
+# ---------------------------------------------------------------------------
+# Opt-in attention switches and MobileNetV2's shared dropout mask.
+
+
+def _losses_and_grads(config, nets, state, batch, frozen):
+  fn = jax.value_and_grad(
+      lambda p: step_lib.compute_losses(
+          config, nets, p, state.batch_stats, batch['image'], batch['label'],
+          frozen, jax.random.PRNGKey(0)), has_aux=True)
+  (total, (terms, _, aux)), grads = jax.jit(fn)(state.params)
+  return total, terms, aux, grads
+
+
+def _dtq_setup():
+  config = _config('dtq')
+  nets, _, state, batches, frozen, _ = _setup(config)
+  return config, nets, jax.device_get(state), batches[0], jax.device_get(
+      frozen)
+
+
+def test_attention_switches_at_defaults_change_nothing():
+  config, nets, state, batch, frozen = _dtq_setup()
+  assert config.dtq.attention == 'learned'
+  assert config.dtq.attention_entropy_weight == 0
+  total, terms, aux, grads = _losses_and_grads(config, nets, state, batch,
+                                               frozen)
+  assert set(terms) == {'ce', 'kl', 'afa'}
+  # A config written before the switches existed takes the same path.
+  old = _config('dtq')
+  del old.dtq['attention_entropy_weight']
+  old_total, _, _, old_grads = _losses_and_grads(old, nets, state, batch,
+                                                 frozen)
+  assert np.asarray(total).tobytes() == np.asarray(old_total).tobytes()
+  chex.assert_trees_all_equal(grads, old_grads)
+  assert 'attention' in grads and aux['attention']
+
+
+def test_reversed_attention_gets_the_negated_gradient():
+  config, nets, state, batch, frozen = _dtq_setup()
+  total, terms, _, grads = _losses_and_grads(config, nets, state, batch,
+                                             frozen)
+  config.dtq.attention = 'reversed'
+  r_total, r_terms, _, r_grads = _losses_and_grads(config, nets, state,
+                                                   batch, frozen)
+  assert np.asarray(total).tobytes() == np.asarray(r_total).tobytes()
+  assert set(r_terms) == set(terms)
+  # Another program: XLA may fuse it differently, so the gradients agree up
+  # to float32 rounding.
+  chex.assert_trees_all_close(r_grads['attention'],
+                              jax.tree.map(jnp.negative, grads['attention']),
+                              rtol=1e-5, atol=1e-8)
+  # The student still descends the same loss.
+  chex.assert_trees_all_close(r_grads['backbone'], grads['backbone'],
+                              rtol=1e-5, atol=1e-8)
+  chex.assert_trees_all_close(r_grads['head'], grads['head'], rtol=1e-5,
+                              atol=1e-8)
+  assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads['attention']))
+
+
+def test_attention_entropy_weight_adds_minus_weight_times_entropy():
+  config, nets, state, batch, frozen = _dtq_setup()
+  total, _, aux, grads = _losses_and_grads(config, nets, state, batch, frozen)
+  config.dtq.attention_entropy_weight = 0.5
+  e_total, e_terms, _, e_grads = _losses_and_grads(config, nets, state, batch,
+                                                   frozen)
+  entropy = sum(float(jnp.mean(-jnp.sum(w * jnp.log(w), -1)))
+                for w in aux['attention'])
+  # Near-uniform weights of 4, 8, 8, 8 channels.
+  assert entropy > 0.9 * np.log([4, 8, 8, 8]).sum()
+  np.testing.assert_allclose(e_terms['attention_entropy'], -0.5 * entropy,
+                             rtol=1e-5)
+  np.testing.assert_allclose(e_total - total, -0.5 * entropy, rtol=1e-5)
+  chex.assert_trees_all_equal(e_grads['backbone'], grads['backbone'])
+  assert not np.allclose(e_grads['attention']['attention_0']['bias'],
+                         grads['attention']['attention_0']['bias'])
+
+
+def _mobilenet_setup(head_dropout):
+  config = _config('ft', model='mobilenet_v2', head_dropout=head_dropout)
+  config.model_kwargs = {}
+  nets = networks.build_networks(config, 3, 5)
+  params, batch_stats = networks.init_params(nets, jax.random.PRNGKey(1),
+                                             (32, 32, 3))
+  images = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)
+  return config, nets, params, batch_stats, images
+
+
+def test_mobilenet_heads_share_one_dropout_mask():
+  config, nets, params, batch_stats, images = _mobilenet_setup('shared')
+  rng = jax.random.PRNGKey(7)
+  losses_fn = jax.jit(lambda p, r: step_lib.compute_losses(
+      config, nets, p, batch_stats, images, np.zeros(2, np.int32), {}, r))
+  _, (_, _, aux) = losses_fn(params, rng)
+  # The backbone's call inside compute_losses uses the first half of the key.
+  k_model, _ = jax.random.split(rng)
+  (source_logits, feats), _ = jax.jit(lambda p: nets.student.apply(
+      {'params': p, 'batch_stats': batch_stats}, images, train=True,
+      mutable=['batch_stats'], rngs={'dropout': k_model}))(params['backbone'])
+  dropped = feats['dropped']
+  # Dropout is active: some features are zeroed, the rest scaled by 1/0.8.
+  kept = np.asarray(dropped) != 0
+  assert 0 < kept.mean() < 1
+  np.testing.assert_allclose(np.asarray(dropped)[kept],
+                             np.asarray(feats['pooled'])[kept] / 0.8,
+                             rtol=1e-5)
+  # Both classifiers read exactly these features.
+  fc = params['head']['fc']
+  np.testing.assert_allclose(aux['logits'],
+                             dropped @ fc['kernel'] + fc['bias'], rtol=1e-5,
+                             atol=1e-6)
+  src = params['backbone']['classifier_1']
+  np.testing.assert_allclose(source_logits,
+                             dropped @ src['kernel'] + src['bias'],
+                             rtol=1e-5, atol=1e-6)
+  # 'independent' draws another mask for the target classifier.
+  config.head_dropout = 'independent'
+  _, (_, _, aux_independent) = jax.jit(lambda p, r: step_lib.compute_losses(
+      config, nets, p, batch_stats, images, np.zeros(2, np.int32), {}, r))(
+          params, rng)
+  assert not np.allclose(aux_independent['logits'], aux['logits'])
+
+
+def test_resnet_step_is_unchanged_by_head_dropout():
+  config = _config('dtq')
+  nets, _, state, batches, frozen, _ = _setup(config)
+  state, frozen = jax.device_get(state), jax.device_get(frozen)
+  shared = _losses_and_grads(config, nets, state, batches[0], frozen)
+  config.head_dropout = 'independent'
+  independent = _losses_and_grads(config, nets, state, batches[0], frozen)
+  chex.assert_trees_all_equal(shared[0], independent[0])
+  chex.assert_trees_all_equal(shared[3], independent[3])

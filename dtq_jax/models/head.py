@@ -17,6 +17,10 @@ def _torch_linear_bias_init(fan_in):
 class TargetHead(nn.Module):
   """Dropout (MobileNetV2 keeps its 0.2 in front of both classifiers) + Dense.
 
+  The trainer feeds it MobileNetV2's already dropped-out features with
+  ``train=False`` by default (``config.head_dropout='shared'``), so its own
+  dropout runs only for ``'independent'``.
+
   Attributes:
     num_classes: target classes.
     dropout_rate: dropout before the layer in training (0 disables it).

@@ -81,8 +81,10 @@ class MobileNetV2(nn.Module):
         rng).
 
     Returns:
-      ``(logits, features)`` with ``features['pooled']`` (before dropout) and
-      ``features['taps']`` (projection BN outputs of blocks 5, 9, 13, 17).
+      ``(logits, features)`` with ``features['pooled']`` (before dropout),
+      ``features['dropped']`` (after it: what the source classifier read)
+      and ``features['taps']`` (projection BN outputs of blocks 5, 9, 13,
+      17).
     """
     conv = functools.partial(self.conv, use_bias=False, kernel_init=CONV_INIT,
                              dtype=self.dtype)
@@ -104,4 +106,4 @@ class MobileNetV2(nn.Module):
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
     logits = nn.Dense(self.num_classes, dtype=self.dtype,
                       name='classifier_1')(y)
-    return logits, {'pooled': pooled, 'taps': taps}
+    return logits, {'pooled': pooled, 'dropped': y, 'taps': taps}
