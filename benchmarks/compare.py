@@ -2,6 +2,8 @@
 
   python benchmarks/compare.py                       # the Fashion-MNIST demo
   python benchmarks/compare.py --sweep=shots         # 5/10/30/100 shots
+  python benchmarks/compare.py --sweep=shots --config=configs/fmnist.py:in_domain \
+      --methods=ft,delta_1e-3,dtq     # the in-domain split (its own files)
   python benchmarks/compare.py --config=configs/mit67.py --methods=ft,delta,dtq \
       --bits=4 --seeds=5 --workdir=runs/compare_mit67
   python benchmarks/compare.py --sweep=shots --plot_only  # redraw the figure
@@ -49,13 +51,25 @@ VARIANTS = {
     'dtq_no_kl': ('dtq', {'dtq.kl_weight': 0.0}),
     'dtq_no_afa': ('dtq', {'dtq.afa_weight': 0.0}),
     'dtq_uniform': ('dtq', {'dtq.attention': 'uniform'}),
+    'dtq_reversed': ('dtq', {'dtq.attention': 'reversed'}),
+    'dtq_entropy': ('dtq', {'dtq.attention_entropy_weight': 0.1}),
+    # The paper's theta (the demo uses 1e-3) and DELTA at the demo's stable
+    # alpha (README "Demo results").
+    'dtq_theta0.01': ('dtq', {'dtq.afa_weight': 0.01}),
+    'delta_1e-3': ('delta', {'delta.alpha': 1e-3}),
+    # The KL temperature (the demo's is 4).
+    'dtq_T2': ('dtq', {'dtq.temperature': 2.0}),
+    'dtq_T10': ('dtq', {'dtq.temperature': 10.0}),
 }
+# The default list of --methods: the paper's methods and the first ablations.
+DEFAULT_VARIANTS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq', 'dtq_no_kl',
+                    'dtq_no_afa', 'dtq_uniform')
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/fmnist.py', 'Base config.', lock_config=False)
 _METHODS = flags.DEFINE_list(
-    'methods', None, f'Variants among {", ".join(VARIANTS)} (default: all; '
-    'with --sweep=shots: ft,delta,dtq).')
+    'methods', None, f'Variants among {", ".join(VARIANTS)} (default: '
+    f'{",".join(DEFAULT_VARIANTS)}; with --sweep=shots: ft,delta,dtq).')
 _BITS = flags.DEFINE_list('bits', None,
                           'Bit widths (default 4,5; shots sweep: 4).')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per cell (repeats).')
@@ -199,15 +213,17 @@ def main(argv):
   base = _CONFIG.value
   sweep = _SWEEP.value
   methods = _METHODS.value or (['ft', 'delta', 'dtq'] if sweep == 'shots'
-                               else list(VARIANTS))
+                               else list(DEFAULT_VARIANTS))
   unknown = sorted(set(methods) - set(VARIANTS))
   if unknown:
     raise app.UsageError(f'unknown --methods {unknown}; allowed: '
                          f'{", ".join(VARIANTS)}')
   bits = [int(b) for b in (_BITS.value or (['4'] if sweep == 'shots'
                                            else ['4', '5']))]
-  name = os.path.splitext(os.path.basename(
-      flags.FLAGS['config'].config_filename))[0]
+  # configs/fmnist.py:in_domain,quick -> fmnist_in_domain_quick.
+  path, _, variant = flags.FLAGS['config'].config_filename.partition(':')
+  name = '_'.join([os.path.splitext(os.path.basename(path))[0]] + [
+      t.strip() for t in variant.split(',') if t.strip()])
   workdir = _WORKDIR.value or os.path.join('runs', f'compare_{name}_{sweep}')
   out = _OUT.value or os.path.join('results', f'compare_{name}_{sweep}.md')
   if _PLOT_ONLY.value:
