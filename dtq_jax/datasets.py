@@ -164,16 +164,39 @@ def load(config):
     A ``Data``; for Fashion-MNIST, ``source`` holds the source task.
 
   Raises:
-    ConfigError: the training split is smaller than one batch.
+    ConfigError: the training split is smaller than one batch, or the images
+      do not fit ``dataset.image_size`` / ``dataset.resize_to``.
   """
   with errors.user_errors(f'dataset {config.dataset.name}'):
     data = _load(config.dataset)
+  for task in (data, data.source):
+    if task is not None:
+      _check_image_size(config.dataset, task)
   if data.num_train < config.batch_size:
     raise errors.ConfigError(
         'batch_size', config.batch_size,
         f'the training split has only {data.num_train} images; use a batch '
         'size at most that.')
   return data
+
+
+def _check_image_size(d, data):
+  """The crops fit the images: a config error now, not at the first batch."""
+  for split in (data.train, data.test, data.val):
+    if split is None or d.resize_to:
+      continue
+    if split.is_encoded:
+      raise errors.ConfigError(
+          'dataset.resize_to', d.resize_to,
+          f'the images of dataset.name={d.name!r} are files of varying '
+          'sizes; allowed: an integer >= dataset.image_size.')
+    height, width = split.images.shape[1:3]
+    if min(height, width) < d.image_size:
+      raise errors.ConfigError(
+          'dataset.image_size', d.image_size,
+          f'the images of dataset.name={d.name!r} are {height}x{width}; '
+          f'allowed: at most {min(height, width)}, or set dataset.resize_to '
+          '(>= image_size) to resize them first.')
 
 
 def _load(d):

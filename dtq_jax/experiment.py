@@ -51,8 +51,13 @@ def _config_json(config):
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def _check_same_config(config, workdir):
-  """Writes config.json, or checks that a resumed run keeps the same config."""
+def _check_same_config(config, workdir, write=True):
+  """Writes config.json, or checks that a resumed run keeps the same config.
+
+  ``write=False`` only checks: config.json is written once nothing about the
+  config can fail any more (data and teacher loaded), so that a corrected
+  rerun is not refused as "a different config".
+  """
   path = os.path.join(workdir, CONFIG)
   current = _config_json(config)
   if os.path.exists(path):
@@ -64,7 +69,7 @@ def _check_same_config(config, workdir):
           diff[0] if diff else 'config', None,
           f'{workdir} holds an unfinished run with a different config '
           f'(fields: {", ".join(diff[:5])}); use another --workdir.')
-  elif jax.process_index() == 0:
+  elif write and jax.process_index() == 0:
     files.write_json(path, current)
 
 
@@ -240,10 +245,12 @@ def run_single(config, workdir, data=None, teacher=None):
     return summary
   with errors.user_errors(f'workdir {workdir}', OSError):
     os.makedirs(workdir, exist_ok=True)
-    _check_same_config(config, workdir)
+    _check_same_config(config, workdir, write=False)
   start = time.time()
   data = data or datasets.load(config)
   teacher = teacher or load_teacher(config, data)
+  with errors.user_errors(f'workdir {workdir}', OSError):
+    _check_same_config(config, workdir)
   delta_weights = None
   if config.method == 'delta':
     delta_weights = _delta_weights(config, workdir, data, teacher)
