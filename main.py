@@ -5,11 +5,15 @@
   python main.py --config=configs/mit67.py:mobilenet_v2,5bit --config.repeats=5
 
 Rerunning with the same --workdir resumes an unfinished run and only prints
-the summary of a finished one.
+the summary of a finished one. main.py runs from any directory; --config and
+--workdir paths are relative to the current one.
 """
 
+import contextlib
 import datetime
+import difflib
 import errno
+import logging as python_logging
 import os
 import shlex
 import signal
@@ -20,16 +24,69 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as config_files
 
+from dtq_jax import allocator
 from dtq_jax import config_validation
 from dtq_jax import errors
 from dtq_jax import distributed
-from dtq_jax import experiment
 from dtq_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/fmnist.py', 'Config file (FILE or FILE:VARIANTS).',
-    lock_config=True)
+# Found next to this file, so that main.py runs from any directory.
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               'configs', 'fmnist.py')
+_CONFIG_HELP = 'Config file (FILE or FILE:VARIANTS).'
+
+
+def _unknown_field(argv):
+  """The one-line message for a --config.FIELD override the config lacks.
+
+  Args:
+    argv: the command line.
+
+  Returns:
+    The message, or None if every override names an existing field (or the
+    config cannot be loaded: its own error is then the one to show).
+  """
+  spec = next((a.split('=', 1)[1] for a in argv[1:]
+               if a.startswith(('--config=', '-config='))), _DEFAULT_CONFIG)
+  try:
+    config = config_files.ConfigFileFlagParser(name='config').parse(spec)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg.split('=', 1)[0][len('--config.'):]
+    node, parts = config, path.split('.')
+    for i, part in enumerate(parts):
+      if not hasattr(node, 'keys'):
+        return (f'--config.{path}: config.{".".join(parts[:i])}={node!r} '
+                'is a single value, not a group of fields.')
+      if part not in node:
+        where = 'config.' + '.'.join(parts[:i]) if i else 'the config'
+        near = difflib.get_close_matches(part, list(node.keys()), n=1)
+        hint = (f"did you mean '{near[0]}'?" if near else
+                f'its fields: {", ".join(sorted(node.keys()))}.')
+        return f"--config.{path}: no field '{part}' in {where}; {hint}"
+      node = node[part]
+  return None
+
+
+def _exit_with(message):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+try:
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', _DEFAULT_CONFIG, _CONFIG_HELP, lock_config=True)
+except (AttributeError, KeyError):
+  # Without --config, config_flags loads the default config here and applies
+  # the --config.FIELD overrides to it: a misspelled field fails here.
+  if _unknown_field(sys.argv) is None:
+    raise
+  _exit_with(_unknown_field(sys.argv))
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output folder (default: runs/<config>-<time>).')
 _COORDINATOR = flags.DEFINE_string(
@@ -40,6 +97,10 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
                                       'Multi-process runs: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
                                    'Multi-process runs: this process.')
+_INIT_TIMEOUT = flags.DEFINE_float(
+    'init_timeout_s', 300.0,
+    'Multi-process runs: seconds to wait for every process to join; then '
+    'the run stops with one line naming the processes that did not.')
 
 
 def _load_config():
@@ -82,6 +143,62 @@ def _default_workdir():
       f'{name}-%Y%m%d-%H%M%S'))
 
 
+@contextlib.contextmanager
+def _native_logs_hidden(hide):
+  """Sends what C++ libraries print to stderr meanwhile to /dev/null.
+
+  TensorFlow's import prints start-up banners (oneDNN, CPU instructions)
+  through C++ logging that TF_CPP_MIN_LOG_LEVEL does not reach; a Python
+  exception of the import is still shown (after stderr is back).
+  """
+  if not hide:
+    yield
+    return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  os.close(devnull)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _hide_orbax_notes(record):
+  """A logging filter that drops orbax's records below ERROR.
+
+  Its notes (e.g. "Given directory is read only" when the cached teacher is
+  restored) ask nothing of the user; --verbosity shows them again.
+
+  Args:
+    record: a ``logging.LogRecord``.
+
+  Returns:
+    Whether the record is shown.
+  """
+  return (record.levelno >= python_logging.ERROR or
+          f'{os.sep}orbax{os.sep}' not in record.pathname)
+
+
+def _print_results(workdir, summaries, config):
+  """Where the results are, for process 0's (the only) stdout."""
+  methods = tuple(config.get('compare_methods') or ())
+  if methods:
+    print(f'Comparison: {os.path.join(workdir, "comparison.md")}')
+    for method in summaries:
+      print(f'Summary of {method}: '
+            f'{os.path.join(workdir, method, _SUMMARY)}')
+  else:
+    print(f'Summary: {os.path.join(workdir, _SUMMARY)}')
+
+
+# experiment.SUMMARY, without importing experiment (and TensorFlow) early.
+_SUMMARY = 'summary.json'
+
+
 class _Aborted(BaseException):
   """SIGTERM outside the training loop (which checkpoints before it stops).
 
@@ -106,21 +223,36 @@ def main(argv):
   # as Ctrl-C does, with a message instead of a silent kill; the training
   # loop installs its own handlers (finish the step, checkpoint, stop).
   signal.signal(signal.SIGTERM, _abort_on_sigterm)
-  if not flags.FLAGS['verbosity'].present:
+  verbose = flags.FLAGS['verbosity'].present
+  if not verbose:
     # Orbax and TensorFlow log every checkpoint step at INFO.
     logging.set_verbosity(logging.WARNING)
-  workdir = _WORKDIR.value or _default_workdir()
+    # ABSLHandler passes records on without its own filters.
+    logging.get_absl_handler().python_handler.addFilter(_hide_orbax_notes)
+  workdir = os.path.abspath(_WORKDIR.value or _default_workdir())
   try:
+    allocator.configure()  # DTQ_ALLOCATOR=default turns it off
     config = _load_config()
-    if distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                    _PROCESS_ID.value) and not _WORKDIR.value:
+    # Everything that needs no other process is checked before connecting
+    # to them, so that a bad command fails at once in every process.
+    processes = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if distributed.launched(*processes) and not _WORKDIR.value:
+      raise errors.UserError(_NEEDS_WORKDIR)
+    if not _INIT_TIMEOUT.value > 0:
       raise errors.UserError(
-          'a multi-process run needs an explicit --workdir shared by all '
-          'processes.')
-    config_validation.validate(config)
+          f'--init_timeout_s={_INIT_TIMEOUT.value:g}; allowed: seconds > 0.')
+    config_validation.validate(config, check_devices=False)
+    if distributed.maybe_initialize(
+        *processes, timeout_s=_INIT_TIMEOUT.value) and not _WORKDIR.value:
+      raise errors.UserError(_NEEDS_WORKDIR)  # a TPU pod, found by JAX
+    config_validation.check_device_split(config, jax.device_count())
+    with _native_logs_hidden(not verbose):
+      from dtq_jax import experiment  # pylint: disable=g-import-not-at-top
     experiment.enable_compilation_cache(config)
     _allocator_note(config)
-    experiment.run(config, workdir)
+    print(f'Workdir: {workdir}')
+    summaries = experiment.run(config, workdir)
+    _print_results(workdir, summaries, config)
   except errors.UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -146,6 +278,9 @@ def main(argv):
           file=_silence_stderr(), flush=True)
     sys.exit(128 + signum)
 
+
+_NEEDS_WORKDIR = ('a multi-process run needs an explicit --workdir shared by '
+                  'all processes.')
 
 # Errors of writing files that mean the disk or the workdir, not a bug.
 _WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES,
@@ -183,6 +318,11 @@ def _parse_flags(argv):
   """absl's flag parsing, with bad values as one-line errors (exit code 2)."""
   try:
     return flags.FLAGS(argv)
+  except (AttributeError, KeyError):
+    # config_flags applies --config.FIELD overrides: a misspelled field.
+    if _unknown_field(argv) is None:
+      raise
+    _exit_with(_unknown_field(argv))
   except flags.Error as e:
     lines = [l for l in str(e).splitlines() if l.strip()]
     message = lines[0]
@@ -190,8 +330,7 @@ def _parse_flags(argv):
       # A config file that raised (e.g. an unknown ':variant'): its exception,
       # the last line, is what the user needs; the traceback is not.
       message = f'{message} {lines[-1]}'
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
+    _exit_with(message)
 
 
 if __name__ == '__main__':

@@ -753,7 +753,8 @@ def main(argv=None):
                       '.npz with --format npz); omitted: report only')
   parser.add_argument('--format', choices=('safetensors', 'npz'),
                       default='safetensors')
-  parser.add_argument('--cache-dir', default=None,
+  # --cache_dir as absl's flags are spelled (main.py); --cache-dir still works.
+  parser.add_argument('--cache_dir', '--cache-dir', default=None,
                       help=f'download cache (default: {default_cache_dir()})')
   args = parser.parse_args(argv)
 
