@@ -8,6 +8,7 @@ one, never a part. Checkpoints are orbax's, which renames its own.
 """
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -15,6 +16,10 @@ import tempfile
 
 import tensorboardX
 
+# Errors of writing a file that mean the disk or the folder (full, over a
+# quota or a size limit, read-only, not a folder), not a bug.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES,
+                errno.EPERM, errno.EROFS, errno.ENOTDIR)
 # Temporary files are named ``<name>.tmp.<random>``, so a later start can
 # recognise (and remove) what a killed writer left behind.
 _TMP_NAME = re.compile(r'.\.tmp\.\w+$')
