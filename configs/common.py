@@ -163,6 +163,10 @@ def paper_config(dataset, arg=None):
   c.checkpoint_every_steps = 0  # 0 = at the end of every epoch.
   c.keep_checkpoints = 2
   c.on_nonfinite = 'stop'  # or 'skip' (skip the update, count it).
+  # With 'skip': a run that skipped more than this fraction of its updates
+  # fails (exit 1) after writing its result.json: its accuracy is not that
+  # of a trained network.
+  c.max_nonfinite_fraction = 0.1
   c.cache_dir = ''  # '' = $XDG_CACHE_HOME/dtq_jax or ~/.cache/dtq_jax.
   c.compare_methods = ()  # non-empty: run each method, print one table.
 

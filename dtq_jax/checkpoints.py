@@ -134,6 +134,22 @@ def wait(mngr):
     mngr.wait_until_finished()
 
 
+def check(mngr):
+  """Raises the OSError of a background write that failed; never waits.
+
+  Orbax writes a checkpoint in a background thread and reports its failure
+  only when it is next waited for (at the next save, typically an epoch
+  later); calling this after every step stops a run at the first failed
+  write instead of training on without a checkpoint.
+
+  Args:
+    mngr: a ``manager``.
+  """
+  if not mngr.is_saving_in_progress():
+    # No write in flight: this returns at once, raising a failed one's error.
+    wait(mngr)
+
+
 def _restore(mngr, step, target):
   if target is None:
     state_args = ocp.args.StandardRestore(

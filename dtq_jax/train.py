@@ -30,7 +30,11 @@ RESULT = 'result.json'
 
 
 class NonFiniteLossError(RuntimeError):
-  """A loss term or the gradient became NaN or infinite."""
+  """A loss term or the gradient became NaN or infinite.
+
+  Also raised (after result.json is written) when more than
+  ``config.max_nonfinite_fraction`` of a run's updates were skipped.
+  """
 
 
 class Interrupted(Exception):
@@ -166,7 +170,7 @@ def _result(meta, seed, steps, nonfinite_steps):
   result = {
       'seed': seed,
       'steps': steps,
-      'epochs': len(history),
+      'evaluations': len(history),
       'final_test_accuracy': tests[-1],
       'best_test_accuracy': tests[best],
       'best_epoch': history[best]['epoch'],
@@ -183,6 +187,55 @@ def _result(meta, seed, steps, nonfinite_steps):
   return result
 
 
+def read_result(path):
+  """A run's ``result.json``; files written before the rename read the same.
+
+  Args:
+    path: the file.
+
+  Returns:
+    The result dict (``evaluations`` counts the evaluations; older files
+    called it ``epochs``).
+  """
+  with open(path) as f:
+    result = json.load(f)
+  if 'epochs' in result and 'evaluations' not in result:
+    result['evaluations'] = result.pop('epochs')
+  return result
+
+
+def _rerun_advice(lr_field, new_workdir):
+  return (f'Run again with a lower --config.{lr_field}, or with '
+          '--config.on_nonfinite=skip and a higher '
+          '--config.max_nonfinite_fraction' +
+          (', in a new --workdir.' if new_workdir else '.'))
+
+
+def check_skipped_steps(config, result, workdir, lr_field='optim.lr',
+                        new_workdir=True):
+  """Fails a run that skipped more than ``max_nonfinite_fraction`` of its
+  updates (``on_nonfinite='skip'``): its accuracy is not a trained model's.
+
+  Args:
+    config: the run config.
+    result: the run's result dict.
+    workdir: the run folder (for the message).
+    lr_field: the config field of the learning rate, for the advice.
+    new_workdir: whether a rerun with other settings needs a new workdir.
+
+  Raises:
+    NonFiniteLossError: too many skipped steps.
+  """
+  skipped, steps = result.get('nonfinite_steps', 0), result.get('steps', 0)
+  limit = config.max_nonfinite_fraction
+  if steps and skipped > limit * steps:
+    raise NonFiniteLossError(
+        f'{skipped} of the {steps} updates of {workdir} were skipped (a '
+        f'non-finite loss or gradient), more than '
+        f'config.max_nonfinite_fraction={limit}; its result.json is kept, '
+        f'but the run failed. {_rerun_advice(lr_field, new_workdir)}')
+
+
 class _Run:
   """One run's state, steps, logs and checkpoints, as the loop uses them.
 
@@ -191,9 +244,11 @@ class _Run:
     meta: ``{'history', 'best_accuracy', 'wall_time_s'}``, checkpointed.
   """
 
-  def __init__(self, config, workdir, seed, data, teacher, delta_weights):
+  def __init__(self, config, workdir, seed, data, teacher, delta_weights,
+               advice):
     self.config, self.workdir, self.seed, self.data = (config, workdir, seed,
                                                        data)
+    self.advice = advice
     self.runtime = runtime_lib.Runtime(
         compiler_options=runtime_lib.compiler_options(config))
     self.nets = networks.build_networks(
@@ -243,6 +298,14 @@ class _Run:
                     disable=not main, dynamic_ncols=True, mininterval=2.0,
                     desc=os.path.basename(self.workdir.rstrip('/')))
 
+  def restart_clock(self):
+    """Times the bar's rate and ETA from now on.
+
+    Called after the first step of an invocation: it compiled the step (tens
+    of seconds), which the remaining steps do not repeat.
+    """
+    restart_clock(self.bar)
+
   def close_logs(self):
     self.bar.close()
     self.logger.close()
@@ -267,11 +330,13 @@ class _Run:
     history = [(s, jax.device_get(m)) for s, m in pending]
     bad = _first_nonfinite(history)
     if bad is not None and self.config.on_nonfinite == 'stop':
+      saved = self.latest.latest_step()
+      kept = (f'the checkpoint of step {saved} in {self.workdir}/'
+              f'{checkpoints.LATEST} is from before it' if saved is not None
+              else 'no checkpoint was written before it')
       raise NonFiniteLossError(
-          f'non-finite {", ".join(bad[1])} at step {bad[0]}; the last good '
-          f'checkpoint in {self.workdir}/checkpoints is intact. Run again '
-          'with a lower --config.optim.lr, or --config.on_nonfinite=skip to '
-          'skip such steps, in a new --workdir.')
+          f'non-finite {", ".join(bad[1])} at step {bad[0]}; {kept}. '
+          f'{self.advice}')
     if bad is not None:
       skipped = [s for s, m in history if not m['finite']]
       self.bar.write(
@@ -335,13 +400,34 @@ class _Run:
     for mngr in (self.latest, self.best):
       checkpoints.wait(mngr)
 
+  def check_saves(self):
+    """Raises the error of a checkpoint write that failed in the background.
+
+    Without it, training would go on without a checkpoint until the next
+    save noticed the failure.
+    """
+    for mngr in (self.latest, self.best):
+      checkpoints.check(mngr)
+
   def result(self):
     return _result(self.meta, self.seed, int(self.state.step),
                    self.nonfinite_steps())
 
 
+def restart_clock(bar):
+  """Makes a tqdm bar time its rate and ETA from now, from its current count.
+
+  Args:
+    bar: a tqdm bar.
+  """
+  now = time.time()
+  bar.start_t = bar.last_print_t = now
+  bar.initial = bar.last_print_n = bar.n
+
+
 def train_and_evaluate(config, workdir, seed, data, teacher,
-                       delta_weights=None):
+                       delta_weights=None, lr_field='optim.lr',
+                       new_workdir=True):
   """Trains one student for one seed, resuming from ``workdir`` if possible.
 
   Args:
@@ -351,23 +437,35 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
     data: a ``datasets.Data`` (splits and preprocessing).
     teacher: ``{'params', 'batch_stats'}`` of the pretrained network.
     delta_weights: per-map channel weights for DELTA.
+    lr_field: the learning rate's config field, for the advice of errors
+      (the demo teacher's is ``pretrain.optim.lr``).
+    new_workdir: whether a rerun with another config needs a new
+      ``--workdir`` (not for a cached teacher: its folder follows its config).
 
   Returns:
     The run's result dict (also written to ``workdir/result.json``).
 
   Raises:
     NonFiniteLossError: a loss became non-finite and ``config.on_nonfinite``
-      is 'stop'.
+      is 'stop'; or more than ``config.max_nonfinite_fraction`` of the updates
+      were skipped (after result.json is written).
     Interrupted: SIGTERM/SIGINT; the current step was checkpointed.
+    OSError: a checkpoint or file could not be written.
   """
   # Orbax takes only absolute checkpoint paths.
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   result_path = os.path.join(workdir, RESULT)
   if os.path.exists(result_path):
-    with open(result_path) as f:
-      return json.load(f)
-  run = _Run(config, workdir, seed, data, teacher, delta_weights)
+    result = read_result(result_path)
+    check_skipped_steps(config, result, workdir, lr_field, new_workdir)
+    return result
+  if jax.process_index() == 0:
+    # What a writer killed mid-write left (the run's own files only; orbax
+    # cleans its checkpoint folders itself).
+    files.remove_stale_temporaries(workdir)
+  run = _Run(config, workdir, seed, data, teacher, delta_weights,
+             _rerun_advice(lr_field, new_workdir))
   start_step = run.restore()
   batches = run.train_batches(start_step)
   run.open_logs(start_step)
@@ -379,7 +477,10 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
     stop = stack.enter_context(_StopRequest())
     stack.push(functools.partial(checkpoints.settle, (run.latest, run.best)))
     for step in range(start_step + 1, run.total_steps + 1):
+      run.check_saves()
       pending.append((step, run.train(next(batches))))
+      if step == start_step + 1:
+        run.restart_clock()
       epoch, in_epoch = divmod(step, run.steps_per_epoch)
       do_eval = not in_epoch and (epoch % config.eval_every_epochs == 0 or
                                   step == run.total_steps)
@@ -418,4 +519,5 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
   result = run.result()
   if run.runtime.is_main:
     files.write_json(result_path, result)
+  check_skipped_steps(config, result, workdir, lr_field, new_workdir)
   return result
