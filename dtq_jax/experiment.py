@@ -2,13 +2,14 @@
 
 ``run(config, workdir)`` is what ``main.py`` calls. It never overwrites a
 finished run (it prints the stored summary instead), resumes an unfinished one,
-and refuses to resume a workdir with a different config.
+and refuses a workdir whose run (finished or not) has a different config, or
+that another process is running in.
 """
 
+import contextlib
 import hashlib
 import json
 import os
-import time
 
 from absl import logging
 import jax
@@ -21,6 +22,7 @@ from dtq_jax import datasets
 from dtq_jax import delta
 from dtq_jax import errors
 from dtq_jax import files
+from dtq_jax import locks
 from dtq_jax import networks
 from dtq_jax import pretrained as pretrained_lib
 from dtq_jax import train
@@ -51,24 +53,60 @@ def _config_json(config):
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _differing_fields(saved, current, ignore=()):
+  """Config fields whose values differ, as dotted names.
+
+  A field missing from ``saved`` was added to the program after that run was
+  written (it ran with the behaviour the field's default keeps): not a
+  difference.
+  """
+  return sorted(f for f in _diff(saved, current)
+                if f not in ignore and _has_field(saved, f))
+
+
+def _has_field(tree, dotted):
+  for key in dotted.split('.'):
+    if not isinstance(tree, dict) or key not in tree:
+      return False
+    tree = tree[key]
+  return True
+
+
+def _field_value(tree, dotted):
+  for key in dotted.split('.'):
+    tree = tree.get(key) if isinstance(tree, dict) else None
+  return tree
+
+
 def _check_same_config(config, workdir, write=True):
-  """Writes config.json, or checks that a resumed run keeps the same config.
+  """Writes config.json, or checks that the workdir's run has the same config.
 
   ``write=False`` only checks: config.json is written once nothing about the
   config can fail any more (data and teacher loaded), so that a corrected
   rerun is not refused as "a different config".
+
+  A finished run is refused like an unfinished one: rerunning it with another
+  config would print its old results as if they were the new config's.
+
+  Raises:
+    ConfigError: the workdir holds a run with another config.
   """
   path = os.path.join(workdir, CONFIG)
   current = _config_json(config)
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if saved != current:
-      diff = sorted(_diff(saved, current))
+    diff = _differing_fields(_read_json(path), current)
+    if diff:
+      state = ('a finished' if os.path.exists(os.path.join(workdir, SUMMARY))
+               else 'an unfinished')
       raise errors.ConfigError(
-          diff[0] if diff else 'config', None,
-          f'{workdir} holds an unfinished run with a different config '
-          f'(fields: {", ".join(diff[:5])}); use another --workdir.')
+          diff[0], _field_value(current, diff[0]),
+          f'{workdir} holds {state} run with a different config (fields: '
+          f'{", ".join(diff[:5])}); use another --workdir.')
   elif write and jax.process_index() == 0:
     files.write_json(path, current)
 
@@ -80,6 +118,22 @@ def _diff(a, b, prefix=''):
       yield from _diff(va, vb, f'{prefix}{key}.')
     elif va != vb:
       yield f'{prefix}{key}'
+
+
+@contextlib.contextmanager
+def _workdir_held(workdir):
+  """The workdir, made and held by this run (process 0 takes the lock).
+
+  Making it and writing the lock's pid file is also the check that the
+  workdir can be written, before any data is loaded.
+  """
+  with contextlib.ExitStack() as stack:
+    with errors.user_errors(f'workdir {workdir}', OSError):
+      os.makedirs(workdir, exist_ok=True)
+      if jax.process_index() == 0:
+        stack.enter_context(locks.workdir_lock(workdir))
+        files.remove_stale_temporaries(workdir)
+    yield
 
 
 def load_teacher(config, data):
@@ -111,18 +165,58 @@ def load_teacher(config, data):
         cache_dir=os.path.join(cache_dir(config), 'pretrained'))
 
 
-def _teacher_key(config, data):
-  """Hash of everything that determines the demo teacher."""
-  d = config.dataset
-  files = datasets.source_fingerprint(d)
+# Fields the students read but the teacher's training does not: the teacher
+# is trained once for all of them.
+_STUDENT_ONLY = ('pretrain', 'compare_methods', 'repeats', 'cache_dir', 'l2',
+                 'l2sp', 'delta')
+# Fields of config.dataset that only choose the target task's images when the
+# source task is Fashion-MNIST's other classes (split 'out_of_domain').
+_TARGET_ONLY = ('target_classes', 'shots_per_class', 'data_seed',
+                'train_per_class', 'test_per_class', 'val_fraction')
+_TEACHER_FORMAT = 2  # The cache layout and key; older entries are not read.
+TEACHER_CONFIG = 'teacher_config.json'
+
+
+def teacher_config(config):
+  """The config the demo teacher trains with, and is cached under.
+
+  The run config with ``config.pretrain``'s budget and optimizer, method
+  'fp' (full precision) and seed ``pretrain.seed``; without the fields only
+  the students read, so that every student of a dataset shares one teacher.
+
+  Args:
+    config: the run config.
+
+  Returns:
+    A ConfigDict.
+  """
+  p = config.pretrain
+  tree = config.to_dict()
+  for name in _STUDENT_ONLY:
+    tree.pop(name, None)
+  # Of DTQ's settings, an 'fp' run reads only whether attention is built.
+  tree['dtq'] = {'attention': config.dtq.attention}
+  d = tree['dataset']
+  d.pop('cache_dir', None)  # Where decoded images are kept.
+  if d.get('split', 'out_of_domain') == 'out_of_domain':
+    for name in _TARGET_ONLY:
+      d.pop(name, None)
+  pre = ml_collections.ConfigDict(tree)
+  pre.method = 'fp'
+  pre.bits_w, pre.bits_a = networks.student_bits(pre)
+  pre.seed = p.seed
+  pre.batch_size = p.batch_size
+  pre.num_epochs = p.num_epochs
+  pre.steps_per_epoch = p.get('steps_per_epoch', 0)
+  pre.optim.update(p.optim)
+  return pre
+
+
+def _teacher_key(pre, dataset):
+  """Hash of the teacher's config, its image files and the cache format."""
   payload = json.dumps(dict(
-      model=config.model, model_kwargs=dict(config.get('model_kwargs', {})),
-      source_classes=list(d.source_classes), image_size=d.image_size,
-      split=[d.get(k) for k in ('split', 'teacher_per_class', 'teacher_seed')],
-      mean=list(d.mean), std=list(d.std), files=files,
-      pretrain=_config_json(config.pretrain),
-      version=1), sort_keys=True)
-  del data
+      config=_config_json(pre), files=datasets.source_fingerprint(dataset),
+      version=_TEACHER_FORMAT), sort_keys=True)
   return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -132,7 +226,9 @@ def train_source_teacher(config, data):
   The source task is trained by the same trainer as the students: method
   'fp' with a fresh classifier, from random initialisation. Its classifier then
   becomes the network's source classifier (``fc``), the role torchvision's
-  1000-way ImageNet layer plays in the paper.
+  1000-way ImageNet layer plays in the paper. The entry's folder holds the
+  config it was trained with (``teacher_config.json``); a process that needs
+  an entry another process is building waits for it.
 
   Args:
     config: the demo config (``config.pretrain`` holds the budget).
@@ -140,39 +236,86 @@ def train_source_teacher(config, data):
 
   Returns:
     ``{'params', 'batch_stats'}`` of the teacher.
+
+  Raises:
+    UserError: the cache cannot be written, or its entry is damaged.
   """
-  key = _teacher_key(config, data)
+  pre = teacher_config(config)
+  key = _teacher_key(pre, config.dataset)
   root = os.path.join(cache_dir(config), 'teachers', f'{config.model}-{key}')
   run_dir = os.path.join(root, 'run')
+  result_path = os.path.join(run_dir, train.RESULT)
   model = create_model(config.model, num_classes=data.source.num_classes,
                        **dict(config.get('model_kwargs', {})))
-  p = config.pretrain
-  if not os.path.exists(os.path.join(run_dir, 'result.json')):
-    pre = ml_collections.ConfigDict(config.to_dict())
-    pre.method = 'fp'
-    pre.batch_size = p.batch_size
-    pre.num_epochs = p.num_epochs
-    pre.steps_per_epoch = p.get('steps_per_epoch', 0)
-    pre.optim.update(p.optim)
-    init = networks.init_variables(model, jax.random.PRNGKey(p.seed),
-                                data.source.image_shape)
-    print(f'Training the teacher on source classes '
-          f'{tuple(config.dataset.source_classes)} (cached in {root}).')
-    # The same trainer as the students; an interrupted pretraining resumes.
-    train.train_and_evaluate(pre, run_dir, p.seed, data.source, init)
+  with contextlib.ExitStack() as stack:
+    with _cache_write_errors(root):
+      if jax.process_index() == 0:
+        # The other processes of a multi-process run train with process 0.
+        stack.enter_context(locks.build_lock(root, 'the teacher'))
+        files.remove_stale_temporaries(root)
+    trained = os.path.exists(result_path)
     if jax.process_count() > 1:
-      # Process 0 writes result.json last; the others wait for it.
-      multihost_utils.sync_global_devices('dtq_jax teacher trained')
-  else:
-    logging.info('Using the cached teacher in %s.', root)
-  trained = checkpoints.restore_params(run_dir)
-  params = dict(trained['params']['backbone'])
-  params[model.classifier_name] = trained['params']['head']['fc']
-  variables = {'params': params, 'batch_stats': trained['batch_stats']}
-  with open(os.path.join(run_dir, 'result.json')) as f:
-    accuracy = json.load(f)['final_test_accuracy']
+      # Decided under process 0's lock, for all processes.
+      trained = bool(multihost_utils.broadcast_one_to_all(np.int32(trained)))
+    if not trained:
+      with _cache_write_errors(root):
+        if jax.process_index() == 0:
+          files.write_json(os.path.join(root, TEACHER_CONFIG),
+                           _config_json(pre))
+        init = networks.init_variables(model, jax.random.PRNGKey(pre.seed),
+                                       data.source.image_shape)
+        print(f'Training the teacher on source classes '
+              f'{tuple(config.dataset.source_classes)} (cached in {root}).')
+        # The same trainer as the students; an interrupted pretraining
+        # resumes.
+        train.train_and_evaluate(pre, run_dir, pre.seed, data.source, init,
+                                 lr_field='pretrain.optim.lr',
+                                 new_workdir=False)
+      if jax.process_count() > 1:
+        # Process 0 writes result.json last; the others wait for it.
+        multihost_utils.sync_global_devices('dtq_jax teacher trained')
+    else:
+      _check_cached_config(pre, root)
+      logging.info('Using the cached teacher in %s.', root)
+  try:
+    restored = checkpoints.restore_params(run_dir)
+  except errors.UserError as e:
+    raise errors.UserError(
+        f'the cached teacher in {root} is damaged ({e}); delete that folder '
+        'to train it again.') from e
+  params = dict(restored['params']['backbone'])
+  params[model.classifier_name] = restored['params']['head']['fc']
+  variables = {'params': params, 'batch_stats': restored['batch_stats']}
+  accuracy = train.read_result(result_path)['final_test_accuracy']
   print(f'Teacher: source-test accuracy {accuracy:.2f}% ({root}).')
   return variables
+
+
+def _check_cached_config(pre, root):
+  """The entry was trained with ``pre`` (entries written before the config
+  was stored have none to compare)."""
+  path = os.path.join(root, TEACHER_CONFIG)
+  if not os.path.exists(path):
+    return
+  diff = _differing_fields(_read_json(path), _config_json(pre))
+  if diff:
+    raise errors.UserError(
+        f'the cached teacher in {root} was trained with another config '
+        f'(fields: {", ".join(diff[:5])} of {TEACHER_CONFIG}); delete that '
+        'folder to train it again.')
+
+
+@contextlib.contextmanager
+def _cache_write_errors(root):
+  """A cache that cannot be written is named as such, not as the workdir."""
+  try:
+    yield
+  except OSError as e:
+    if e.errno not in files.WRITE_ERRNOS:
+      raise
+    raise errors.UserError(
+        f'cannot write the teacher cache in {root}: {e}; free space there or '
+        'choose another --config.cache_dir.') from e
 
 
 def _delta_weights(config, workdir, data, teacher):
@@ -195,10 +338,20 @@ def _delta_weights(config, workdir, data, teacher):
   return weights
 
 
-def summarize(results, config, wall_time_s):
-  """Mean and population std over repeats of final and best accuracy."""
-  summary = {'config': _config_json(config), 'wall_time_s': wall_time_s,
-             'method': config.method, 'repeats': len(results),
+def summarize(results, config):
+  """Mean and population std over repeats of final and best accuracy.
+
+  Args:
+    results: the repeats' result dicts.
+    config: the run config.
+
+  Returns:
+    The summary dict. Its ``wall_time_s`` adds up the repeats' training
+    times, each over all the invocations that trained it (a resumed run's
+    included).
+  """
+  summary = {'config': _config_json(config), 'method': config.method,
+             'repeats': len(results),
              'bits_w': networks.student_bits(config)[0],
              'bits_a': networks.student_bits(config)[1]}
   for key in ('final_test_accuracy', 'best_test_accuracy'):
@@ -208,20 +361,56 @@ def summarize(results, config, wall_time_s):
     summary[key + '_per_repeat'] = values
   summary['seeds'] = [r['seed'] for r in results]
   summary['run_wall_time_s'] = [r['wall_time_s'] for r in results]
+  summary['wall_time_s'] = float(sum(summary['run_wall_time_s']))
+  # Updates skipped for a non-finite loss or gradient (on_nonfinite='skip').
+  summary['nonfinite_steps_per_repeat'] = [r.get('nonfinite_steps', 0)
+                                           for r in results]
+  summary['nonfinite_steps'] = sum(summary['nonfinite_steps_per_repeat'])
   return summary
 
 
+def _accuracy_cell(s, key):
+  """Mean, and ± the std when there are several repeats to spread."""
+  mean = f'{s[key + "_accuracy"]:.2f}'
+  if s.get('repeats', 1) > 1:
+    return f'{mean} ± {s[key + "_std"]:.2f}'
+  return mean
+
+
 def format_table(rows):
-  """A Markdown table of summaries: method, bits, final/best accuracy, time."""
+  """A Markdown table of summaries: method, bits, accuracies, skipped steps
+  and time.
+
+  Args:
+    rows: ``(name, summary)`` pairs.
+
+  Returns:
+    The table's text.
+  """
   lines = ['| method | bits (w/a) | final test acc. (%) | best test acc. (%) '
-           '| wall time (s) |', '|---|---|---|---|---|']
+           '| skipped steps | wall time (s) |', '|---|---|---|---|---|---|']
   for name, s in rows:
+    # Summaries written before the count have none ('-').
+    skipped = s.get('nonfinite_steps', '-')
     lines.append(
         f'| {name} | {s["bits_w"]}/{s["bits_a"]} | '
-        f'{s["final_test_accuracy"]:.2f} ± {s["final_test_std"]:.2f} | '
-        f'{s["best_test_accuracy"]:.2f} ± {s["best_test_std"]:.2f} | '
+        f'{_accuracy_cell(s, "final_test")} | '
+        f'{_accuracy_cell(s, "best_test")} | {skipped} | '
         f'{s["wall_time_s"]:.0f} |')
   return '\n'.join(lines)
+
+
+def _finished_summary(config, workdir):
+  """The summary of a finished run with this config, or None if unfinished.
+
+  Raises:
+    ConfigError: the run is finished, with another config.
+  """
+  path = os.path.join(workdir, SUMMARY)
+  if not os.path.exists(path):
+    return None
+  _check_same_config(config, workdir)
+  return _read_json(path)
 
 
 def run_single(config, workdir, data=None, teacher=None):
@@ -235,64 +424,137 @@ def run_single(config, workdir, data=None, teacher=None):
 
   Returns:
     The summary dict (written to ``workdir/summary.json``).
+
+  Raises:
+    ConfigError: the workdir holds a run (finished or not) with another
+      config.
+    UserError: the workdir cannot be written, or another process runs in it.
+    NonFiniteLossError: see ``train.train_and_evaluate``.
   """
-  summary_path = os.path.join(workdir, SUMMARY)
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
+  summary = _finished_summary(config, workdir)
+  if summary is not None:
     print(f'{workdir} is finished; not overwriting it. Its summary:')
     print(format_table([(summary['method'], summary)]))
     return summary
-  with errors.user_errors(f'workdir {workdir}', OSError):
-    os.makedirs(workdir, exist_ok=True)
-    _check_same_config(config, workdir, write=False)
-  start = time.time()
-  data = data or datasets.load(config)
-  teacher = teacher or load_teacher(config, data)
-  with errors.user_errors(f'workdir {workdir}', OSError):
-    _check_same_config(config, workdir)
-  delta_weights = None
-  if config.method == 'delta':
-    delta_weights = _delta_weights(config, workdir, data, teacher)
-  results = []
-  for r in range(1, config.repeats + 1):
-    seed = config.seed + r
-    results.append(train.train_and_evaluate(
-        config, os.path.join(workdir, f'seed_{seed}'), seed, data, teacher,
-        delta_weights))
-  summary = summarize(results, config, time.time() - start)
-  if jax.process_index() == 0:
-    files.write_json(summary_path, summary)
+  with _workdir_held(workdir):
+    with errors.user_errors(f'workdir {workdir}', OSError):
+      _check_same_config(config, workdir, write=False)
+    data = data or datasets.load(config)
+    teacher = teacher or load_teacher(config, data)
+    with errors.user_errors(f'workdir {workdir}', OSError):
+      _check_same_config(config, workdir)
+    delta_weights = None
+    if config.method == 'delta':
+      delta_weights = _delta_weights(config, workdir, data, teacher)
+    results = []
+    for r in range(1, config.repeats + 1):
+      seed = config.seed + r
+      results.append(train.train_and_evaluate(
+          config, os.path.join(workdir, f'seed_{seed}'), seed, data, teacher,
+          delta_weights))
+    summary = summarize(results, config)
+    if jax.process_index() == 0:
+      files.write_json(os.path.join(workdir, SUMMARY), summary)
   print(format_table([(config.method, summary)]))
   return summary
 
 
+# Fields in which the cells of one comparison differ.
+_CELL_FIELDS = ('method', 'compare_methods')
+
+
+def _cell_config(config, method):
+  sub = ml_collections.ConfigDict(config.to_dict())
+  sub.method = method
+  sub.compare_methods = ()
+  return sub
+
+
+def _check_cells_share_config(config, workdir):
+  """Every run in a comparison folder has the comparison's config.
+
+  Raises:
+    ConfigError: a cell was run with other settings (its table row would
+      not compare like with like).
+  """
+  current = _config_json(config)
+  for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else ():
+    path = os.path.join(workdir, name, CONFIG)
+    if not os.path.isfile(path):
+      continue
+    diff = _differing_fields(_read_json(path), current, ignore=_CELL_FIELDS)
+    if diff:
+      raise errors.ConfigError(
+          diff[0], _field_value(current, diff[0]),
+          f'the comparison in {workdir} holds {name}, run with a different '
+          f'config (fields: {", ".join(diff[:5])}), and the methods of a '
+          'comparison share one config; use another --workdir.')
+
+
+def _finished_cells(workdir, methods):
+  """``(name, summary)`` of every finished run in a comparison folder: the
+  requested methods first, in their order, then the others by name."""
+  names = [n for n in sorted(os.listdir(workdir))
+           if os.path.isfile(os.path.join(workdir, n, SUMMARY))]
+  names.sort(key=lambda n: (methods.index(n) if n in methods
+                            else len(methods)))
+  return [(n, _read_json(os.path.join(workdir, n, SUMMARY))) for n in names]
+
+
 def run(config, workdir):
   """Runs the experiment a config describes; see the module docstring.
+
+  A comparison (``config.compare_methods``) runs each method in
+  ``workdir/<method>``; its table, ``comparison.md``, lists every finished
+  run of the folder (those of earlier invocations with other methods too),
+  all of them with the same config apart from the method.
 
   Args:
     config: a validated config.
     workdir: output folder.
 
   Returns:
-    The summary dict; with ``config.compare_methods``, a dict of them.
+    The summary dict; with ``config.compare_methods``, a dict of them (of
+    the methods asked for).
+
+  Raises:
+    ConfigError: the workdir (or a cell of the comparison) holds a run with
+      another config.
+    UserError: the workdir cannot be written, or another process runs in it.
   """
   methods = tuple(config.get('compare_methods') or ())
   if not methods:
     return run_single(config, workdir)
-  with errors.user_errors(f'workdir {workdir}', OSError):
-    os.makedirs(workdir, exist_ok=True)
-  data = datasets.load(config)
-  teacher = load_teacher(config, data)
-  summaries = {}
-  for method in methods:
-    sub = ml_collections.ConfigDict(config.to_dict())
-    sub.method = method
-    sub.compare_methods = ()
-    summaries[method] = run_single(sub, os.path.join(workdir, method), data,
-                                   teacher)
-  table = format_table(list(summaries.items()))
-  if jax.process_index() == 0:
-    files.write_text(os.path.join(workdir, 'comparison.md'), table + '\n')
+  # Everything that can refuse the run does so before data load and the
+  # teacher trains.
+  _check_cells_share_config(config, workdir)
+  cells = {m: _cell_config(config, m) for m in methods}
+  summaries = {m: _finished_summary(cells[m], os.path.join(workdir, m))
+               for m in methods}
+  with _workdir_held(workdir):
+    todo = [m for m in methods if summaries[m] is None]
+    for m in todo:
+      cell = os.path.join(workdir, m)
+      with errors.user_errors(f'workdir {cell}', OSError):
+        os.makedirs(cell, exist_ok=True)
+        _check_same_config(cells[m], cell, write=False)
+    if todo:
+      data = datasets.load(config)
+      teacher = load_teacher(config, data)
+      for m in todo:
+        summaries[m] = run_single(cells[m], os.path.join(workdir, m), data,
+                                  teacher)
+    table = format_table(_finished_cells(workdir, methods))
+    path = os.path.join(workdir, 'comparison.md')
+    if jax.process_index() == 0 and not _has_text(path, table + '\n'):
+      files.write_text(path, table + '\n')
   print(table)
   return summaries
+
+
+def _has_text(path, text):
+  try:
+    with open(path) as f:
+      return f.read() == text
+  except OSError:
+    return False

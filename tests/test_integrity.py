@@ -1,0 +1,512 @@
+"""Nothing silently wrong, nothing lost.
+
+The teacher cache follows everything its training reads and refuses damaged
+files; runs that skipped most updates fail; finished runs and comparisons
+refuse a changed config and keep every finished row; a failed checkpoint write
+stops the run at once; two processes never share a workdir or build one cache
+entry twice; errors give advice that applies; leftovers of a killed writer go;
+wall times add up over resumed invocations; the console reads well.
+
+Runs are in-process on the tiny image folder (tests/conftest.py), a few steps
+each; finished runs are shared between tests by module-scoped fixtures.
+"""
+
+import dataclasses
+import errno
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import fmnist
+from dtq_jax import checkpoints
+from dtq_jax import config_validation
+from dtq_jax import datasets
+from dtq_jax import errors
+from dtq_jax import experiment
+from dtq_jax import files
+from dtq_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(tiny_folder, **overrides):
+  """The tiny folder config: full-precision fine-tuning, 3 steps an epoch."""
+  root, make_config = tiny_folder
+  c = make_config(root, 'quick,fp')
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config_validation.validate(c)
+
+
+def _must_not_be_called(*args, **kwargs):
+  raise AssertionError('called, but everything needed was finished')
+
+
+# ---------------------------------------------------------------------------
+# A run stopped (SIGTERM) after step 4 and resumed to its end (6 steps).
+
+
+@pytest.fixture(scope='module')
+def resumed(tiny_folder, tmp_path_factory):
+  config = _config(tiny_folder, num_epochs=2, checkpoint_every_steps=1)
+  workdir = str(tmp_path_factory.mktemp('resumed') / 'run')
+  bars = []
+
+  class RecordedBar(train.tqdm):
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      bars.append(self)
+
+  train_step = train._Run.train  # pylint: disable=protected-access
+
+  def slow_then_stopped(self, batch):
+    time.sleep(0.3)
+    metrics = train_step(self, batch)
+    if self.bar.n == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.01)  # Python runs the handler between bytecodes.
+    return metrics
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train._Run, 'train', slow_then_stopped)  # pylint: disable=protected-access
+    with pytest.raises(train.Interrupted, match='stopped after step 4'):
+      experiment.run(config, workdir)
+  # What a writer killed mid-write (kill -9) leaves behind.
+  stale = [os.path.join(workdir, 'summary.json.tmp.k9x'),
+           os.path.join(workdir, 'seed_1', 'result.json.tmp.k9y')]
+  for path in stale:
+    with open(path, 'w') as f:  # tmp: a leftover, on purpose
+      f.write('{"half')
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, 'tqdm', RecordedBar)
+    summary = experiment.run(config, workdir)
+  return dict(config=config, workdir=workdir, summary=summary, bars=bars,
+              stale=stale)
+
+
+def _result(workdir):
+  return train.read_result(os.path.join(workdir, 'seed_1', train.RESULT))
+
+
+def test_wall_time_adds_up_over_resumed_invocations(resumed):
+  summary, result = resumed['summary'], _result(resumed['workdir'])
+  # The first invocation trained (and checkpointed) 4 steps of >= 0.3 s.
+  assert result['wall_time_s'] >= 1.2
+  assert summary['run_wall_time_s'] == [result['wall_time_s']]
+  assert summary['wall_time_s'] == pytest.approx(result['wall_time_s'])
+
+
+def test_stale_temporaries_are_removed_at_start(resumed):
+  for path in resumed['stale']:
+    assert not os.path.exists(path), path
+  assert not glob.glob(os.path.join(resumed['workdir'], '**', '*.tmp.*'),
+                       recursive=True)
+
+
+def test_progress_bar_times_from_the_second_step(resumed):
+  bar, = resumed['bars']
+  # Resumed at step 4: the rate and ETA count from the end of step 5, the
+  # one that compiled.
+  assert bar.initial == 5 and bar.n == 6
+
+
+def test_result_counts_evaluations_and_reads_old_files(resumed, tmp_path):
+  result = _result(resumed['workdir'])
+  assert result['evaluations'] == 2 and 'epochs' not in result
+  old = dict(result)
+  old['epochs'] = old.pop('evaluations')
+  files.write_json(tmp_path / 'result.json', old)
+  assert train.read_result(tmp_path / 'result.json') == result
+
+
+def test_summary_counts_skipped_steps_and_one_seed_shows_no_spread(resumed):
+  summary = resumed['summary']
+  assert summary['nonfinite_steps'] == 0
+  assert summary['nonfinite_steps_per_repeat'] == [0]
+  table = experiment.format_table([('fp', summary)])
+  assert '±' not in table and '| skipped steps |' in table
+  assert f'| {summary["final_test_accuracy"]:.2f} |' in table
+  two = dict(summary, repeats=2, final_test_std=1.5)
+  assert '± 1.50' in experiment.format_table([('fp', two)])
+
+
+def test_finished_run_refuses_a_changed_config(resumed, monkeypatch):
+  monkeypatch.setattr(datasets, 'load', _must_not_be_called)
+  # The same config: the stored summary, nothing loaded or trained.
+  assert experiment.run(resumed['config'], resumed['workdir']) == (
+      resumed['summary'])
+  changed = ml_collections.ConfigDict(resumed['config'].to_dict())
+  changed.optim.momentum = 0.5
+  with pytest.raises(errors.ConfigError) as e:
+    experiment.run(changed, resumed['workdir'])
+  message = str(e.value)
+  assert 'optim.momentum' in message and 'finished' in message
+  assert 'use another --workdir' in message and '\n' not in message
+
+
+# ---------------------------------------------------------------------------
+# Skipped updates.
+
+
+def test_run_that_skipped_most_updates_fails_and_keeps_its_result(
+    tiny_folder, tmp_path):
+  config = _config(tiny_folder, **{'optim.lr': 1e30, 'on_nonfinite': 'skip'})
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.NonFiniteLossError) as e:
+    experiment.run(config, workdir)
+  assert 'max_nonfinite_fraction=0.1' in str(e.value)
+  result = _result(workdir)
+  assert result['nonfinite_steps'] >= 1 and result['steps'] == 3
+  assert not os.path.exists(os.path.join(workdir, experiment.SUMMARY))
+  # A rerun fails the same way, without training again.
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, '_Run', _must_not_be_called)
+    with pytest.raises(train.NonFiniteLossError):
+      experiment.run(config, workdir)
+
+
+# ---------------------------------------------------------------------------
+# Comparisons: every finished cell, one shared config, checks before data.
+
+
+@pytest.fixture(scope='module')
+def comparison(tiny_folder, tmp_path_factory):
+  """fp and ft compared, every update after the first skipped (allowed).
+
+  At 32 bits FT-Q's step is fp's (one compiled program for both).
+  """
+  config = _config(tiny_folder, compare_methods=('fp', 'ft'),
+                   on_nonfinite='skip', max_nonfinite_fraction=1.0,
+                   bits_w=32, bits_a=32, **{'optim.lr': 1e30})
+  workdir = str(tmp_path_factory.mktemp('comparison') / 'compare')
+  summaries = experiment.run(config, workdir)
+  return config, workdir, summaries
+
+
+def _table(workdir):
+  """comparison.md as its header's cells and ``{method: row's cells}``."""
+  with open(os.path.join(workdir, 'comparison.md')) as f:
+    lines = [[c.strip() for c in line.strip('|').split('|')]
+             for line in f.read().splitlines()]
+  return lines[0], {row[0]: row for row in lines[2:]}
+
+
+def test_comparison_lists_skipped_steps(comparison):
+  _, workdir, summaries = comparison
+  skipped = summaries['fp']['nonfinite_steps']
+  assert skipped >= 1
+  header, rows = _table(workdir)
+  column = header.index('skipped steps')
+  assert rows['fp'][column] == str(skipped)
+
+
+def test_comparison_keeps_every_finished_cell(comparison, monkeypatch):
+  config, workdir, summaries = comparison
+  monkeypatch.setattr(datasets, 'load', _must_not_be_called)
+  fewer = ml_collections.ConfigDict(config.to_dict())
+  fewer.compare_methods = ('ft',)
+  assert experiment.run(fewer, workdir) == {'ft': summaries['ft']}
+  assert list(_table(workdir)[1]) == ['ft', 'fp']
+
+
+def test_comparison_cells_share_one_config(comparison, monkeypatch):
+  config, workdir, _ = comparison
+  monkeypatch.setattr(datasets, 'load', _must_not_be_called)
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.compare_methods = ('fp', 'l2')  # a new cell, another batch size
+  other.batch_size = 4
+  with pytest.raises(errors.ConfigError, match=r'config\.batch_size=4 .*'
+                     r'fp, run with a different config.*another --workdir'):
+    experiment.run(other, workdir)
+  assert not os.path.exists(os.path.join(workdir, 'l2'))
+
+
+# ---------------------------------------------------------------------------
+# A checkpoint write that fails in the background.
+
+
+def test_failed_checkpoint_write_stops_the_run_at_once(tiny_folder, tmp_path,
+                                                       monkeypatch):
+  # Checkpoints at the ends of epochs 1 and 2 (steps 3 and 6); the write of
+  # step 3 fails (a full disk) in orbax's background thread.
+  config = _config(tiny_folder, num_epochs=2, checkpoint_every_steps=0)
+  finalize = ocp.CheckpointManager._finalize_checkpoint  # pylint: disable=protected-access
+
+  def full_disk(self, step):
+    if os.path.basename(str(self.directory)) == checkpoints.LATEST:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return finalize(self, step)
+
+  save, train_step = train._Run.save, train._Run.train  # pylint: disable=protected-access
+  trained = []
+
+  def save_then_settle(self, step):
+    save(self, step)
+    # The write fails quickly, as on a full disk; training goes on meanwhile.
+    deadline = time.monotonic() + 60
+    while self.latest.is_saving_in_progress() and time.monotonic() < deadline:
+      time.sleep(0.01)
+
+  def counted_train(self, batch):
+    trained.append(batch)
+    return train_step(self, batch)
+
+  monkeypatch.setattr(ocp.CheckpointManager, '_finalize_checkpoint',
+                      full_disk)
+  monkeypatch.setattr(train._Run, 'save', save_then_settle)  # pylint: disable=protected-access
+  monkeypatch.setattr(train._Run, 'train', counted_train)  # pylint: disable=protected-access
+  with pytest.raises(OSError) as e:
+    experiment.run(config, str(tmp_path / 'run'))
+  assert e.value.errno == errno.ENOSPC
+  assert len(trained) == 3  # not a step more without its checkpoint
+
+
+# ---------------------------------------------------------------------------
+# Two processes on one workdir.
+
+_HOLD = '''
+import sys, time
+sys.path.insert(0, {root!r})
+from dtq_jax import locks
+with locks.workdir_lock({workdir!r}):
+  print('held', flush=True)
+  time.sleep(300)
+'''
+
+_TINY = '''
+from configs import mit67
+
+def get_config():
+  c = mit67.get_config('quick,fp')
+  c.model = 'small_resnet'
+  c.model_kwargs = dict(widths=(4, 8, 8, 8))
+  c.pretrained = 'none'
+  c.dataset.root = {root!r}
+  c.cache_dir = {cache!r}
+  return c
+'''
+
+
+def test_second_process_on_a_workdir_exits_naming_the_first(tiny_folder,
+                                                            tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  holder = subprocess.Popen(
+      [sys.executable, '-c', _HOLD.format(root=ROOT, workdir=str(workdir))],
+      stdout=subprocess.PIPE, text=True, env=env)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    config = tmp_path / 'tiny.py'
+    config.write_text(_TINY.format(root=str(tiny_folder[0]),
+                                   cache=str(tmp_path / 'cache')))
+    proc = subprocess.run(
+        [sys.executable, 'main.py', f'--config={config}',
+         f'--workdir={workdir}'], cwd=ROOT, capture_output=True, text=True,
+        timeout=300, env=env)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert f'in use by process {holder.pid}' in lines[0]
+  assert 'Traceback' not in proc.stderr
+  # Refused before anything was trained or written besides the lock.
+  assert sorted(os.listdir(workdir)) == ['run.lock', 'run.lock.pid']
+
+
+# ---------------------------------------------------------------------------
+# The demo teacher's cache.
+
+
+def _teacher_setup(tiny_folder, cache, **pretrain_optim):
+  """A teacher trained on the tiny folder itself as its source task."""
+  root, make_config = tiny_folder
+  c = make_config(root, 'quick,fp')
+  c.cache_dir = str(cache)
+  c.dataset.source_classes = (0, 1, 2)
+  c.pretrain = ml_collections.ConfigDict(dict(
+      num_epochs=2, batch_size=8, seed=0, steps_per_epoch=2,
+      optim=dict(lr=0.05, **pretrain_optim)))
+  c = config_validation.validate(c)
+  data = datasets.load(c)
+  return c, dataclasses.replace(data, source=data)
+
+
+@pytest.fixture(scope='module')
+def teacher(tiny_folder, tmp_path_factory):
+  """Two threads need the same new entry at once: one trains, one waits."""
+  cache = tmp_path_factory.mktemp('teacher_cache')
+  config, data = _teacher_setup(tiny_folder, cache)
+  calls = []
+  train_and_evaluate = train.train_and_evaluate
+
+  def recorded(pre, *args, **kwargs):
+    calls.append(pre)
+    return train_and_evaluate(pre, *args, **kwargs)
+
+  results = {}
+
+  def build(name):
+    results[name] = experiment.train_source_teacher(config, data)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, 'train_and_evaluate', recorded)
+    first = threading.Thread(target=build, args=('first',))
+    first.start()
+    deadline = time.monotonic() + 120
+    while not glob.glob(str(cache / 'teachers' / '*' / 'build.lock.pid')):
+      assert time.monotonic() < deadline and first.is_alive()
+      time.sleep(0.01)
+    second = threading.Thread(target=build, args=('second',))
+    second.start()
+    first.join()
+    second.join()
+  entry, = glob.glob(str(cache / 'teachers' / '*'))
+  return dict(config=config, data=data, calls=calls, results=results,
+              entry=entry, cache=cache)
+
+
+def test_one_cache_entry_is_built_once(teacher):
+  assert len(teacher['calls']) == 1
+  jax.tree.map(np.testing.assert_array_equal, teacher['results']['first'],
+               teacher['results']['second'])
+
+
+def test_teacher_config_is_stored_with_the_entry(teacher):
+  with open(os.path.join(teacher['entry'], experiment.TEACHER_CONFIG)) as f:
+    stored = json.load(f)
+  trained_with = teacher['calls'][0]
+  assert stored == json.loads(trained_with.to_json_best_effort())
+  assert trained_with.method == 'fp' and trained_with.optim.lr == 0.05
+
+
+def test_teacher_key_follows_what_its_training_reads():
+  base = fmnist.get_config('quick')
+
+  def key(**changes):
+    c = ml_collections.ConfigDict(base.to_dict())
+    for field, value in changes.items():
+      node = c
+      *parents, leaf = field.split('.')
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = value
+    return experiment._teacher_key(  # pylint: disable=protected-access
+        experiment.teacher_config(c), c.dataset)
+
+  reference = key()
+  for field, value in [('optim.momentum', 0.5),
+                       ('optim.head_weight_decay', 0.0),
+                       ('optim.lr_drop_factor', 0.5),
+                       ('dataset.crop_padding', 0),
+                       ('compute_dtype', 'bfloat16'),
+                       ('on_nonfinite', 'skip'),
+                       ('pretrain.optim.lr', 0.2)]:
+    assert key(**{field: value}) != reference, field
+  # What only the students read shares the teacher.
+  for field, value in [('bits_w', 5), ('dtq.kl_weight', 0.1),
+                       ('dataset.shots_per_class', 10), ('repeats', 3),
+                       ('method', 'ft'), ('cache_dir', '/elsewhere')]:
+    assert key(**{field: value}) == reference, field
+
+
+def _flip_bytes(step_dir):
+  """Flips 3 bytes inside the largest array data file of a checkpoint."""
+  data = [f for f in glob.glob(os.path.join(step_dir, 'state', '**', '*'),
+                               recursive=True)
+          if os.path.isfile(f) and os.sep + 'd' + os.sep in f]
+  path = max(data, key=os.path.getsize)
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:
+    for offset in (size // 4, size // 2, 3 * size // 4):
+      f.seek(offset)
+      byte = f.read(1)[0]
+      f.seek(offset)
+      f.write(bytes([byte ^ 0x55]))
+
+
+def test_damaged_cached_teacher_falls_back_or_names_the_folder(
+    teacher, tmp_path, monkeypatch, capsys):
+  cache = tmp_path / 'cache'
+  shutil.copytree(teacher['cache'], cache)
+  config = ml_collections.ConfigDict(teacher['config'].to_dict())
+  config.cache_dir = str(cache)  # not part of the key: the same entry
+  entry = os.path.join(cache, 'teachers', os.path.basename(teacher['entry']))
+  folder = os.path.join(entry, 'run', checkpoints.LATEST)
+  steps = sorted(int(s) for s in os.listdir(folder) if s.isdigit())
+  assert steps == [2, 4]
+  older = checkpoints._restore(  # pylint: disable=protected-access
+      checkpoints.manager(folder, read_only=True), 2, None).state
+  monkeypatch.setattr(train, 'train_and_evaluate', _must_not_be_called)
+
+  # An entry whose stored config is not the one asked for is refused.
+  stored = os.path.join(entry, experiment.TEACHER_CONFIG)
+  with open(stored) as f:
+    text = f.read()
+  files.write_text(stored, text.replace('"momentum": 0.9', '"momentum": 0.5'))
+  with pytest.raises(errors.UserError, match='optim.momentum'):
+    experiment.train_source_teacher(config, teacher['data'])
+  files.write_text(stored, text)
+
+  _flip_bytes(os.path.join(folder, '4'))
+  variables = experiment.train_source_teacher(config, teacher['data'])
+  assert f'checkpoint {folder}/4 is unreadable' in capsys.readouterr().out
+  jax.tree.map(np.testing.assert_array_equal, variables['batch_stats'],
+               older['batch_stats'])
+
+  _flip_bytes(os.path.join(folder, '2'))
+  with pytest.raises(errors.UserError) as e:
+    experiment.train_source_teacher(config, teacher['data'])
+  message = str(e.value)
+  assert f'the cached teacher in {entry} is damaged' in message
+  assert 'delete that folder' in message and '\n' not in message
+
+
+def test_nonfinite_teacher_names_its_own_learning_rate(tiny_folder, tmp_path):
+  config, data = _teacher_setup(tiny_folder, tmp_path / 'cache')
+  config.pretrain.optim.lr = 1e30
+  with pytest.raises(train.NonFiniteLossError) as e:
+    experiment.train_source_teacher(config, data)
+  message = str(e.value)
+  assert '--config.pretrain.optim.lr' in message
+  # Step 1's update makes step 2's loss non-finite, before the first
+  # checkpoint (the end of epoch 1, step 2).
+  assert 'no checkpoint was written before it' in message
+  assert 'intact' not in message and '--workdir' not in message
+
+
+def test_full_teacher_cache_names_the_cache(tiny_folder, tmp_path,
+                                            monkeypatch):
+  config, data = _teacher_setup(tiny_folder, tmp_path / 'cache')
+  write_json = files.write_json
+
+  def full(path, obj):
+    if str(path).endswith(experiment.TEACHER_CONFIG):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return write_json(path, obj)
+
+  monkeypatch.setattr(files, 'write_json', full)
+  monkeypatch.setattr(train, 'train_and_evaluate', _must_not_be_called)
+  with pytest.raises(errors.UserError,
+                     match=r'cannot write the teacher cache in \S+'
+                     r'teachers/small_resnet-\w+: .*No space left'):
+    experiment.train_source_teacher(config, data)
