@@ -100,6 +100,15 @@ def paper_config(dataset, arg=None):
       crop_padding=0,  # zero padding before the random crop.
       mean=(0.485, 0.456, 0.406),  # ImageNet statistics, on a 0..1 scale.
       std=(0.229, 0.224, 0.225),
+      # Decoded-image cache (dtq_jax/image_cache.py): images decoded and
+      # resized once (uint8), checked, reused by later runs. 'memory' (read
+      # into RAM), 'disk' (memory-mapped), 'none' (decode every epoch) or
+      # 'auto' (memory if it takes under a quarter of the available RAM).
+      cache='auto',
+      cache_dir='',  # '' = <cache_dir>/images under the cache root.
+      # Random crop, flip and normalisation in the jitted step (uint8 sent to
+      # the device): 'auto' (on for GPU/TPU, off on CPU), 'on' or 'off'.
+      augment_on_device='auto',
   ))
   c.dataset.update(dataset)
 

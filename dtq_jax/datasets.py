@@ -4,14 +4,20 @@
 (and validation) Splits that ``sources`` reads and ``splits`` divides, plus
 the task's ``Preprocessing``. ``Data``'s methods give its batches through
 ``input_pipeline``, so the trainer never looks at dataset names nor imports
-the pipeline.
+the pipeline. With ``dataset.cache`` on, the splits are decoded and resized
+once (``image_cache``) on the first request for their batches; with
+``dataset.augment_on_device`` on, ``Data.on_device`` tells the trainer to ask
+for uint8 batches that its step crops, flips and normalises.
 """
 
 import dataclasses
 import os
 from typing import Optional, Tuple
 
+import jax
+
 from dtq_jax import errors
+from dtq_jax import image_cache
 from dtq_jax import input_pipeline
 from dtq_jax import sources
 from dtq_jax import splits
@@ -51,12 +57,23 @@ class Data:
     val: held-out validation Split (None under the paper's protocol).
     preprocessing: how the images become network inputs.
     source: the demo's source task (a ``Data``), else None.
+    cache: ``image_cache`` mode of the splits: 'auto', 'memory', 'disk' or
+      'none'.
+    cache_dir: folder of the image cache files.
+    on_device: whether the trainer's steps crop, flip and normalise (it then
+      asks for batches with ``on_device=True``).
   """
   train: sources.Split
   test: sources.Split
   val: Optional[sources.Split]
   preprocessing: Preprocessing
   source: Optional['Data'] = None
+  cache: str = 'none'
+  cache_dir: str = ''
+  on_device: bool = False
+  # id(split) -> the split with its images decoded once (or itself).
+  _decoded: dict = dataclasses.field(default_factory=dict, init=False,
+                                     repr=False, compare=False)
 
   @property
   def num_train(self):
@@ -91,8 +108,19 @@ class Data:
     del kwargs['crop_padding']
     return kwargs
 
+  def _prepared(self, split, what):
+    """``split`` and its resize, through the image cache (once per split)."""
+    resize_to = self.preprocessing.resize_to
+    if self.cache == 'none' or not image_cache.needs_cache(split, resize_to):
+      return split, resize_to
+    if id(split) not in self._decoded:
+      self._decoded[id(split)] = (split, image_cache.cached_split(
+          split, resize_to, self.cache, self.cache_dir, what))
+    decoded = self._decoded[id(split)][1]
+    return decoded, None if decoded is not split else resize_to
+
   def train_batches(self, batch_size, *, seed, start_step=0, process_index=0,
-                    process_count=1):
+                    process_count=1, on_device=False):
     """The endless, augmented training stream of ``train``.
 
     Args:
@@ -102,20 +130,23 @@ class Data:
       process_index: this process's index.
       process_count: number of processes; each gets its rows of every global
         batch.
+      on_device: uint8 pre-crop images for a step that augments them.
 
     Returns:
       An iterator of {'image': float32 (b, S, S, C), 'label': int32 (b,)},
-      b = batch_size // process_count (see ``input_pipeline.train_batches``).
+      b = batch_size // process_count (see ``input_pipeline.train_batches``);
+      the same images, order, crops and flips with or without the cache.
     """
     p = self.preprocessing
+    split, resize_to = self._prepared(self.train, 'the training split')
     return input_pipeline.train_batches(
-        self.train, batch_size, p.image_size, seed, resize_to=p.resize_to,
+        split, batch_size, p.image_size, seed, resize_to=resize_to,
         mean=p.mean, std=p.std, start_step=start_step,
         crop_padding=p.crop_padding, process_index=process_index,
-        process_count=process_count)
+        process_count=process_count, on_device=on_device)
 
   def eval_batches(self, split, batch_size, *, process_index=0,
-                   process_count=1):
+                   process_count=1, on_device=False):
     """One ordered pass over ``split`` in fixed-shape, masked batches.
 
     Args:
@@ -123,6 +154,7 @@ class Data:
       batch_size: global batch size.
       process_index: this process's index.
       process_count: number of processes.
+      on_device: uint8 pre-crop images for a step that centre-crops them.
 
     Returns:
       An iterator of {'image', 'label', 'mask'} over
@@ -130,9 +162,12 @@ class Data:
       ``input_pipeline.eval_batches``).
     """
     p = self.preprocessing
+    what = 'the test split' if split is self.test else 'an evaluation split'
+    split, resize_to = self._prepared(split, what)
     return input_pipeline.eval_batches(
-        split, batch_size, p.image_size, resize_to=p.resize_to, mean=p.mean,
-        std=p.std, process_index=process_index, process_count=process_count)
+        split, batch_size, p.image_size, resize_to=resize_to, mean=p.mean,
+        std=p.std, process_index=process_index, process_count=process_count,
+        on_device=on_device)
 
   def steps_per_epoch(self, batch_size):
     """Full training batches per epoch: floor(num_train / batch_size)."""
@@ -167,11 +202,13 @@ def load(config):
     ConfigError: the training split is smaller than one batch, or the images
       do not fit ``dataset.image_size`` / ``dataset.resize_to``.
   """
+  cache, cache_dir, on_device = _speed_settings(config)
   with errors.user_errors(f'dataset {config.dataset.name}'):
     data = _load(config.dataset)
   for task in (data, data.source):
     if task is not None:
       _check_image_size(config.dataset, task)
+      task.cache, task.cache_dir, task.on_device = cache, cache_dir, on_device
   if data.num_train < config.batch_size:
     raise errors.ConfigError(
         'batch_size', config.batch_size,
@@ -197,6 +234,33 @@ def _check_image_size(d, data):
           f'the images of dataset.name={d.name!r} are {height}x{width}; '
           f'allowed: at most {min(height, width)}, or set dataset.resize_to '
           '(>= image_size) to resize them first.')
+
+
+def _speed_settings(config):
+  """``(cache mode, cache folder, on_device)`` from ``config.dataset``.
+
+  Raises:
+    ConfigError: an unknown ``dataset.cache`` or ``augment_on_device``.
+  """
+  d = config.dataset
+  cache = d.get('cache', 'none')
+  if cache not in image_cache.MODES:
+    raise errors.ConfigError('dataset.cache', cache,
+                             f'allowed: {", ".join(image_cache.MODES)}.')
+  on_device = d.get('augment_on_device', 'off')
+  if on_device not in ('auto', 'on', 'off'):
+    raise errors.ConfigError('dataset.augment_on_device', on_device,
+                             'allowed: auto, on, off.')
+  if on_device == 'auto':
+    # On a CPU the step's own crop gains nothing over the host's; on an
+    # accelerator it takes the per-pixel work off the host and sends a
+    # quarter of the bytes (results/input_pipeline_cpu.md).
+    on_device = 'off' if jax.default_backend() == 'cpu' else 'on'
+  root = config.get('cache_dir') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.join(
+          os.path.expanduser('~'), '.cache'), 'dtq_jax')
+  cache_dir = d.get('cache_dir') or os.path.join(root, 'images')
+  return cache, cache_dir, on_device == 'on'
 
 
 def _load(d):

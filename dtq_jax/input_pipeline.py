@@ -16,10 +16,19 @@ example at stream position ``p`` use stateless ops seeded with ``(seed, p)``.
 ``start_step`` therefore resumes exactly where a checkpoint stopped, skipping
 on the index level without decoding anything, and slicing a global batch
 across processes changes nothing about its content.
+
+With ``on_device=True`` both pipelines stop before the crop: they deliver the
+uint8 images at the pre-crop size (resized, rounded), and the jitted step
+crops, flips and normalises them (``augment``), which sends a quarter of the
+bytes to the accelerator and takes the per-pixel work off the host. Splits
+whose images are a memory-mapped array (``image_cache``'s 'disk' mode) are
+read through NumPy, so that only the rows of each batch are paged in.
 """
 
 import numpy as np
 import tensorflow as tf
+
+from dtq_jax import augment
 
 # Per-channel statistics on the 0..1 scale that the pretrained torchvision
 # networks were trained with.
@@ -37,6 +46,9 @@ FASHION_MNIST_STD = (0.3530,)
 # the validation hold-out).
 _SHUFFLE_STREAM = 1
 _AUGMENT_STREAM = 4
+# Pixel arrays up to this size are gathered from a tf.constant (Fashion-MNIST:
+# 47 MB); larger ones, and memory maps, are read through NumPy (``_loader``).
+_CONSTANT_BYTES = 256 << 20
 
 
 # --------------------------------------------------------------------------
@@ -65,6 +77,20 @@ def _decode_rgb(encoded):
       other)
   img.set_shape([None, None, 3])
   return img
+
+
+def _resize(img, resize_to):
+  """uint8 (H, W, C) -> float32 (resize_to, resize_to, C).
+
+  Bilinear with antialiasing, as PIL's resize in torchvision.
+  """
+  return tf.image.resize(tf.cast(img, tf.float32), [resize_to, resize_to],
+                         method='bilinear', antialias=True)
+
+
+def _to_uint8(img):
+  """Rounds float pixels on the 0..255 scale to uint8 (the cache's form)."""
+  return tf.cast(tf.round(tf.clip_by_value(img, 0.0, 255.0)), tf.uint8)
 
 
 # --------------------------------------------------------------------------
@@ -168,21 +194,38 @@ def _eval_index_data(num_examples, batch_size, pad_to_multiple, rows):
       {'index': where, 'position': where, 'valid': valid})
 
 
-def _normalizer(mean, std, channels):
-  mean = np.asarray(mean, np.float32).reshape(-1)
-  std = np.asarray(std, np.float32).reshape(-1)
-  if mean.size not in (1, channels) or std.size not in (1, channels):
-    raise ValueError(f'mean and std need {channels} value(s) (or 1) for '
-                     f'{channels}-channel images, got {mean.size} and '
-                     f'{std.size}')
-  # (x / 255 - mean) / std as one multiply-add.
-  scale = 1.0 / (255.0 * std)
-  offset = mean / std
-  return lambda x: x * scale - offset
+def _normalizer(mean, std, channels, width):
+  """float (B, H, width, C) -> (x / 255 - mean) / std, as the step's.
+
+  One multiply-add over rows of ``width * C`` values: TF broadcasts a
+  per-channel constant over an inner dimension of 3 several times slower.
+  """
+  scale, offset = (np.tile(np.broadcast_to(v, (channels,)), width)
+                   for v in augment.normalization(mean, std, channels))
+
+  def normalize(x):
+    shape = tf.shape(x)
+    rows = tf.reshape(x, [shape[0], shape[1], width * channels])
+    return tf.reshape(rows * scale - offset, shape)
+
+  return normalize
 
 
 def _loader(split):
   """Returns index -> uint8 (H, W, C) image tensor for the split's images."""
+  if isinstance(split.images, np.memmap) or (
+      not split.is_encoded and split.images.nbytes > _CONSTANT_BYTES):
+    # The image cache's arrays: a tf.constant would copy the whole array
+    # (a memory-mapped file larger than memory would be read entirely); read
+    # through NumPy, one example's rows are copied (or paged in) at a time.
+    mapped = split.images
+
+    def read(i):
+      img = tf.numpy_function(lambda j: np.asarray(mapped[j]), [i], tf.uint8,
+                              stateful=False)
+      return tf.ensure_shape(img, mapped.shape[1:])
+
+    return read
   images = split.images_tensor
   if not split.is_encoded:
     return lambda i: tf.gather(images, i)
@@ -207,29 +250,33 @@ def _check_sizes(split, image_size, resize_to, crop_padding):
 
 
 def _centre_crop(img, height, width, size):
-  # torchvision's CenterCrop offsets (Python round).
-  top = int(round((height - size) / 2.0))
-  left = int(round((width - size) / 2.0))
+  top, left = augment.center_offsets(height, width, size)
   return img[top:top + size, left:left + size]
 
 
 def _pipeline(split, index_data, local_batch, image_size, resize_to,
-              crop_padding, augment, seed, mean, std, output):
+              crop_padding, augment, seed, mean, std, output, on_device=False):
   """index batches -> per-example load/preprocess -> numpy batches."""
   height, width = _check_sizes(split, image_size, resize_to, crop_padding)
   channels = split.channels
-  normalize = _normalizer(mean, std, channels)
+  normalize = _normalizer(mean, std, channels, image_size)
   load = _loader(split)
   labels = tf.constant(split.labels, tf.int32)
   augment_key = _stream_key(seed, _AUGMENT_STREAM)
 
   def preprocess(example):
-    img = tf.cast(load(example['index']), tf.float32)
+    img = load(example['index'])
     if resize_to is not None:
-      # Bilinear with antialiasing, as PIL's resize in torchvision.
-      img = tf.image.resize(img, [resize_to, resize_to], method='bilinear',
-                            antialias=True)
-    if augment:
+      img = _resize(img, resize_to)
+      if on_device:
+        # Pre-crop uint8, exactly what the image cache holds.
+        img = _to_uint8(img)
+    if on_device:
+      img = tf.ensure_shape(img, [height, width, channels])
+    elif augment:
+      # Cropping and flipping pixels as they come (uint8 from the cache or
+      # a pixel array, float after a resize): the offsets depend only on the
+      # shape and the seed, so both give the same crops.
       if crop_padding:
         img = tf.pad(img, [[crop_padding] * 2, [crop_padding] * 2, [0, 0]])
       crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(
@@ -240,9 +287,17 @@ def _pipeline(split, index_data, local_batch, image_size, resize_to,
       img = tf.image.stateless_random_flip_left_right(img, seed=flip_seed)
     else:
       img = _centre_crop(img, height, width, image_size)
-    img = tf.ensure_shape(normalize(img), [image_size, image_size, channels])
     return {'image': img, 'label': tf.gather(labels, example['index']),
             'valid': example['valid']}
+
+  def finish(batch):
+    if not on_device:
+      # Normalised per batch: one vectorised multiply-add instead of one
+      # small op per image.
+      image = normalize(tf.cast(batch['image'], tf.float32))
+      batch = dict(batch, image=tf.ensure_shape(
+          image, [local_batch, image_size, image_size, channels]))
+    return output(batch)
 
   data = index_data.unbatch()
   data = data.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
@@ -250,7 +305,8 @@ def _pipeline(split, index_data, local_batch, image_size, resize_to,
   # Every index batch is full-size (short ones are padded), so re-batching
   # restores exactly the index batches' boundaries.
   data = data.batch(local_batch, drop_remainder=True)
-  data = data.map(output)
+  data = data.map(finish, num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
   options = tf.data.Options()
   options.deterministic = True
   # One thread per op: the parallelism is across examples.
@@ -261,7 +317,7 @@ def _pipeline(split, index_data, local_batch, image_size, resize_to,
 def train_batches(split, batch_size, image_size, seed, *, resize_to=None,
                   augment=True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                   start_step=0, drop_remainder=True, crop_padding=0,
-                  process_index=0, process_count=1):
+                  process_index=0, process_count=1, on_device=False):
   """An endless, reshuffled-every-epoch stream of training batches.
 
   Preprocessing (per example): resize to resize_to x resize_to (aspect ratio
@@ -297,10 +353,14 @@ def train_batches(split, batch_size, image_size, seed, *, resize_to=None,
     process_index: this process's index.
     process_count: number of processes; each yields rows
       [i * B / P, (i + 1) * B / P) of every global batch.
+    on_device: deliver the uint8 images before the crop (resized to
+      resize_to, rounded) for a step that augments them itself
+      (``augment.random_crop_flip_normalize``); the order is the same.
 
   Returns:
     An iterator of {'image': float32 (b, S, S, C), 'label': int32 (b,)}, b =
-    batch_size // process_count.
+    batch_size // process_count; with on_device, 'image' is uint8
+    (b, R, R, C), R = resize_to or the images' own size.
 
   Raises:
     ValueError: inconsistent sizes, a split smaller than one batch with
@@ -330,13 +390,14 @@ def train_batches(split, batch_size, image_size, seed, *, resize_to=None,
             'label': tf.boolean_mask(batch['label'], batch['valid'])}
 
   data = _pipeline(split, index_data, rows.stop - rows.start, image_size,
-                   resize_to, crop_padding, augment, seed, mean, std, output)
+                   resize_to, crop_padding, augment, seed, mean, std, output,
+                   on_device)
   return data.as_numpy_iterator()
 
 
 def eval_batches(split, batch_size, image_size, *, resize_to=None,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, pad_to_multiple=1,
-                 process_index=0, process_count=1):
+                 process_index=0, process_count=1, on_device=False):
   """One pass over ``split`` in order, in fixed-shape batches.
 
   Preprocessing: resize to resize_to x resize_to (if given), centre crop
@@ -363,12 +424,14 @@ def eval_batches(split, batch_size, image_size, *, resize_to=None,
     process_index: this process's index.
     process_count: number of processes; each gets its rows of every global
       batch and all processes get the same number of batches.
+    on_device: deliver uint8 images before the centre crop (for
+      ``augment.center_crop_normalize`` in the step).
 
   Returns:
     An iterator of {'image': float32 (b, S, S, C), 'label': int32 (b,),
     'mask': float32 (b,)} over ``eval_num_batches(...)`` batches, b =
     batch_size // process_count; over all processes every example has mask 1
-    exactly once.
+    exactly once. With on_device, 'image' is uint8 (b, R, R, C).
   """
   rows = _local_rows(batch_size, process_index, process_count)
   if pad_to_multiple < 1:
@@ -383,5 +446,38 @@ def eval_batches(split, batch_size, image_size, *, resize_to=None,
             'mask': tf.cast(batch['valid'], tf.float32)}
 
   data = _pipeline(split, index_data, rows.stop - rows.start, image_size,
-                   resize_to, 0, False, 0, mean, std, output)
+                   resize_to, 0, False, 0, mean, std, output, on_device)
   return data.as_numpy_iterator()
+
+
+def resized_images(split, resize_to, chunk=256):
+  """Every image of ``split`` in order, decoded and resized to uint8.
+
+  What ``image_cache`` stores: the pipelines' own decoding and resize,
+  rounded to uint8, so that a cached image is the uncached one to within
+  half a grey level.
+
+  Args:
+    split: a Split.
+    resize_to: side of the square output; None keeps fixed-size pixels.
+    chunk: images per yielded array.
+
+  Returns:
+    An iterator of uint8 (n, R, R, C) arrays, n <= chunk, over all images.
+  """
+  if resize_to is None and split.is_encoded:
+    raise ValueError('resize_to is required for images read from files or '
+                     'bytes (their sizes vary)')
+  load = _loader(split)
+
+  def decode(i):
+    img = load(i)
+    return img if resize_to is None else _to_uint8(_resize(img, resize_to))
+
+  data = tf.data.Dataset.range(len(split)).map(
+      decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1
+  return data.batch(chunk).with_options(options).prefetch(
+      2).as_numpy_iterator()

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from dtq_jax import attention
+from dtq_jax import augment
 from dtq_jax import losses
 from dtq_jax import networks
 from dtq_jax import static_ranges
@@ -262,6 +263,8 @@ def make_train_step(config, nets, tx):
   The step differentiates only the student's trainable parameters. A step
   whose loss or gradient is not finite leaves the state unchanged and counts
   itself in ``state.nonfinite_steps`` (the loop decides whether to stop).
+  A batch of uint8 pre-crop images is cropped, flipped and normalised in the
+  step (``augment.step_inputs``, per example, from the step's key).
 
   Args:
     config: the run config.
@@ -277,8 +280,10 @@ def make_train_step(config, nets, tx):
     grad_fn = jax.value_and_grad(
         functools.partial(compute_losses, config, nets), has_aux=True)
     ranges = getattr(state, 'quant_ranges', None)
+    images = augment.step_inputs(batch['image'], config.get('dataset'),
+                                 dropout_rng)
     (total, (terms, batch_stats, aux)), grads = grad_fn(
-        state.params, state.batch_stats, batch['image'], batch['label'],
+        state.params, state.batch_stats, images, batch['label'],
         frozen, dropout_rng, quant_ranges=ranges)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -309,7 +314,7 @@ def make_train_step(config, nets, tx):
   return train_step
 
 
-def make_eval_step(nets, act_ranges='dynamic'):
+def make_eval_step(nets, act_ranges='dynamic', dataset=None):
   """Builds ``(params, batch_stats, batch[, quant_ranges]) -> {'correct',
   'count', 'loss'}``.
 
@@ -322,6 +327,8 @@ def make_eval_step(nets, act_ranges='dynamic'):
     nets: ``networks.Networks``.
     act_ranges: 'dynamic' (paper) or 'static' (the step then takes the
       ``quant_ranges`` to quantize with).
+    dataset: ``config.dataset``, needed for batches of uint8 pre-crop images
+      (centre-cropped and normalised in the step).
 
   Returns:
     The (unjitted) step function; its outputs are sums over the batch.
@@ -330,8 +337,8 @@ def make_eval_step(nets, act_ranges='dynamic'):
 
   def eval_step(params, batch_stats, batch, quant_ranges=None):
     mask = batch['mask'].astype(bool)
-    images = jnp.where(mask[:, None, None, None], batch['image'],
-                       batch['image'][:1])
+    images = augment.step_inputs(batch['image'], dataset)
+    images = jnp.where(mask[:, None, None, None], images, images[:1])
     variables = {'params': params['backbone'], 'batch_stats': batch_stats}
     if quant_ranges is not None:
       variables[static_ranges.RANGES] = quant_ranges

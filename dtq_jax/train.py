@@ -136,7 +136,8 @@ def evaluate(eval_step, params, batch_stats, split, config, data, runtime,
   totals = None
   batches = data.eval_batches(split, config.eval_batch_size,
                               process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              process_count=jax.process_count(),
+                              on_device=data.on_device)
   extra = () if quant_ranges is None else (quant_ranges,)
   for i, batch in enumerate(batches):
     if config.max_eval_batches and i >= config.max_eval_batches:
@@ -274,10 +275,11 @@ class _Run:
                                     max_to_keep=1, barrier_prefix='best')
     self.train_step = self.runtime.jit_train_step(
         step_lib.make_train_step(config, self.nets, tx))
-    self.eval_step = self.runtime.jit(step_lib.make_eval_step(self.nets),
-                                      out_shardings=self.runtime.replicated)
+    self.eval_step = self.runtime.jit(
+        step_lib.make_eval_step(self.nets, dataset=config.dataset),
+        out_shardings=self.runtime.replicated)
     self.static_eval_step = self.runtime.jit(
-        step_lib.make_eval_step(self.nets, 'static'),
+        step_lib.make_eval_step(self.nets, 'static', config.dataset),
         out_shardings=self.runtime.replicated)
     self.logger = None
     self.bar = None
@@ -313,7 +315,8 @@ class _Run:
   def train_batches(self, start_step):
     return self.data.train_batches(
         self.config.batch_size, seed=self.seed, start_step=start_step,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        on_device=self.data.on_device)
 
   def train(self, batch):
     """Enqueues one step; returns its metrics (still on the device)."""
