@@ -193,13 +193,13 @@ def build(manifest):
     ``quant_ranges``.
   """
   m = manifest['model']
-  conv_kwargs = dict(weight_range_axis=m['weight_range_axis'],
-                     act_ranges='static')
+  settings = layers.QuantSettings(weight_range_axis=m['weight_range_axis'],
+                                  act_ranges='static')
   # The source classifier is not exported: a 1-output zero layer stands in
   # for it (its logits are unused).
   student = create_model(m['name'], num_classes=1, bits_w=m['bits_w'],
                          bits_a=m['bits_a'], conv=IntConv,
-                         conv_kwargs=conv_kwargs, **m['kwargs'])
+                         conv_kwargs=settings.as_conv_kwargs(), **m['kwargs'])
   return student, TargetHead(m['num_classes'])
 
 

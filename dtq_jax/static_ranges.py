@@ -43,15 +43,14 @@ def with_act_ranges(model, act_ranges, range_stat=None, range_momentum=None):
   if act_ranges not in layers.ACT_RANGES:
     raise ValueError(f'act_ranges={act_ranges!r}; allowed: '
                      f'{", ".join(layers.ACT_RANGES)}.')
-  kwargs = dict(model.conv_kwargs or {}, act_ranges=act_ranges)
-  if range_stat is not None:
-    if range_stat not in layers.RANGE_STATS:
-      raise ValueError(f'range_stat={range_stat!r}; allowed: '
-                       f'{", ".join(layers.RANGE_STATS)}.')
-    kwargs['range_stat'] = range_stat
-  if range_momentum is not None:
-    kwargs['range_momentum'] = range_momentum
-  return model.clone(conv_kwargs=kwargs)
+  if range_stat is not None and range_stat not in layers.RANGE_STATS:
+    raise ValueError(f'range_stat={range_stat!r}; allowed: '
+                     f'{", ".join(layers.RANGE_STATS)}.')
+  changes = dict(act_ranges=act_ranges, range_stat=range_stat,
+                 range_momentum=range_momentum)
+  settings = layers.QuantSettings(**(model.conv_kwargs or {})).replace(
+      **{k: v for k, v in changes.items() if v is not None})
+  return model.clone(conv_kwargs=settings.as_conv_kwargs())
 
 
 def _backbone_variables(variables):
