@@ -44,8 +44,8 @@ def fake_process(monkeypatch):
 def test_keep_calls_mallopt_with_glibc_constants(fake_process):
   process = fake_process()
   assert allocator.configure('keep').startswith('keep')
-  # <malloc.h>: M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1.
-  assert process.calls == [(-4, 0), (-1, -1)]
+  # <malloc.h>: M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1, M_ARENA_MAX = -8.
+  assert process.calls == [(-4, 0), (-1, -1), (-8, 1)]
 
 
 @pytest.mark.parametrize('how', ['argument', 'environment'])
