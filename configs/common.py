@@ -1,4 +1,4 @@
-"""Shared defaults of the paper settings (../shared/METHOD.md, training recipe).
+"""Shared defaults of the paper settings (docs/method.md, training recipe).
 
 Each paper config calls ``paper_config`` with its dataset fields and the config
 argument (``configs/mit67.py:mobilenet_v2,5bit``), so the recipe is written
@@ -58,8 +58,9 @@ def method_config():
   c.l2sp = ml_collections.ConfigDict(dict(alpha=0.1, beta=0.01))
   c.delta = ml_collections.ConfigDict(dict(
       alpha=0.01, beta=0.01,
-      # Channel weights (METHOD.md): a head trained on the frozen network,
-      # then filter removal on the first num_batches augmented batches.
+      # Channel weights (docs/method.md): a head trained on the frozen
+      # network, then filter removal on the first num_batches augmented
+      # batches.
       head_epochs=10, head_lr=0.01, head_momentum=0.9, head_weight_decay=1e-4,
       head_lr_decay_epochs=6.0, head_lr_decay_factor=0.1,
       head_lr_staircase=False, num_batches=4, temperature=5.0))

@@ -1,7 +1,8 @@
 """The learnable channel-attention module of attentive feature alignment.
 
 One ``ChannelAttention`` per tapped feature map reads the *teacher's* map and
-returns weights over its channels (METHOD.md, "Attentive feature alignment")::
+returns weights over its channels (docs/method.md, "The attention
+module")::
 
   z = reshape(F, (B, C, H*W))          # positions in row-major (h, w) order
   z = relu(z @ W1) @ W2                # W1: (H*W, H), W2: (H, 1), no biases

@@ -88,26 +88,6 @@ class Data:
     size = self.preprocessing.image_size
     return (size, size, self.train.channels)
 
-  @property
-  def train_kwargs(self):
-    """Deprecated: train.py switches to the methods.
-
-    Keyword arguments of ``input_pipeline.train_batches`` besides split,
-    batch size and seed.
-    """
-    return dataclasses.asdict(self.preprocessing)
-
-  @property
-  def eval_kwargs(self):
-    """Deprecated: train.py switches to the methods.
-
-    Keyword arguments of ``input_pipeline.eval_batches`` besides split and
-    batch size.
-    """
-    kwargs = dataclasses.asdict(self.preprocessing)
-    del kwargs['crop_padding']
-    return kwargs
-
   def _prepared(self, split, what):
     """``split`` and its resize, through the image cache (once per split)."""
     resize_to = self.preprocessing.resize_to

@@ -315,11 +315,6 @@ def test_data_methods_give_the_pipeline_functions_batches(folder, files):
                                     process_count=process_count, **kwargs))
     _same_batches(got, expected)
     assert len(got) == data.num_eval_batches(test, 4)
-  # The deprecated keyword dicts (train.py's until it uses the methods).
-  assert data.eval_kwargs == kwargs
-  assert data.train_kwargs == dict(kwargs, crop_padding=2)
-  _same_batches(_take(ip.train_batches(train, 4, seed=3, **data.train_kwargs),
-                      3), _take(data.train_batches(4, seed=3), 3))
 
 
 def test_load_gives_the_configs_splits_and_preprocessing(tiny_folder):

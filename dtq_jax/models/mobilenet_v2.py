@@ -27,7 +27,7 @@ INVERTED_RESIDUAL_SETTING = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
-# Blocks whose projection BatchNorm output is a transfer tap (METHOD.md).
+# Blocks whose projection BatchNorm output is a transfer tap (docs/method.md).
 TAPPED_BLOCKS = (5, 9, 13, 17)
 CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
