@@ -20,9 +20,10 @@ across processes changes nothing about its content.
 With ``on_device=True`` both pipelines stop before the crop: they deliver the
 uint8 images at the pre-crop size (resized, rounded), and the jitted step
 crops, flips and normalises them (``augment``), which sends a quarter of the
-bytes to the accelerator and takes the per-pixel work off the host. Splits
-whose images are a memory-mapped array (``image_cache``'s 'disk' mode) are
-read through NumPy, so that only the rows of each batch are paged in.
+bytes to the accelerator and takes the per-pixel work off the host. The image
+cache's arrays (``image_cache``: large, or memory-mapped in its 'disk' mode)
+are read through NumPy one batch at a time, so that only those rows are
+copied or paged in.
 """
 
 import numpy as np
@@ -47,7 +48,8 @@ FASHION_MNIST_STD = (0.3530,)
 _SHUFFLE_STREAM = 1
 _AUGMENT_STREAM = 4
 # Pixel arrays up to this size are gathered from a tf.constant (Fashion-MNIST:
-# 47 MB); larger ones, and memory maps, are read through NumPy (``_loader``).
+# 47 MB); larger ones, and memory maps, are read through NumPy
+# (``_reads_rows``).
 _CONSTANT_BYTES = 256 << 20
 
 
@@ -211,21 +213,31 @@ def _normalizer(mean, std, channels, width):
   return normalize
 
 
+def _reads_rows(split):
+  """Whether ``split``'s pixels are read through NumPy, a batch at a time.
+
+  The image cache's arrays: a tf.constant would copy the whole array (and
+  read all of a memory-mapped file larger than memory); a NumPy read copies
+  (or pages in) only one batch's rows, in one call per batch.
+  """
+  return isinstance(split.images, np.memmap) or (
+      not split.is_encoded and split.images.nbytes > _CONSTANT_BYTES)
+
+
+def _row_reader(split):
+  """Returns int64 (b,) indices -> uint8 (b, H, W, C) rows of the array."""
+  array = split.images
+
+  def read(indices):
+    rows = tf.numpy_function(lambda i: np.asarray(array[i]), [indices],
+                             tf.uint8, stateful=False)
+    return tf.ensure_shape(rows, [None, *array.shape[1:]])
+
+  return read
+
+
 def _loader(split):
   """Returns index -> uint8 (H, W, C) image tensor for the split's images."""
-  if isinstance(split.images, np.memmap) or (
-      not split.is_encoded and split.images.nbytes > _CONSTANT_BYTES):
-    # The image cache's arrays: a tf.constant would copy the whole array
-    # (a memory-mapped file larger than memory would be read entirely); read
-    # through NumPy, one example's rows are copied (or paged in) at a time.
-    mapped = split.images
-
-    def read(i):
-      img = tf.numpy_function(lambda j: np.asarray(mapped[j]), [i], tf.uint8,
-                              stateful=False)
-      return tf.ensure_shape(img, mapped.shape[1:])
-
-    return read
   images = split.images_tensor
   if not split.is_encoded:
     return lambda i: tf.gather(images, i)
@@ -260,12 +272,20 @@ def _pipeline(split, index_data, local_batch, image_size, resize_to,
   height, width = _check_sizes(split, image_size, resize_to, crop_padding)
   channels = split.channels
   normalize = _normalizer(mean, std, channels, image_size)
-  load = _loader(split)
+  if _reads_rows(split):
+    read_rows = _row_reader(split)
+    index_data = index_data.map(
+        lambda batch: dict(batch, image=read_rows(batch['index'])),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    load = lambda example: example['image']
+  else:
+    load_index = _loader(split)
+    load = lambda example: load_index(example['index'])
   labels = tf.constant(split.labels, tf.int32)
   augment_key = _stream_key(seed, _AUGMENT_STREAM)
 
   def preprocess(example):
-    img = load(example['index'])
+    img = load(example)
     if resize_to is not None:
       img = _resize(img, resize_to)
       if on_device:
