@@ -104,7 +104,8 @@ def paper_config(dataset, arg=None):
       # Decoded-image cache (dtq_jax/image_cache.py): images decoded and
       # resized once (uint8), checked, reused by later runs. 'memory' (read
       # into RAM), 'disk' (memory-mapped), 'none' (decode every epoch) or
-      # 'auto' (memory if it takes under a quarter of the available RAM).
+      # 'auto' (memory if it takes under a quarter of the available RAM and
+      # one process runs).
       cache='auto',
       cache_dir='',  # '' = <cache_dir>/images under the cache root.
       # Random crop, flip and normalisation in the jitted step (uint8 sent to

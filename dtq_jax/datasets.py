@@ -227,6 +227,10 @@ def _speed_settings(config):
   if cache not in image_cache.MODES:
     raise errors.ConfigError('dataset.cache', cache,
                              f'allowed: {", ".join(image_cache.MODES)}.')
+  if cache == 'auto' and jax.process_count() > 1:
+    # Processes on one host (one per GPU) would each hold a copy in memory;
+    # a memory-mapped file is one copy in the page cache that all share.
+    cache = 'disk'
   on_device = d.get('augment_on_device', 'off')
   if on_device not in ('auto', 'on', 'off'):
     raise errors.ConfigError('dataset.augment_on_device', on_device,

@@ -122,7 +122,7 @@ def test_bad_sizes_are_clear_errors():
 
 def _tiny_step_setup():
   config = fmnist.get_config('quick')
-  config.method = 'dtq'
+  config.method = 'ft'  # the smallest step: the hook is the same for all
   config.model_kwargs.widths = (4, 8, 8, 8)
   teacher = dict(create_model(config.model, num_classes=5,
                               **config.model_kwargs).init(
