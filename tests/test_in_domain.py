@@ -112,26 +112,35 @@ def test_config_variant_composes_and_validates():
   assert tuple(config.dataset.source_classes) == tuple(range(10))
   assert config.total_steps == fmnist.get_config('quick').total_steps
   config_validation.validate(config)
-  assert fmnist.get_config().dataset.split == 'out_of_domain'
-  bad = fmnist.get_config()
+  assert fmnist.get_config().dataset.split == 'in_domain'  # the default.
+  out = fmnist.get_config('out_of_domain,quick')
+  assert out.dataset.split == 'out_of_domain'
+  assert tuple(out.dataset.target_classes) == (5, 6, 7, 8, 9)
+  config_validation.validate(out)
+  with pytest.raises(ValueError) as e:
+    fmnist.get_config('in_domain,out_of_domain')
+  assert_one_line(e, 'exclude each other')
+  bad = fmnist.get_config('out_of_domain')
   bad.dataset.target_classes = (4, 5)
   with pytest.raises(errors.ConfigError) as e:
     config_validation.validate(bad)
   assert_one_line(e, 'dataset.target_classes')
 
 
+def _key(config):
+  return experiment._teacher_key(experiment.teacher_config(config),
+                                 config.dataset)
+
+
 def test_teacher_cache_key_follows_the_split():
-  out, inside = _config(''), _config('in_domain')
-  assert experiment._teacher_key(out, None) != experiment._teacher_key(
-      inside, None)
+  out, inside = _config('out_of_domain'), _config('in_domain')
+  assert _key(out) != _key(inside)
   # Same classes, different split kind: still another teacher.
   inside.dataset.source_classes = out.dataset.source_classes
-  assert experiment._teacher_key(out, None) != experiment._teacher_key(
-      inside, None)
+  assert _key(out) != _key(inside)
   other_part = _config('in_domain')
   other_part.dataset.teacher_seed = 1
-  assert experiment._teacher_key(other_part, None) != experiment._teacher_key(
-      _config('in_domain'), None)
+  assert _key(other_part) != _key(_config('in_domain'))
 
 
 def test_load_rejects_an_unknown_split(tmp_path):
