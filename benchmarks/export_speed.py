@@ -36,6 +36,7 @@ import numpy as np
 import onnxruntime
 
 from dtq_jax import datasets
+from dtq_jax import checkpoints
 from dtq_jax import export
 from dtq_jax import layers
 from dtq_jax import networks
@@ -84,7 +85,7 @@ def main(argv=None):
     _, exported = export.read(dtq_path)
 
   src = manifest['source']
-  state, _ = export.restore_state(export.seed_dirs(args.workdir)[src['seed']],
+  state, _ = checkpoints.restore_state(export.seed_dirs(args.workdir)[src['seed']],
                                   src['checkpoint'] == 'best')
   params = state['params']
   nets = networks.build_networks(

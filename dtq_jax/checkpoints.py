@@ -196,8 +196,11 @@ def restore_latest_good(mngr, target=None, move_bad=True):
     try:
       restored = _restore(mngr, step, target)
     except Exception as e:  # pylint: disable=broad-except
-      print(f'warning: checkpoint {directory}/{step} is unreadable '
-            f'({_first_line(e)}); trying the previous one.')
+      clear = '' if move_bad else (
+          f' Move {directory}/{step} aside (or delete it) to stop this '
+          'warning.')
+      print(f'warning: checkpoint {directory}/{step} is unreadable or '
+            f'damaged ({_first_line(e)}); trying the previous one.{clear}')
       continue
     if i and move_bad:
       aside = move_aside(mngr, steps[:i])
@@ -237,12 +240,40 @@ def move_aside(mngr, steps):
   return aside
 
 
-def restore_params(run_dir, best=False):
-  """Trained ``{'params', 'batch_stats'}`` of a run's newest intact state.
+def restore_state(run_dir, best=False):
+  """A run's newest intact training state, as nested dicts on the host.
+
+  Damaged steps (unreadable, or not matching their checksum) are reported
+  and skipped, not moved: readers only look.
 
   Args:
     run_dir: the folder of one trained run (a seed folder, or the cached
       teacher's run).
+    best: take the best checkpoint instead of the latest.
+
+  Returns:
+    ``(state, step)``: ``state`` has ``params``, ``batch_stats`` and, if the
+    run kept them, ``quant_ranges`` (and the optimizer's state).
+
+  Raises:
+    UserError: no checkpoint, or none that is intact.
+  """
+  folder = os.path.join(run_dir, BEST if best else LATEST)
+  if not os.path.isdir(folder):
+    raise errors.UserError(f'no checkpoints in {folder}.')
+  mngr = manager(folder, read_only=True)
+  restored = restore_latest_good(mngr, move_bad=False)
+  if restored is None:
+    raise errors.UserError(f'no checkpoints in {folder}.')
+  state = jax.device_get(dict(restored.state))
+  return state, int(state['step'])
+
+
+def restore_params(run_dir, best=False):
+  """Trained ``{'params', 'batch_stats'}`` of a run's newest intact state.
+
+  Args:
+    run_dir: as in ``restore_state``.
     best: take the best checkpoint instead of the latest.
 
   Returns:
@@ -251,14 +282,8 @@ def restore_params(run_dir, best=False):
   Raises:
     UserError: no checkpoint, or none that is intact.
   """
-  folder = os.path.join(run_dir, BEST if best else LATEST)
-  if not os.path.isdir(folder):
-    raise errors.UserError(f'no checkpoints in {folder}.')
-  restored = restore_latest_good(manager(folder, read_only=True),
-                                 move_bad=False)
-  if restored is None:
-    raise errors.UserError(f'no checkpoints in {folder}.')
-  return {k: restored.state[k] for k in ('params', 'batch_stats')}
+  state, _ = restore_state(run_dir, best)
+  return {k: state[k] for k in ('params', 'batch_stats')}
 
 
 # Orbax and TensorStore report a failed write (a full disk, a read-only

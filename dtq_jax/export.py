@@ -93,10 +93,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from safetensors import safe_open
 import safetensors.numpy
 
+from dtq_jax import checkpoints
 from dtq_jax import errors
 from dtq_jax import files
 from dtq_jax import int_inference
@@ -180,61 +180,6 @@ def seed_dirs(workdir):
     if name.startswith('seed_') and name[5:].isdigit():
       out[int(name[5:])] = os.path.join(workdir, name)
   return dict(sorted(out.items()))
-
-
-def restore_state(run_dir, best=False):
-  """The saved training state of one repeat as nested dicts.
-
-  Returns:
-    ``(state, step)``; ``state`` has ``params``, ``batch_stats`` and, if the
-    run collected them, ``quant_ranges``.
-  """
-  mngr = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(run_dir, 'best' if best else
-                                   'checkpoints')),
-      item_names=('state', 'meta'),
-      options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {run_dir}.')
-  # Onto this process's first device, wherever the checkpoint was written.
-  # A damaged step folder fails inside Orbax with a message that names no
-  # file (e.g. a JSON decoding error): say which one.
-  with errors.user_errors(
-      f'cannot read checkpoint {mngr.directory}/{step} (damaged or '
-      'incomplete; move it aside to export the step before it)',
-      (ValueError, OSError, KeyError, TypeError)):
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(
-            fallback_sharding=jax.sharding.SingleDeviceSharding(
-                jax.local_devices()[0]))))
-  state = jax.device_get(dict(restored.state))
-  return state, int(step)
-
-
-class _FirstConv(Exception):
-  """Carries the input channels of the network's first convolution."""
-
-
-def _image_shape(student, variables, size):
-  """(size, size, C), C from the kernel of the student's first convolution."""
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if (isinstance(module, layers.QuantConv) and
-        context.method_name == '__call__'):
-      kernel = module.get_variable('params', 'kernel')
-      raise _FirstConv(kernel.shape[2] * module.feature_group_count)
-    return next_fun(*args, **kwargs)
-
-  images = jnp.zeros((1, size, size, 1), jnp.float32)
-  try:
-    with nn.intercept_methods(interceptor):
-      jax.eval_shape(lambda v, x: student.apply(v, x, train=False), variables,
-                     images)
-  except _FirstConv as found:
-    return (size, size, int(found.args[0]))
-  raise ValueError('the student has no convolution.')
 
 
 def quantized_convs(student, variables, image_shape):
@@ -500,7 +445,7 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
     raise ValueError(f'{seeds[seed]} has no {RESULT}: the run did not '
                      'finish. Resume it, or export its newest checkpoint '
                      'with --allow_unfinished.')
-  state, step = restore_state(seeds[seed], best)
+  state, step = checkpoints.restore_state(seeds[seed], best)
   params = state['params']
   head = params['head']
   num_classes = int(np.asarray(head['fc']['kernel']).shape[-1])
@@ -510,9 +455,9 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
   student = nets.student
   variables = {'params': params['backbone'],
                'batch_stats': state['batch_stats']}
-  image_shape = _image_shape(student, variables, config.dataset.image_size)
-  bits_w, bits_a = networks.student_bits(config)
   data = data or _load_data(config)
+  image_shape = data.image_shape
+  bits_w, bits_a = networks.student_bits(config)
 
   ranges = state.get(layers.RANGES)
   if (ranges and static_ranges.has_collected_ranges(ranges) and
@@ -873,7 +818,8 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
     if src['seed'] not in seeds:
       raise ValueError(f'{path} was exported from seed_{src["seed"]}, which '
                        f'{workdir} does not have.')
-    state, _ = restore_state(seeds[src['seed']], src['checkpoint'] == 'best')
+    state, _ = checkpoints.restore_state(seeds[src['seed']],
+                                         src['checkpoint'] == 'best')
     params = state['params']
     nets = networks.build_networks(
         config, manifest['model']['num_classes'],

@@ -368,18 +368,41 @@ def test_unfinished_run_needs_allow_unfinished(tiny_run, tmp_path, capsys):
   assert manifest['source']['step'] == max(steps)
 
 
-def test_garbage_newest_checkpoint_is_one_line(tiny_run, tmp_path, capsys):
+def _garble(step_dir):
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      with open(os.path.join(root, name), 'w') as f:
+        f.write('garbage')
+
+
+def test_garbage_newest_checkpoint_falls_back_and_says_so(tiny_run, tmp_path,
+                                                          capsys):
   workdir, seed = _copy_run(tiny_run, tmp_path)
   ckpts = os.path.join(seed, 'checkpoints')
   last = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
   garbage = os.path.join(ckpts, str(last + 100))
   shutil.copytree(os.path.join(ckpts, str(last)), garbage)
-  for root, _, names in os.walk(garbage):
-    for name in names:
-      with open(os.path.join(root, name), 'w') as f:
-        f.write('garbage')
+  _garble(garbage)
+  out = str(tmp_path / 'm.dtq')
+  assert export.main(['--workdir', workdir, '--out', out]) == 0
+  said = capsys.readouterr().out
+  # The damaged step is named, with how to clear it; the intact one exported.
+  assert f'checkpoint {garbage} is unreadable' in said
+  assert f'Move {garbage} aside' in said
+  manifest, _ = export.read(out)
+  assert manifest['source']['step'] == last
+
+
+def test_every_checkpoint_damaged_is_one_line(tiny_run, tmp_path, capsys):
+  workdir, seed = _copy_run(tiny_run, tmp_path)
+  ckpts = os.path.join(seed, 'checkpoints')
+  for name in os.listdir(ckpts):
+    if name.isdigit():
+      _garble(os.path.join(ckpts, name))
   assert export.main(['--workdir', workdir,
                       '--out', str(tmp_path / 'm.dtq')]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1, err
-  assert 'cannot read checkpoint' in err and str(last + 100) in err
+  assert 'no readable checkpoint in' in err and ckpts in err
+
+

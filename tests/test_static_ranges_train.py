@@ -7,6 +7,7 @@ import pytest
 
 from dtq_jax import config_validation
 from dtq_jax import experiment
+from dtq_jax import checkpoints
 from dtq_jax import export
 from dtq_jax import static_ranges
 
@@ -22,7 +23,7 @@ def test_static_run_collects_evaluates_and_exports(tmp_path, tiny_folder):
   assert 'final_test_accuracy_dynamic' in result
   assert 'test_dynamic' in result['history'][-1]
   assert summary['final_test_accuracy'] == result['final_test_accuracy']
-  state, step = export.restore_state(os.path.join(workdir, 'seed_1'))
+  state, step = checkpoints.restore_state(os.path.join(workdir, 'seed_1'))
   ranges = static_ranges.layer_ranges(state['quant_ranges'])
   assert len(ranges) == 11
   assert all(int(r['count']) == step for r in ranges.values())
