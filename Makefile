@@ -21,13 +21,14 @@ LOGDIR ?= runs
 tensorboard: setup
 	$(VENV)/bin/tensorboard --logdir $(LOGDIR) $(ARGS)
 
-# The torchvision parity tests and the PyTorch reference's quantizer against
-# dtq_jax.quant, in a separate environment because the torch build is large
+# The torchvision parity tests, the PyTorch reference's quantizer against
+# dtq_jax.quant and the full-resolution paper settings (torch writes their
+# .pth weights), in a separate environment because the torch build is large
 # (about 5.5 GB with its CUDA libraries; it runs on the CPU).
 TORCH_VENV ?= .venv-torch
 test-torch: $(TORCH_VENV)/.installed
 	$(TORCH_VENV)/bin/python -m pytest -q tests/test_pretrained.py \
-	  tests/test_torch_reference.py $(ARGS)
+	  tests/test_torch_reference.py tests/test_paper_smoke.py $(ARGS)
 
 $(TORCH_VENV)/.installed: requirements.txt requirements-torch.txt
 	$(PYTHON) -m venv $(TORCH_VENV)

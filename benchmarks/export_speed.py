@@ -85,8 +85,8 @@ def main(argv=None):
     _, exported = export.read(dtq_path)
 
   src = manifest['source']
-  state, _ = checkpoints.restore_state(export.seed_dirs(args.workdir)[src['seed']],
-                                  src['checkpoint'] == 'best')
+  state, _ = checkpoints.restore_state(
+      export.seed_dirs(args.workdir)[src['seed']], src['checkpoint'] == 'best')
   params = state['params']
   nets = networks.build_networks(
       config, manifest['model']['num_classes'],
