@@ -39,4 +39,4 @@ def test_smoke_run_without_tensorflow(tmp_path):
           if line.startswith('| small_resnet b8 float32 w4a4')]
   assert len(rows) == 2, report  # the float-input step and the uint8 one
   assert 'On-device augmentation, small_resnet batch 8' in report
-  assert 'No accelerator' in report
+  assert 'No accelerator: this run is on the CPU' in report
