@@ -19,6 +19,7 @@ import jax
 from dtq_jax import errors
 from dtq_jax import image_cache
 from dtq_jax import input_pipeline
+from dtq_jax import pretrained
 from dtq_jax import sources
 from dtq_jax import splits
 
@@ -240,9 +241,9 @@ def _speed_settings(config):
     # accelerator it takes the per-pixel work off the host and sends a
     # quarter of the bytes (results/input_pipeline_cpu.md).
     on_device = 'off' if jax.default_backend() == 'cpu' else 'on'
-  root = config.get('cache_dir') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.join(
-          os.path.expanduser('~'), '.cache'), 'dtq_jax')
+  # The project's cache root, as experiment.cache_dir has it.
+  root = config.get('cache_dir') or os.path.dirname(
+      pretrained.default_cache_dir())
   cache_dir = d.get('cache_dir') or os.path.join(root, 'images')
   return cache, cache_dir, on_device == 'on'
 

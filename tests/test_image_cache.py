@@ -178,6 +178,10 @@ def test_load_reads_the_settings(tiny_folder, tmp_path):
   data = datasets.load(config)
   assert (data.cache, data.cache_dir, data.on_device) == (
       'disk', str(tmp_path / 'images'), True)
+  # By default the cache lives under the project's cache root.
+  config.cache_dir = str(tmp_path / 'root')
+  config.dataset.cache_dir = ''
+  assert datasets.load(config).cache_dir == str(tmp_path / 'root' / 'images')
   config.dataset.cache = 'ram'
   with pytest.raises(errors.ConfigError) as e:
     datasets.load(config)
