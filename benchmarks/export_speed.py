@@ -35,8 +35,9 @@ import jax
 import numpy as np
 import onnxruntime
 
-from dtq_jax import datasets
 from dtq_jax import checkpoints
+from dtq_jax import datasets
+from dtq_jax import dtq_format
 from dtq_jax import export
 from dtq_jax import layers
 from dtq_jax import networks
@@ -82,7 +83,7 @@ def main(argv=None):
     session = onnxruntime.InferenceSession(
         onnx_path, providers=['CPUExecutionProvider'])
     _, predict_int = export.load_integer_model(dtq_path)
-    _, exported = export.read(dtq_path)
+    _, exported = dtq_format.read(dtq_path)
 
   src = manifest['source']
   state, _ = checkpoints.restore_state(

@@ -23,19 +23,20 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES,
 # Temporary files are named ``<name>.tmp.<random>``, so a later start can
 # recognise (and remove) what a killed writer left behind.
 _TMP_NAME = re.compile(r'.\.tmp\.\w+$')
-# Files are readable by everyone, as a plain ``open`` would leave them with
-# the usual umask; tempfile creates them 0600.
-_MODE = 0o644
+# What a plain ``open`` creates, before the umask; tempfile creates 0600.
+_OPEN_MODE = 0o666
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, mode=None):
   """Yields a temporary path to write; renames it to ``path`` on success.
 
   On an exception the temporary file is removed and ``path`` is untouched.
 
   Args:
     path: the final file name.
+    mode: the file's permissions; None: what ``open`` would give it (0666
+      less the umask).
 
   Yields:
     The temporary file name, in the same folder (a rename within one file
@@ -48,7 +49,7 @@ def atomic_path(path):
   os.close(fd)
   try:
     yield tmp
-    os.chmod(tmp, _MODE & ~_umask())
+    os.chmod(tmp, _OPEN_MODE & ~_umask() if mode is None else mode)
     with open(tmp, 'rb') as f:
       # The data reaches the disk before the rename makes it visible, so a
       # power cut cannot leave an empty file under the final name.
@@ -66,9 +67,10 @@ def _umask():
   return mask
 
 
-def write_text(path, text):
-  """Writes ``text`` (str or bytes) to ``path`` atomically."""
-  with atomic_path(path) as tmp:
+def write_text(path, text, mode=None):
+  """Writes ``text`` (str or bytes) to ``path`` atomically (``mode``: as in
+  ``atomic_path``)."""
+  with atomic_path(path, mode) as tmp:
     with open(tmp, 'wb' if isinstance(text, bytes) else 'w') as f:
       f.write(text)
 

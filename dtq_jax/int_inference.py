@@ -185,7 +185,7 @@ def build(manifest):
   """The integer student and the target head of an exported model.
 
   Args:
-    manifest: the export manifest (``export.read``).
+    manifest: the export manifest (``dtq_format.read``).
 
   Returns:
     ``(student, head)`` Flax modules; ``student.apply(variables, images)``

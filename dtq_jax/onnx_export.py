@@ -1,7 +1,7 @@
 """Builds the ONNX graph of an exported student (export.py's tensors).
 
 The graph is written with ``onnx.helper`` from the same manifest and
-variables as a ``.dtq`` file (``export.read``), in standard operators of
+variables as a ``.dtq`` file (``dtq_format.read``), in standard operators of
 opset 21, and computes what the project's static-range fake-quant network
 computes (``static_ranges.with_act_ranges(student, 'static')``):
 
@@ -275,10 +275,10 @@ def build_model(manifest, variables):
   """The ONNX model of an exported student.
 
   Args:
-    manifest: the export manifest (``export.read``, or as ``export_run``
+    manifest: the export manifest (``dtq_format.read``, or as ``export_run``
       builds it).
     variables: the exported variables with unpacked codes, as
-      ``export.read`` returns them.
+      ``dtq_format.read`` returns them.
 
   Returns:
     An ``onnx.ModelProto`` that passes ``onnx.checker.check_model``.

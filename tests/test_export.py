@@ -15,6 +15,7 @@ import safetensors
 import safetensors.numpy
 
 from dtq_jax import config_validation
+from dtq_jax import dtq_format
 from dtq_jax import experiment
 from dtq_jax import export
 from dtq_jax import int_inference
@@ -34,24 +35,24 @@ def test_pack_round_trip(bits):
     codes = rng.integers(0, 2**bits, size=count)
     if count:
       codes[0], codes[-1] = 2**bits - 1, 0  # Both extremes.
-    packed = export.pack(codes, bits)
+    packed = dtq_format.pack(codes, bits)
     assert packed.dtype == np.uint8
     assert packed.size == math.ceil(count * bits / 8)  # No padding to bytes.
-    np.testing.assert_array_equal(export.unpack(packed, bits, count), codes)
+    np.testing.assert_array_equal(dtq_format.unpack(packed, bits, count), codes)
 
 
 def test_pack_layout():
   # 4 bits: two codes per byte, the first in the low nibble.
-  np.testing.assert_array_equal(export.pack([1, 2, 15, 0, 7], 4),
+  np.testing.assert_array_equal(dtq_format.pack([1, 2, 15, 0, 7], 4),
                                 [0x21, 0x0F, 0x07])
   # 5 bits: 8 codes in 5 bytes, LSB first. Codes 31, 0, 1: bits
   # 11111 00000 10000 -> byte 0 = 0b00011111, byte 1 = 0b00000100 (bit 10).
-  np.testing.assert_array_equal(export.pack([31, 0, 1], 5), [0x1F, 0x04])
-  assert export.pack(np.zeros(8), 5).size == 5
+  np.testing.assert_array_equal(dtq_format.pack([31, 0, 1], 5), [0x1F, 0x04])
+  assert dtq_format.pack(np.zeros(8), 5).size == 5
   with pytest.raises(ValueError, match='outside'):
-    export.pack([16], 4)
+    dtq_format.pack([16], 4)
   with pytest.raises(ValueError, match='bytes'):
-    export.unpack(np.zeros(3, np.uint8), 4, 7)
+    dtq_format.unpack(np.zeros(3, np.uint8), 4, 7)
 
 
 # --------------------------------------------------------------------------
@@ -168,8 +169,8 @@ def test_export_load_infer(tiny_run, tmp_path):
   report_path = str(tmp_path / 'report.json')
   assert export.main(['--workdir', tiny_run, '--out', out, '--check',
                       '--report', report_path]) == 0
-  manifest, variables = export.read(out)
-  assert manifest['format'] == export.FORMAT
+  manifest, variables = dtq_format.read(out)
+  assert manifest['format'] == dtq_format.FORMAT
   assert manifest['model']['bits_w'] == manifest['model']['bits_a'] == 5
   # Every convolution but the stem is quantized and stored as 5-bit codes,
   # packed 8 codes per 5 bytes.
@@ -231,7 +232,7 @@ def exported(tiny_run, tmp_path_factory):
     os.umask(old_umask)
   with safetensors.safe_open(path, framework='np') as f:
     tensors = {k: f.get_tensor(k) for k in f.keys()}
-    manifest = json.loads(f.metadata()[export.MANIFEST_KEY])
+    manifest = json.loads(f.metadata()[dtq_format.MANIFEST_KEY])
   return path, manifest, tensors
 
 
@@ -274,35 +275,35 @@ def _damage(kind, exported, out):
   codes = sorted(k for k in tensors if k.endswith('/codes'))[0]
   act_lo = sorted(k for k in tensors if k.startswith('quant_ranges/') and
                   k.endswith('/lo'))[0]
-  meta = {export.MANIFEST_KEY: json.dumps(manifest, sort_keys=True)}
-  meta[export.MANIFEST_CHECKSUM_KEY] = hashlib.sha256(
-      meta[export.MANIFEST_KEY].encode()).hexdigest()
+  meta = {dtq_format.MANIFEST_KEY: json.dumps(manifest, sort_keys=True)}
+  meta[dtq_format.MANIFEST_CHECKSUM_KEY] = hashlib.sha256(
+      meta[dtq_format.MANIFEST_KEY].encode()).hexdigest()
   if kind == 'flipped_code_bytes':
     flipped = bytes(255 - b for b in tensors[codes][:16].tobytes())
     _patched(path, out, codes, flipped)
   elif kind == 'nan_range_bytes':
     _patched(path, out, act_lo, np.float32(np.nan).tobytes())
   elif kind == 'nan_range_rewritten':
-    export.write(out, dict(tensors, **{act_lo: np.float32(np.nan)}), manifest)
+    dtq_format.write(out, dict(tensors, **{act_lo: np.float32(np.nan)}), manifest)
   elif kind == 'manifest_edited':  # 2 bits over 4-bit codes, checksum old.
-    edited = json.loads(meta[export.MANIFEST_KEY])
+    edited = json.loads(meta[dtq_format.MANIFEST_KEY])
     edited['model']['bits_w'] = 2
     safetensors.numpy.save_file(tensors, out, metadata={
-        export.MANIFEST_KEY: json.dumps(edited, sort_keys=True),
-        export.MANIFEST_CHECKSUM_KEY: meta[export.MANIFEST_CHECKSUM_KEY]})
+        dtq_format.MANIFEST_KEY: json.dumps(edited, sort_keys=True),
+        dtq_format.MANIFEST_CHECKSUM_KEY: meta[dtq_format.MANIFEST_CHECKSUM_KEY]})
   elif kind == 'manifest_bits_rewritten':  # The same, checksums recomputed.
-    edited = json.loads(meta[export.MANIFEST_KEY])
+    edited = json.loads(meta[dtq_format.MANIFEST_KEY])
     edited['model']['bits_w'] = 2
     for info in edited['quantized_convs'].values():
       info['bits_w'] = 2
-    export.write(out, tensors, edited)
+    dtq_format.write(out, tensors, edited)
   elif kind == 'missing_tensor':
     safetensors.numpy.save_file(
         {k: v for k, v in tensors.items() if k != codes}, out, metadata=meta)
   elif kind == 'kwargs_do_not_fit':
-    edited = json.loads(meta[export.MANIFEST_KEY])
+    edited = json.loads(meta[dtq_format.MANIFEST_KEY])
     edited['model']['kwargs'] = dict(widths=[8, 8, 8, 8])
-    export.write(out, tensors, edited)
+    dtq_format.write(out, tensors, edited)
   elif kind == 'truncated':
     with open(path, 'rb') as f:
       data = f.read()
@@ -361,7 +362,7 @@ def test_unfinished_run_needs_allow_unfinished(tiny_run, tmp_path, capsys):
   assert not os.path.exists(out)
   assert export.main(['--workdir', workdir, '--out', out,
                       '--allow_unfinished']) == 0
-  manifest, _ = export.read(out)
+  manifest, _ = dtq_format.read(out)
   assert manifest['source']['finished'] is False
   steps = [int(s) for s in os.listdir(os.path.join(seed, 'checkpoints'))
            if s.isdigit()]
@@ -389,7 +390,7 @@ def test_garbage_newest_checkpoint_falls_back_and_says_so(tiny_run, tmp_path,
   # The damaged step is named, with how to clear it; the intact one exported.
   assert f'checkpoint {garbage} is unreadable' in said
   assert f'Move {garbage} aside' in said
-  manifest, _ = export.read(out)
+  manifest, _ = dtq_format.read(out)
   assert manifest['source']['step'] == last
 
 

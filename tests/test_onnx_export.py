@@ -15,12 +15,12 @@ import pytest
 
 from configs import fmnist
 from dtq_jax import config_validation
+from dtq_jax import dtq_format
 from dtq_jax import experiment
 from dtq_jax import export
 from dtq_jax import layers
 from dtq_jax import onnx_export
 from dtq_jax import quant
-from dtq_jax import static_ranges
 from dtq_jax import static_ranges
 from dtq_jax.models import create_model
 from dtq_jax.models.head import TargetHead
@@ -164,7 +164,7 @@ def test_onnx_matches_static_fake_quant(name, bits, size, per_channel,
                                         kwargs):
   tensors, manifest, reference, images = _random_export(
       name, bits, size, per_channel, **kwargs)
-  model = onnx_export.build_model(manifest, export.variables_of(manifest,
+  model = onnx_export.build_model(manifest, dtq_format.variables_of(manifest,
                                                                 tensors))
   onnx.checker.check_model(model, full_check=True)
   got = _session(model).run([onnx_export.OUTPUT],
