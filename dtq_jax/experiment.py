@@ -198,9 +198,10 @@ def teacher_config(config):
   tree['dtq'] = {'attention': config.dtq.attention}
   d = tree['dataset']
   d.pop('cache_dir', None)  # Where decoded images are kept.
-  if d.get('split', 'out_of_domain') == 'out_of_domain':
-    for name in _TARGET_ONLY:
-      d.pop(name, None)
+  # Neither split's teacher images depend on the target's fields (in domain:
+  # splits.in_domain_indices draws them by teacher_per_class, teacher_seed).
+  for name in _TARGET_ONLY:
+    d.pop(name, None)
   pre = ml_collections.ConfigDict(tree)
   pre.method = 'fp'
   pre.bits_w, pre.bits_a = networks.student_bits(pre)

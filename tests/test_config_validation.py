@@ -216,6 +216,7 @@ def test_image_size_larger_than_the_data_is_found_when_it_loads(
   config = _demo_config()
   config.dataset.image_size = 64
   config.dataset.shots_per_class = 5
+  config.dataset.teacher_per_class = 10  # the fake data has 20 per class.
   config.batch_size = 8
   config_validation.validate(config, device_count=1)  # files not read yet
   _fake_fashion_mnist(monkeypatch, 28)
