@@ -1,6 +1,6 @@
 """The DTQ train step in PyTorch eager mode: the reference for train_step.py.
 
-Written from ../shared/METHOD.md on torchvision's ResNet / MobileNetV2 with
+Written from docs/method.md on torchvision's ResNet / MobileNetV2 with
 random weights (no download):
 
 * teacher: the full-precision network, frozen, eval mode (BatchNorm running
@@ -59,7 +59,7 @@ FULL_PRECISION = 32
 
 
 # ---------------------------------------------------------------------------
-# Quantizer (METHOD.md, "Quantizer").
+# Quantizer (docs/method.md, "The quantizer").
 
 
 class RoundClamp(torch.autograd.Function):
@@ -89,7 +89,7 @@ def fake_quant(x, bits):
 
   The authors' step: lo and hi by min/max in the autograd graph (ties share
   their gradient evenly), s = (hi - lo) / (2**bits - 1), round(clamp(...))
-  with the identity gradient, then back to floats; the gradient METHOD.md
+  with the identity gradient, then back to floats; the gradient docs/method.md
   specifies follows by autograd. A constant tensor (s = 0) divides by 1
   instead, so q = lo = x with the identity gradient, as
   ``dtq_jax.quant.fake_quant`` returns it (a scalar ``where``, no extra pass
