@@ -28,8 +28,9 @@ from ml_collections.config_flags import config_flags as config_files
 
 from dtq_jax import allocator
 from dtq_jax import config_validation
-from dtq_jax import errors
 from dtq_jax import distributed
+from dtq_jax import errors
+from dtq_jax import files
 from dtq_jax import train
 
 # Found next to this file, so that main.py runs from any directory.
@@ -187,16 +188,12 @@ def _print_results(workdir, summaries, config):
   """Where the results are, for process 0's (the only) stdout."""
   methods = tuple(config.get('compare_methods') or ())
   if methods:
-    print(f'Comparison: {os.path.join(workdir, "comparison.md")}')
+    print(f'Comparison: {os.path.join(workdir, files.COMPARISON)}')
     for method in summaries:
       print(f'Summary of {method}: '
-            f'{os.path.join(workdir, method, _SUMMARY)}')
+            f'{os.path.join(workdir, method, files.SUMMARY)}')
   else:
-    print(f'Summary: {os.path.join(workdir, _SUMMARY)}')
-
-
-# experiment.SUMMARY, without importing experiment (and TensorFlow) early.
-_SUMMARY = 'summary.json'
+    print(f'Summary: {os.path.join(workdir, files.SUMMARY)}')
 
 
 class _Aborted(BaseException):

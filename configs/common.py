@@ -7,6 +7,7 @@ once. Every field is documented where it is set.
 
 import ml_collections
 
+from dtq_jax import delta
 from dtq_jax.config_validation import DEFAULT_CPU_CONVOLUTIONS
 from dtq_jax.config_validation import METHODS
 
@@ -56,14 +57,11 @@ def method_config():
   # original papers' defaults (L2-SP: Li et al. 2018; DELTA: Li et al. 2019).
   c.l2 = ml_collections.ConfigDict(dict(alpha=0.01, beta=0.01))
   c.l2sp = ml_collections.ConfigDict(dict(alpha=0.1, beta=0.01))
-  c.delta = ml_collections.ConfigDict(dict(
-      alpha=0.01, beta=0.01,
-      # Channel weights (docs/method.md): a head trained on the frozen
-      # network, then filter removal on the first num_batches augmented
-      # batches.
-      head_epochs=10, head_lr=0.01, head_momentum=0.9, head_weight_decay=1e-4,
-      head_lr_decay_epochs=6.0, head_lr_decay_factor=0.1,
-      head_lr_staircase=False, num_batches=4, temperature=5.0))
+  # The channel weights' settings (docs/method.md: a head trained on the
+  # frozen network, then filter removal on augmented batches) are
+  # delta.DEFAULTS, the DELTA reference code's.
+  c.delta = ml_collections.ConfigDict(dict(alpha=0.01, beta=0.01,
+                                           **delta.DEFAULTS))
   return c
 
 

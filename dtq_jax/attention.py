@@ -15,7 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# PyTorch's nn.Linear default (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)).
+# config.dtq.attention: the paper's learned attention, or an ablation (equal
+# weights; the learned module trained to ascend the AFA term it weights).
+VARIANTS = ('learned', 'uniform', 'reversed')
+# PyTorch's nn.Linear default (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)).
 TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
 

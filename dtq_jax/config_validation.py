@@ -12,6 +12,9 @@ import os
 
 import jax
 
+from dtq_jax import attention
+from dtq_jax import layers
+from dtq_jax import losses
 from dtq_jax import quant
 from dtq_jax import tfds_tasks
 from dtq_jax.errors import ConfigError
@@ -278,8 +281,8 @@ def validate(config, device_count=None, check_devices=True):
   check_numbers(config)
   if check_devices:
     check_device_split(config, device_count or jax.device_count())
-  _check_choice(config, 'dtq.attention', ('learned', 'uniform', 'reversed'))
-  _check_choice(config, 'dtq.afa_normalization', ('final', 'mean'))
+  _check_choice(config, 'dtq.attention', attention.VARIANTS)
+  _check_choice(config, 'dtq.afa_normalization', losses.AFA_NORMALIZATIONS)
   by_model = config.dtq.get('temperature_by_model') or {}
   uses_dtq = 'dtq' in (config.method,) + tuple(
       config.get('compare_methods') or ())
@@ -296,8 +299,8 @@ def validate(config, device_count=None, check_devices=True):
   if 'cpu_convolutions' in config:
     _check_choice(config, 'cpu_convolutions', CPU_CONVOLUTIONS)
   if 'act_ranges' in config.quant:
-    _check_choice(config, 'quant.act_ranges', ('dynamic', 'static'))
-    _check_choice(config, 'quant.range_stat', ('ema', 'mean', 'minmax'))
+    _check_choice(config, 'quant.act_ranges', layers.ACT_RANGES)
+    _check_choice(config, 'quant.range_stat', layers.RANGE_STATS)
   _check_choice(config, 'on_nonfinite', ('stop', 'skip'))
   _check_dataset(config)
   pretrained = config.pretrained

@@ -28,8 +28,6 @@ from dtq_jax import pretrained as pretrained_lib
 from dtq_jax import train
 from dtq_jax.models import create_model
 
-SUMMARY = 'summary.json'
-CONFIG = 'config.json'
 
 
 def cache_dir(config):
@@ -96,12 +94,12 @@ def _check_same_config(config, workdir, write=True):
   Raises:
     ConfigError: the workdir holds a run with another config.
   """
-  path = os.path.join(workdir, CONFIG)
+  path = os.path.join(workdir, files.CONFIG)
   current = _config_json(config)
   if os.path.exists(path):
     diff = _differing_fields(_read_json(path), current)
     if diff:
-      state = ('a finished' if os.path.exists(os.path.join(workdir, SUMMARY))
+      state = ('a finished' if os.path.exists(os.path.join(workdir, files.SUMMARY))
                else 'an unfinished')
       raise errors.ConfigError(
           diff[0], _field_value(current, diff[0]),
@@ -245,7 +243,7 @@ def train_source_teacher(config, data):
   key = _teacher_key(pre, config.dataset)
   root = os.path.join(cache_dir(config), 'teachers', f'{config.model}-{key}')
   run_dir = os.path.join(root, 'run')
-  result_path = os.path.join(run_dir, train.RESULT)
+  result_path = os.path.join(run_dir, files.RESULT)
   model = create_model(config.model, num_classes=data.source.num_classes,
                        **dict(config.get('model_kwargs', {})))
   with contextlib.ExitStack() as stack:
@@ -407,7 +405,7 @@ def _finished_summary(config, workdir):
   Raises:
     ConfigError: the run is finished, with another config.
   """
-  path = os.path.join(workdir, SUMMARY)
+  path = os.path.join(workdir, files.SUMMARY)
   if not os.path.exists(path):
     return None
   _check_same_config(config, workdir)
@@ -455,7 +453,7 @@ def run_single(config, workdir, data=None, teacher=None):
           delta_weights))
     summary = summarize(results, config)
     if jax.process_index() == 0:
-      files.write_json(os.path.join(workdir, SUMMARY), summary)
+      files.write_json(os.path.join(workdir, files.SUMMARY), summary)
   print(format_table([(config.method, summary)]))
   return summary
 
@@ -480,7 +478,7 @@ def _check_cells_share_config(config, workdir):
   """
   current = _config_json(config)
   for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else ():
-    path = os.path.join(workdir, name, CONFIG)
+    path = os.path.join(workdir, name, files.CONFIG)
     if not os.path.isfile(path):
       continue
     diff = _differing_fields(_read_json(path), current, ignore=_CELL_FIELDS)
@@ -496,10 +494,10 @@ def _finished_cells(workdir, methods):
   """``(name, summary)`` of every finished run in a comparison folder: the
   requested methods first, in their order, then the others by name."""
   names = [n for n in sorted(os.listdir(workdir))
-           if os.path.isfile(os.path.join(workdir, n, SUMMARY))]
+           if os.path.isfile(os.path.join(workdir, n, files.SUMMARY))]
   names.sort(key=lambda n: (methods.index(n) if n in methods
                             else len(methods)))
-  return [(n, _read_json(os.path.join(workdir, n, SUMMARY))) for n in names]
+  return [(n, _read_json(os.path.join(workdir, n, files.SUMMARY))) for n in names]
 
 
 def run(config, workdir):
@@ -546,7 +544,7 @@ def run(config, workdir):
         summaries[m] = run_single(cells[m], os.path.join(workdir, m), data,
                                   teacher)
     table = format_table(_finished_cells(workdir, methods))
-    path = os.path.join(workdir, 'comparison.md')
+    path = os.path.join(workdir, files.COMPARISON)
     if jax.process_index() == 0 and not _has_text(path, table + '\n'):
       files.write_text(path, table + '\n')
   print(table)

@@ -52,9 +52,7 @@ from dtq_jax import onnx_export
 from dtq_jax import quant
 from dtq_jax import static_ranges
 
-CONFIG = 'config.json'
 FORMATS = ('dtq', 'onnx')
-RESULT = 'result.json'
 
 
 # --------------------------------------------------------------------------
@@ -63,7 +61,7 @@ RESULT = 'result.json'
 
 def load_config(workdir):
   """The run's config (``workdir/config.json``) as a ConfigDict."""
-  path = os.path.join(workdir, CONFIG)
+  path = os.path.join(workdir, files.CONFIG)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: --workdir must be the folder '
                             'of one method (with config.json and seed_N/).')
@@ -330,9 +328,9 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
   seed = min(seeds) if seed is None else seed
   if seed not in seeds:
     raise ValueError(f'no seed_{seed} in {workdir} (have {list(seeds)}).')
-  finished = os.path.exists(os.path.join(seeds[seed], RESULT))
+  finished = os.path.exists(os.path.join(seeds[seed], files.RESULT))
   if not finished and not allow_unfinished:
-    raise ValueError(f'{seeds[seed]} has no {RESULT}: the run did not '
+    raise ValueError(f'{seeds[seed]} has no {files.RESULT}: the run did not '
                      'finish. Resume it, or export its newest checkpoint '
                      'with --allow_unfinished.')
   state, step = checkpoints.restore_state(seeds[seed], best)

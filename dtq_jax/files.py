@@ -20,6 +20,12 @@ import tensorboardX
 # quota or a size limit, read-only, not a folder), not a bug.
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES,
                 errno.EPERM, errno.EROFS, errno.ENOTDIR)
+# The files of a run folder, by name.
+CONFIG = 'config.json'  # the run's config, checked when it resumes
+RESULT = 'result.json'  # one seed's result; marks that seed finished
+SUMMARY = 'summary.json'  # a method's summary over seeds; marks it finished
+COMPARISON = 'comparison.md'  # a comparison's table of methods
+
 # Temporary files are named ``<name>.tmp.<random>``, so a later start can
 # recognise (and remove) what a killed writer left behind.
 _TMP_NAME = re.compile(r'.\.tmp\.\w+$')

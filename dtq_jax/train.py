@@ -26,7 +26,6 @@ from dtq_jax import networks
 from dtq_jax import runtime as runtime_lib
 from dtq_jax import step as step_lib
 
-RESULT = 'result.json'
 
 
 class NonFiniteLossError(RuntimeError):
@@ -458,7 +457,7 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
   # Orbax takes only absolute checkpoint paths.
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  result_path = os.path.join(workdir, RESULT)
+  result_path = os.path.join(workdir, files.RESULT)
   if os.path.exists(result_path):
     result = read_result(result_path)
     check_skipped_steps(config, result, workdir, lr_field, new_workdir)

@@ -102,7 +102,7 @@ def resumed(tiny_folder, tmp_path_factory):
 
 
 def _result(workdir):
-  return train.read_result(os.path.join(workdir, 'seed_1', train.RESULT))
+  return train.read_result(os.path.join(workdir, 'seed_1', files.RESULT))
 
 
 def test_wall_time_adds_up_over_resumed_invocations(resumed):
@@ -174,7 +174,7 @@ def test_run_that_skipped_most_updates_fails_and_keeps_its_result(
   assert 'max_nonfinite_fraction=0.1' in str(e.value)
   result = _result(workdir)
   assert result['nonfinite_steps'] >= 1 and result['steps'] == 3
-  assert not os.path.exists(os.path.join(workdir, experiment.SUMMARY))
+  assert not os.path.exists(os.path.join(workdir, files.SUMMARY))
   # A rerun fails the same way, without training again.
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(train, '_Run', _must_not_be_called)
