@@ -41,14 +41,11 @@ installed (``make test-torch``).
 import argparse
 import dataclasses
 import functools
-import hashlib
 import os
 import re
 import sys
 from typing import Mapping, Optional, Tuple
-import urllib.error
 import urllib.parse
-import urllib.request
 
 from flax import traverse_util
 import jax
@@ -57,8 +54,8 @@ import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
-import tqdm
 
+from dtq_jax import downloads
 from dtq_jax import files
 from dtq_jax import models
 from dtq_jax import torch_archive
@@ -75,8 +72,6 @@ TORCHVISION_URLS = {
         'https://download.pytorch.org/models/mobilenet_v2-b0353104.pth',
 }
 # torch.hub's rule for the hash prefix in a checkpoint's file name.
-HASH_REGEX = re.compile(r'-([a-f0-9]*)\.')
-# Marks a file of converted variables (safetensors metadata 'format').
 CONVERTED_FORMAT = 'dtq_jax.flax_variables.v1'
 CONVERTED_SUFFIX = '.flax.safetensors'
 COLLECTIONS = ('params', 'batch_stats')
@@ -100,14 +95,6 @@ class ConversionError(ValueError):
 
 class CheckpointError(ValueError):
   """A checkpoint file cannot be read: damaged, truncated or of another kind."""
-
-
-class DownloadError(OSError):
-  """A checkpoint could not be downloaded (offline, unreachable, ...)."""
-
-
-class HashMismatchError(ValueError):
-  """A checkpoint's SHA-256 does not start with the prefix in its name."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -523,84 +510,6 @@ def load_variables(name, path):
   return traverse_util.unflatten_dict(variables)
 
 
-def expected_sha256_prefix(filename):
-  """The hash prefix torch.hub reads from a file name ('' if none)."""
-  match = HASH_REGEX.search(os.path.basename(filename))
-  return match.group(1) if match else ''
-
-
-def sha256_file(path):
-  """Hex SHA-256 of a file, read in 1 MiB chunks."""
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def _check_hash(digest, filename, source):
-  prefix = expected_sha256_prefix(filename)
-  if prefix and not digest.startswith(prefix):
-    raise HashMismatchError(
-        f'{source}: SHA-256 {digest} does not start with {prefix!r} (from '
-        f'the file name); the file is corrupt or not the published one.')
-
-
-def download(url, cache_dir=None, progress=True, timeout=60.0):
-  """Downloads ``url`` into ``cache_dir`` once, checking its hash prefix.
-
-  Args:
-    url: checkpoint URL; the hex group after '-' in its file name must begin
-      the file's SHA-256 (torchvision's convention).
-    cache_dir: folder for the file (default ``default_cache_dir()``).
-    progress: show a tqdm progress bar.
-    timeout: seconds to wait for the server.
-
-  Returns:
-    Path of the downloaded (or already present) file. A present file is
-    returned as is; ``load_torchvision`` checks its hash before converting.
-
-  Raises:
-    DownloadError: the URL cannot be reached; the one-line message names the
-      URL and where to put the file by hand.
-    HashMismatchError: the downloaded bytes do not match the name's hash.
-  """
-  cache_dir = cache_dir or default_cache_dir()
-  filename = os.path.basename(urllib.parse.urlparse(url).path)
-  dest = os.path.join(cache_dir, filename)
-  if os.path.isfile(dest):
-    return dest
-  os.makedirs(cache_dir, exist_ok=True)
-
-  def offline(reason):
-    return (f'Cannot download {url} ({reason}); offline? Download it '
-            f'elsewhere and place it at {dest}')
-
-  try:
-    response = urllib.request.urlopen(url, timeout=timeout)  # pylint: disable=consider-using-with
-  except (urllib.error.URLError, OSError, ValueError) as e:
-    # One line, no chained traceback: the message says all there is to do.
-    raise DownloadError(offline(getattr(e, 'reason', None) or e)) from None
-  digest = hashlib.sha256()
-  with files.atomic_path(dest) as tmp:
-    total = response.headers.get('Content-Length')
-    with response, open(tmp, 'wb') as f, tqdm.tqdm(
-        total=int(total) if total else None, unit='B', unit_scale=True,
-        unit_divisor=1024, desc=filename, disable=not progress) as bar:
-      while True:
-        try:
-          chunk = response.read(1 << 20)
-        except OSError as e:  # connection lost half way
-          raise DownloadError(offline(e)) from None
-        if not chunk:
-          break
-        f.write(chunk)
-        digest.update(chunk)
-        bar.update(len(chunk))
-    _check_hash(digest.hexdigest(), filename, url)
-  return dest
-
-
 def _published(name, cache_dir):
   if name not in TORCHVISION_URLS:
     raise ValueError(f'No published torchvision weights for {name!r}; '
@@ -631,9 +540,9 @@ def load_torchvision(name, path=None, cache_dir=None, progress=True):
 
   Raises:
     FileNotFoundError: ``path`` does not exist.
-    DownloadError: offline and nothing cached (the message says where to put
+    downloads.DownloadError: offline and nothing cached (the message says where to put
       the file by hand).
-    HashMismatchError: the checkpoint is not the published file.
+    downloads.HashMismatchError: the checkpoint is not the published file.
     CheckpointError, torch_archive.ArchiveError: a damaged or unsafe file.
     ImportError: a ``.pth`` format only torch reads, without torch installed.
     ConversionError: the checkpoint does not fit the model, or its values
@@ -651,10 +560,11 @@ def load_torchvision(name, path=None, cache_dir=None, progress=True):
   url, converted = _published(name, cache_dir)
   if os.path.isfile(converted):
     return load_variables(name, converted)
-  checkpoint = download(url, os.path.dirname(converted), progress=progress)
+  checkpoint = downloads.download(url, os.path.dirname(converted), progress=progress)
   # Checked here, not only in download(): a file placed by hand, or a
   # truncated one, must not be converted and cached.
-  _check_hash(sha256_file(checkpoint), checkpoint, checkpoint)
+  downloads.check_hash(downloads.sha256_file(checkpoint), checkpoint,
+                       checkpoint)
   variables = convert_state_dict(name, read_state_dict(checkpoint))
   save_variables(variables, converted, name)
   return variables
@@ -761,8 +671,9 @@ def main(argv=None):
   try:
     if args.source == 'torchvision':
       url, _ = _published(args.model, args.cache_dir)
-      checkpoint = download(url, args.cache_dir or default_cache_dir())
-      _check_hash(sha256_file(checkpoint), checkpoint, checkpoint)
+      checkpoint = downloads.download(url, args.cache_dir or default_cache_dir())
+      downloads.check_hash(downloads.sha256_file(checkpoint), checkpoint,
+                       checkpoint)
     else:
       checkpoint = os.path.expanduser(args.source)
     variables, plan = _convert(args.model, read_state_dict(checkpoint))

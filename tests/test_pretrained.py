@@ -33,6 +33,7 @@ import pytest
 import safetensors.numpy
 
 from configs import mit67
+from dtq_jax import downloads
 from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import models
@@ -561,7 +562,7 @@ def test_download_convert_and_cache(served, tmp_path, monkeypatch):
 def test_download_file_url(tmp_path):
   source = _sha_named(tmp_path, 'blob', b'some bytes')
   cache = tmp_path / 'cache'
-  path = pretrained.download(source.as_uri(), str(cache), progress=False)
+  path = downloads.download(source.as_uri(), str(cache), progress=False)
   assert path == str(cache / source.name)
   assert open(path, 'rb').read() == b'some bytes'
 
@@ -569,8 +570,8 @@ def test_download_file_url(tmp_path):
 def test_download_wrong_hash(tmp_path):
   source = _sha_named(tmp_path, 'blob', b'some bytes', prefix='deadbeef')
   cache = tmp_path / 'cache'
-  with pytest.raises(pretrained.HashMismatchError, match='deadbeef'):
-    pretrained.download(source.as_uri(), str(cache), progress=False)
+  with pytest.raises(downloads.HashMismatchError, match='deadbeef'):
+    downloads.download(source.as_uri(), str(cache), progress=False)
   assert not os.listdir(cache)  # neither the file nor a temporary
 
 
@@ -580,7 +581,7 @@ def test_placed_by_hand_wrong_hash(tmp_path, monkeypatch):
   cache = tmp_path / 'cache'
   cache.mkdir()
   (cache / 'small_resnet-0123abcd.safetensors').write_bytes(b'truncated')
-  with pytest.raises(pretrained.HashMismatchError, match='0123abcd'):
+  with pytest.raises(downloads.HashMismatchError, match='0123abcd'):
     pretrained.load_torchvision('small_resnet', cache_dir=str(cache))
 
 
@@ -591,7 +592,7 @@ def test_offline_error_is_one_line(tmp_path, monkeypatch):
   url = f'http://127.0.0.1:{port}/resnet18-f37072fd.pth'
   monkeypatch.setitem(pretrained.TORCHVISION_URLS, 'resnet18', url)
   cache = tmp_path / 'cache'
-  with pytest.raises(pretrained.DownloadError) as e:
+  with pytest.raises(downloads.DownloadError) as e:
     pretrained.load_pretrained('resnet18', 'torchvision', cache_dir=str(cache))
   message = str(e.value)
   assert '\n' not in message
