@@ -70,9 +70,10 @@ def test_a_config_refused_when_the_data_loads_names_the_workdir(tmp_path):
   proc = _main(tmp_path, f'--config={ROOT}/configs/fmnist.py:quick',
                '--config.batch_size=1000', '--workdir=run')
   assert proc.returncode == 2, proc.stderr[-3000:]
+  # The demo's target: 10 classes x 30 shots (in domain).
   assert proc.stderr.splitlines() == [
       'error: config.batch_size=1000 is invalid; the training split has only '
-      '150 images; use a batch size at most that.'], proc.stderr
+      '300 images; use a batch size at most that.'], proc.stderr
   assert f'Workdir: {tmp_path / "run"}' in proc.stdout.splitlines()
   assert not list(tmp_path.rglob('config.json'))
 

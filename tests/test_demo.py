@@ -22,7 +22,7 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
   config = fmnist.get_config('quick')
   config.cache_dir = str(tmp_path / 'cache')
   config.model_kwargs.widths = (8, 16, 16, 16)
-  # One evaluation per method, on 1000 of the 5000 test images: the whole
+  # One evaluation per method, on 1000 of the 10000 test images: the whole
   # pipeline runs, in less of the suite's time.
   config.eval_every_epochs = 1000
   config.max_eval_batches = 2
@@ -32,7 +32,7 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
 
   assert set(summaries) == {'fp', 'ft', 'dtq'}
   for method, summary in summaries.items():
-    # Five target classes: chance is 20%.
+    # Ten target classes (in domain): chance is 10%.
     assert summary['final_test_accuracy'] > 25, (method, summary)
     run = os.path.join(workdir, method, 'seed_1')
     assert os.listdir(os.path.join(run, 'checkpoints'))
