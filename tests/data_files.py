@@ -4,6 +4,7 @@ Shared by test_sources, test_splits and test_input_pipeline; everything is
 written by the tests themselves, offline.
 """
 
+import glob
 import gzip
 import os
 import struct
@@ -130,3 +131,21 @@ def write_fashion(folder, per_class=(6, 3), seed=0):
       f.write(idx_bytes(labels, 0x801))
     arrays[part] = (images, labels)
   return arrays
+
+
+def flip_checkpoint_bytes(step_dir):
+  """Flips 3 bytes inside the largest array data file of a checkpoint step.
+
+  The file still decodes: only the checksum saved with the state shows it.
+  """
+  data = [f for f in glob.glob(os.path.join(step_dir, 'state', '**', '*'),
+                               recursive=True)
+          if os.path.isfile(f) and os.sep + 'd' + os.sep in f]
+  path = max(data, key=os.path.getsize)
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:
+    for offset in (size // 4, size // 2, 3 * size // 4):
+      f.seek(offset)
+      byte = f.read(1)[0]
+      f.seek(offset)
+      f.write(bytes([byte ^ 0x55]))

@@ -14,6 +14,7 @@ import pytest
 import safetensors
 import safetensors.numpy
 
+import data_files
 from dtq_jax import config_validation
 from dtq_jax import dtq_format
 from dtq_jax import experiment
@@ -390,6 +391,26 @@ def test_garbage_newest_checkpoint_falls_back_and_says_so(tiny_run, tmp_path,
   # The damaged step is named, with how to clear it; the intact one exported.
   assert f'checkpoint {garbage} is unreadable' in said
   assert f'Move {garbage} aside' in said
+  manifest, _ = dtq_format.read(out)
+  assert manifest['source']['step'] == last
+
+
+def test_flipped_bytes_in_the_newest_checkpoint_are_caught(tiny_run, tmp_path,
+                                                         capsys):
+  # Bytes that still decode: only the checksum saved with the state finds
+  # them. Export names the step and exports the intact one before it.
+  workdir, seed = _copy_run(tiny_run, tmp_path)
+  ckpts = os.path.join(seed, 'checkpoints')
+  last = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
+  # A later step (a copy, with the copied checksum), then damaged.
+  damaged = os.path.join(ckpts, str(last + 100))
+  shutil.copytree(os.path.join(ckpts, str(last)), damaged)
+  data_files.flip_checkpoint_bytes(damaged)
+  out = str(tmp_path / 'm.dtq')
+  assert export.main(['--workdir', workdir, '--out', out]) == 0
+  said = capsys.readouterr().out
+  assert f'checkpoint {damaged} is unreadable or damaged' in said
+  assert 'do not match the checksum' in said
   manifest, _ = dtq_format.read(out)
   assert manifest['source']['step'] == last
 

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import data_files
 from configs import fmnist
 from dtq_jax import checkpoints
 from dtq_jax import config_validation
@@ -429,21 +430,6 @@ def test_teacher_key_follows_what_its_training_reads():
     assert key(**{field: value}) == reference, field
 
 
-def _flip_bytes(step_dir):
-  """Flips 3 bytes inside the largest array data file of a checkpoint."""
-  data = [f for f in glob.glob(os.path.join(step_dir, 'state', '**', '*'),
-                               recursive=True)
-          if os.path.isfile(f) and os.sep + 'd' + os.sep in f]
-  path = max(data, key=os.path.getsize)
-  size = os.path.getsize(path)
-  with open(path, 'r+b') as f:
-    for offset in (size // 4, size // 2, 3 * size // 4):
-      f.seek(offset)
-      byte = f.read(1)[0]
-      f.seek(offset)
-      f.write(bytes([byte ^ 0x55]))
-
-
 def test_damaged_cached_teacher_falls_back_or_names_the_folder(
     teacher, tmp_path, monkeypatch, capsys):
   cache = tmp_path / 'cache'
@@ -467,13 +453,13 @@ def test_damaged_cached_teacher_falls_back_or_names_the_folder(
     experiment.train_source_teacher(config, teacher['data'])
   files.write_text(stored, text)
 
-  _flip_bytes(os.path.join(folder, '4'))
+  data_files.flip_checkpoint_bytes(os.path.join(folder, '4'))
   variables = experiment.train_source_teacher(config, teacher['data'])
   assert f'checkpoint {folder}/4 is unreadable' in capsys.readouterr().out
   jax.tree.map(np.testing.assert_array_equal, variables['batch_stats'],
                older['batch_stats'])
 
-  _flip_bytes(os.path.join(folder, '2'))
+  data_files.flip_checkpoint_bytes(os.path.join(folder, '2'))
   with pytest.raises(errors.UserError) as e:
     experiment.train_source_teacher(config, teacher['data'])
   message = str(e.value)
