@@ -29,7 +29,8 @@ accuracy; ``python benchmarks/compare.py --sweep=shots --shots=30
 numbers, the out-of-domain ones and times: README ("Demo results").
 
 ``configs/fmnist.py:quick`` (composable: ``:out_of_domain,quick``) runs the
-same pipeline in about a minute.
+same pipeline in a few steps: 80 s on 2 CPU cores with its teacher and a
+fresh cache (2026-11-29, another job running); the whole demo took 4 min 42 s.
 """
 
 import ml_collections
