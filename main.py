@@ -121,20 +121,28 @@ def _load_config():
 _CACHING_ALLOCATORS = ('tcmalloc', 'jemalloc')
 
 
-def _allocator_note(config):
-  """Advises a caching allocator for large-image runs on XLA:CPU.
+def _allocator_note(config, allocator_mode):
+  """Advises keeping freed memory for large-image runs on XLA:CPU.
 
   glibc returns the step's large buffers to the system after every step, so
-  the next step faults them in again: with tcmalloc preloaded, the ResNet-50
-  DTQ step at 224 px took 4.6 s instead of 6.5 s (benchmarks/README.md).
+  the next step faults them in again (the ResNet-50 DTQ step at 224 px: 6.5 s
+  instead of 4.6 s with a caching allocator, benchmarks/README.md).
+  ``allocator.configure`` stops that by default; this note is for runs where
+  it was turned off or could not act and no caching allocator is preloaded.
+
+  Args:
+    config: the run config.
+    allocator_mode: what ``allocator.configure`` reported.
   """
   if (jax.default_backend() != 'cpu' or jax.process_index() != 0 or
-      config.dataset.image_size < 96 or
+      config.dataset.image_size < 96 or allocator_mode.startswith('keep') or
       any(a in os.environ.get('LD_PRELOAD', '') for a in _CACHING_ALLOCATORS)):
     return
-  print('note: on CPU this run is faster with tcmalloc (Debian/Ubuntu package '
-        'libtcmalloc-minimal4): LD_PRELOAD=/usr/lib/x86_64-linux-gnu/'
-        'libtcmalloc_minimal.so.4 python main.py ...', file=sys.stderr)
+  print(f'note: the allocator is {allocator_mode}: on CPU this run is faster '
+        f'keeping freed memory (unset {allocator.ENV_VAR}) or with tcmalloc '
+        '(Debian/Ubuntu libtcmalloc-minimal4: LD_PRELOAD=/usr/lib/'
+        'x86_64-linux-gnu/libtcmalloc_minimal.so.4 python main.py ...).',
+        file=sys.stderr)
 
 
 def _default_workdir():
@@ -228,7 +236,7 @@ def main(argv):
     logging.get_absl_handler().python_handler.addFilter(_hide_orbax_notes)
   workdir = os.path.abspath(_WORKDIR.value or _default_workdir())
   try:
-    allocator.configure()  # DTQ_ALLOCATOR=default turns it off
+    allocator_mode = allocator.configure()  # DTQ_ALLOCATOR=default: off
     config = _load_config()
     # Everything that needs no other process is checked before connecting
     # to them, so that a bad command fails at once in every process.
@@ -246,7 +254,7 @@ def main(argv):
     with _native_logs_hidden(not verbose):
       from dtq_jax import experiment  # pylint: disable=g-import-not-at-top
     experiment.enable_compilation_cache(config)
-    _allocator_note(config)
+    _allocator_note(config, allocator_mode)
     print(f'Workdir: {workdir}')
     summaries = experiment.run(config, workdir)
     _print_results(workdir, summaries, config)

@@ -288,11 +288,15 @@ def test_allocator_note_for_large_images_on_cpu_without_tcmalloc(
     monkeypatch, capsys):
   import main  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv('LD_PRELOAD', raising=False)
-  main._allocator_note(mit67.get_config())  # 224 px
-  assert 'LD_PRELOAD=' in capsys.readouterr().err
-  main._allocator_note(mit67.get_config('quick'))  # 32 px
+  # Memory kept (main.py's default): nothing to advise.
+  main._allocator_note(mit67.get_config(), 'keep (mallopt: ...)')
+  assert not capsys.readouterr().err
+  main._allocator_note(mit67.get_config(), 'default')  # 224 px
+  err = capsys.readouterr().err
+  assert 'LD_PRELOAD=' in err and 'DTQ_ALLOCATOR' in err
+  main._allocator_note(mit67.get_config('quick'), 'default')  # 32 px
   assert not capsys.readouterr().err
   monkeypatch.setenv('LD_PRELOAD',
                      '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4')
-  main._allocator_note(mit67.get_config())
+  main._allocator_note(mit67.get_config(), 'default')
   assert not capsys.readouterr().err
