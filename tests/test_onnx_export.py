@@ -21,6 +21,7 @@ from dtq_jax import export
 from dtq_jax import layers
 from dtq_jax import onnx_export
 from dtq_jax import quant
+from dtq_jax import sources
 from dtq_jax import static_ranges
 from dtq_jax.models import create_model
 from dtq_jax.models.head import TargetHead
@@ -243,8 +244,9 @@ def test_quick_demo_exports_to_onnx(tmp_path, capsys):
   model = onnx.load(out)
   onnx.checker.check_model(model, full_check=True)
   props = {p.key: p.value for p in model.metadata_props}
-  assert json.loads(props['class_names']) == [
-      'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+  # The demo's in-domain target: all ten classes, in label order.
+  assert json.loads(props['class_names']) == list(
+      sources.FASHION_MNIST_CLASSES)
   pre = json.loads(props['preprocess'])
   assert pre['image_size'] == 28 and pre['mean'] == [0.286]
   manifest = onnx_export.read_manifest(model)
