@@ -226,13 +226,20 @@ def main(argv):
       t.strip() for t in variant.split(',') if t.strip()])
   workdir = _WORKDIR.value or os.path.join('runs', f'compare_{name}_{sweep}')
   out = _OUT.value or os.path.join('results', f'compare_{name}_{sweep}.md')
-  if _PLOT_ONLY.value:
-    try:
+  try:
+    if _PLOT_ONLY.value:
       print(redraw(out))
-    except errors.UserError as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-    return
+    else:
+      _run_cells(base, sweep, methods, bits, name, workdir, out)
+  except errors.UserError as e:
+    # Bad input (a config or folder that cannot be used) is one line, as in
+    # main.py; anything else is a bug and keeps its traceback.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _run_cells(base, sweep, methods, bits, name, workdir, out):
+  """Trains (or reuses) every cell, then writes the table and its figure."""
   experiment.enable_compilation_cache(base)
 
   cells = []
@@ -242,6 +249,15 @@ def main(argv):
       # Full precision does not depend on the bit width: one row.
       for b in ([32] if variant == 'fp' else bits):
         cells.append((variant, b, shots))
+  def folder(variant, b, shots):
+    return os.path.join(workdir, f'{variant}-{b}bit' +
+                        (f'-{shots}shots' if shots else ''))
+
+  # A cell run with other settings refuses the sweep before anything loads
+  # or trains (more seeds than a cell has add to it).
+  for variant, b, shots in cells:
+    experiment.check_workdir(cell_config(base, variant, b, shots),
+                             folder(variant, b, shots))
   data_cache, teacher = {}, None
   lines, rows = [], []
   start = time.time()
@@ -253,8 +269,7 @@ def main(argv):
     data = data_cache[key]
     if teacher is None:
       teacher = experiment.load_teacher(config, data)
-    cell = f'{variant}-{b}bit' + (f'-{shots}shots' if shots else '')
-    summary = experiment.run_single(config, os.path.join(workdir, cell), data,
+    summary = experiment.run_single(config, folder(variant, b, shots), data,
                                     teacher)
     label = variant if shots is None else f'{variant}, {shots} shots'
     lines.append(row(label, f'{b}/{b}', summary))

@@ -61,10 +61,17 @@ def _differing_fields(saved, current, ignore=()):
 
   A field missing from ``saved`` was added to the program after that run was
   written (it ran with the behaviour the field's default keeps): not a
-  difference.
+  difference. Nor is a larger ``repeats``: it adds seeds to the run and
+  changes none of those it has (``_check_same_config`` records the new
+  count); a smaller one would leave finished seeds out of the summary.
   """
   return sorted(f for f in _diff(saved, current)
-                if f not in ignore and _has_field(saved, f))
+                if f not in ignore and _has_field(saved, f)
+                and not (f == 'repeats' and _more_repeats(saved, current)))
+
+
+def _more_repeats(saved, current):
+  return int(current.get('repeats', 1)) > int(saved.get('repeats', 1))
 
 
 def _has_field(tree, dotted):
@@ -96,17 +103,42 @@ def _check_same_config(config, workdir, write=True):
   """
   path = os.path.join(workdir, files.CONFIG)
   current = _config_json(config)
-  if os.path.exists(path):
-    diff = _differing_fields(_read_json(path), current)
+  saved = _read_json(path) if os.path.exists(path) else None
+  if saved is not None:
+    diff = _differing_fields(saved, current)
     if diff:
       state = ('a finished' if os.path.exists(os.path.join(workdir, files.SUMMARY))
                else 'an unfinished')
+      advice = 'use another --workdir.'
+      if diff == ['repeats']:
+        advice = (f'it holds {saved["repeats"]} seeds: ask for as many or '
+                  'more (more add seeds to it), or use another --workdir.')
       raise errors.ConfigError(
           diff[0], _field_value(current, diff[0]),
           f'{workdir} holds {state} run with a different config (fields: '
-          f'{", ".join(diff[:5])}); use another --workdir.')
-  elif write and jax.process_index() == 0:
+          f'{", ".join(diff[:5])}); {advice}')
+  # A run asked for more seeds than it was started with records the new
+  # count, so that a rerun with the old one is refused rather than shown a
+  # summary with seeds it did not ask for.
+  if (write and jax.process_index() == 0 and
+      (saved is None or _more_repeats(saved, current))):
     files.write_json(path, current)
+
+
+def check_workdir(config, workdir):
+  """Refuses, before any data loads, a workdir whose run has another config.
+
+  For callers that run many cells (``benchmarks/compare.py``): every cell is
+  checked before the first trains, so a bad cell stops nothing half-way.
+
+  Args:
+    config: the validated config the run would have.
+    workdir: its folder (need not exist).
+
+  Raises:
+    ConfigError: the workdir holds a run with another config.
+  """
+  _check_same_config(config, workdir, write=False)
 
 
 def _diff(a, b, prefix=''):
@@ -402,14 +434,20 @@ def format_table(rows):
 def _finished_summary(config, workdir):
   """The summary of a finished run with this config, or None if unfinished.
 
+  A finished run asked for more seeds (``config.repeats``) than its summary
+  holds is unfinished: its finished seeds are kept and the others trained.
+
   Raises:
     ConfigError: the run is finished, with another config.
   """
   path = os.path.join(workdir, files.SUMMARY)
   if not os.path.exists(path):
     return None
-  _check_same_config(config, workdir)
-  return _read_json(path)
+  _check_same_config(config, workdir, write=False)
+  summary = _read_json(path)
+  if summary.get('repeats', 1) < config.repeats:
+    return None
+  return summary
 
 
 def run_single(config, workdir, data=None, teacher=None):

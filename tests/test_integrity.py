@@ -162,6 +162,48 @@ def test_finished_run_refuses_a_changed_config(resumed, monkeypatch):
   assert 'use another --workdir' in message and '\n' not in message
 
 
+def test_more_seeds_extend_a_finished_run_and_fewer_are_refused(
+    resumed, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(resumed['workdir'], workdir)
+  seed_1 = os.path.join(workdir, 'seed_1', files.RESULT)
+  with open(seed_1, 'rb') as f:
+    seed_1_bytes = f.read()
+  more = ml_collections.ConfigDict(resumed['config'].to_dict())
+  more.repeats = 2
+  trained = []
+  run_class = train._Run  # pylint: disable=protected-access
+
+  def recorded_run(config, seed_workdir, seed, *args):
+    trained.append(seed)
+    return run_class(config, seed_workdir, seed, *args)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, '_Run', recorded_run)
+    summary = experiment.run(more, workdir)
+  # Only the new seed was trained; the finished one is read back unchanged.
+  assert trained == [more.seed + 2]
+  with open(seed_1, 'rb') as f:
+    assert f.read() == seed_1_bytes
+  assert summary['repeats'] == 2
+  assert summary['seeds'] == [more.seed + 1, more.seed + 2]
+  assert summary['final_test_accuracy_per_repeat'][0] == (
+      resumed['summary']['final_test_accuracy'])
+  with open(os.path.join(workdir, files.CONFIG)) as f:
+    assert json.load(f)['repeats'] == 2
+  # Rerunning with two seeds shows the finished run; one seed would leave
+  # a finished seed out of its summary.
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, '_Run', _must_not_be_called)
+    assert experiment.run(more, workdir) == summary
+    with pytest.raises(errors.ConfigError) as e:
+      experiment.run(resumed['config'], workdir)
+  message = str(e.value)
+  assert message.startswith('config.repeats=1 is invalid;')
+  assert 'holds 2 seeds: ask for as many or more' in message
+  assert '\n' not in message
+
+
 # ---------------------------------------------------------------------------
 # Skipped updates.
 
