@@ -35,7 +35,6 @@ import time
 
 from flax import errors as flax_errors
 from flax import traverse_util
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -81,31 +80,25 @@ def seed_dirs(workdir):
 def quantized_convs(student, variables, image_shape):
   """``{path: attributes}`` of every quantized convolution of ``student``."""
   found = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if (isinstance(module, layers.QuantConv) and
-        context.method_name == '__call__' and
-        (module.bits_w != quant.FULL_PRECISION or
-         module.bits_a != quant.FULL_PRECISION)):
-      size = tuple(module.kernel_size)
-      padding = layers.normalize_padding(module.padding, len(size))
-      found['/'.join(module.path)] = dict(
-          bits_w=module.bits_w, bits_a=module.bits_a,
-          weight_range_axis=module.weight_range_axis,
-          kernel_shape=list(size) + [args[0].shape[-1] //
-                                     module.feature_group_count,
-                                     module.features],
-          strides=list(module.strides),
-          padding=padding if isinstance(padding, str) else [
-              list(p) for p in padding],
-          groups=module.feature_group_count, use_bias=module.use_bias)
-    return next_fun(*args, **kwargs)
-
-  images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda v, x: student.apply(v, x, train=False), variables,
-                   images)
+  params = variables['params']
+  for path, module in layers.modules_called(student, image_shape,
+                                            layers.QuantConv).items():
+    if (module.bits_w == quant.FULL_PRECISION and
+        module.bits_a == quant.FULL_PRECISION):
+      continue
+    padding = layers.normalize_padding(module.padding, len(module.kernel_size))
+    kernel = params
+    for name in path.split('/'):
+      kernel = kernel[name]
+    found[path] = dict(
+        bits_w=module.bits_w, bits_a=module.bits_a,
+        weight_range_axis=module.weight_range_axis,
+        # (H, W, input channels per group, output channels), as stored.
+        kernel_shape=[int(d) for d in kernel['kernel'].shape],
+        strides=list(module.strides),
+        padding=padding if isinstance(padding, str) else [
+            list(p) for p in padding],
+        groups=module.feature_group_count, use_bias=module.use_bias)
   return found
 
 

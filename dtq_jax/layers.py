@@ -303,6 +303,10 @@ class QuantConv(nn.Module):
     return quant.fake_quant(x, self.bits_a, range_grad=self.range_grad,
                             fused_vjp=self.fused_vjp)
 
+  # Not a Flax-wrapped method: it returns Variable objects, which Flax's
+  # module summaries (``module_paths``, ``tabulate``) would record as
+  # outputs. It runs inside ``__call__``'s scope all the same.
+  @nn.nowrap
   def _range_variables(self, with_count=False):
     zero = lambda: jnp.zeros((), jnp.float32)
     variables = (self.variable(RANGES, 'lo', zero),
@@ -333,3 +337,27 @@ class QuantConv(nn.Module):
             old, new)
       var.value = jnp.where(first, new, folded)
     count.value = count.value + 1
+
+
+def modules_called(model, image_shape, types, **kwargs):
+  """``{path: module}`` of the modules of ``types`` a model calls on an image.
+
+  Flax's ``Module.module_paths`` traces the model once on one zero image
+  (``jax.eval_shape``: no FLOPs, no memory), so compact submodules are found
+  without calling them on data. Paths are ``'/'``-joined module names, as in
+  the variable trees (``'layer1_0/conv1'``).
+
+  Args:
+    model: an unbound Flax module taking ``(images, train=...)``.
+    image_shape: ``(H, W, C)`` of one image.
+    types: a module class or tuple of classes to keep.
+    **kwargs: passed to the model's ``__call__`` (default ``train=False``).
+
+  Returns:
+    The unbound copies of the matching modules, in call order.
+  """
+  images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  kwargs.setdefault('train', False)
+  paths = model.module_paths(jax.random.key(0), images, **kwargs)
+  return {path: module for path, module in paths.items()
+          if isinstance(module, types)}

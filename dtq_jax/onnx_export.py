@@ -40,8 +40,6 @@ import json
 
 from flax import traverse_util
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import onnx
@@ -96,34 +94,11 @@ class _Graph:
     return name
 
 
-def _module_specs(student, variables, image_shape):
-  """``{path: module}`` of every convolution and BatchNorm the student runs.
-
-  Also ``{path: (H, W)}`` of each convolution's input, to resolve 'SAME'.
-  """
-  modules, sizes = {}, {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name == '__call__' and isinstance(
-        module, (layers.QuantConv, nn.BatchNorm)):
-      path = '/'.join(module.path)
-      modules[path] = module
-      sizes[path] = tuple(args[0].shape[1:3])
-    return next_fun(*args, **kwargs)
-
-  images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda v, x: student.apply(v, x, train=False), variables,
-                   images)
-  return modules, sizes
-
-
 class _Builder:
   """Emits the student's layers, reading tensors by their .dtq names."""
 
-  def __init__(self, graph, flat, modules, sizes):
-    self.g, self.flat, self.modules, self.sizes = graph, flat, modules, sizes
+  def __init__(self, graph, flat, modules):
+    self.g, self.flat, self.modules = graph, flat, modules
 
   def tensor(self, name):
     if name not in self.flat:
@@ -192,16 +167,24 @@ class _Builder:
     size = tuple(module.kernel_size)
     strides = layers.pair(module.strides, 'strides')
     pads = layers.normalize_padding(module.padding, 2)
-    if isinstance(pads, str):
-      pads = jax.lax.padtype_to_pads(self.sizes[path], size, strides, pads)
-    (top, bottom), (left, right) = pads
+    if pads == 'VALID':
+      pads = ((0, 0), (0, 0))
+    if pads == 'SAME':
+      # XLA's SAME puts the odd pixel of padding after the image, as ONNX's
+      # SAME_UPPER does; both follow the input's size at run time.
+      padding = dict(auto_pad='SAME_UPPER')
+    elif isinstance(pads, str):
+      raise ValueError(f'{path}: padding {pads!r} is not exported.')
+    else:
+      (top, bottom), (left, right) = pads
+      padding = dict(pads=[top, left, bottom, right])
     inputs = [x, self.kernel(path, module)]
     if module.use_bias:
       inputs.append(self.g.const(f'params/backbone/{path}/bias',
                                  self.tensor(f'params/backbone/{path}/bias')))
     return self.g.node('Conv', inputs, path, kernel_shape=list(size),
                        strides=list(strides), group=module.feature_group_count,
-                       pads=[top, left, bottom, right])
+                       **padding)
 
   def bn(self, x, path):
     module = self.modules[path]
@@ -285,15 +268,14 @@ def build_model(manifest, variables):
   """
   m = manifest['model']
   student, _ = int_inference.build(manifest)
-  backbone = {col: tree['backbone'] for col, tree in variables.items()
-              if 'backbone' in tree}
-  backbone = int_inference.with_source_stub(backbone, m['classifier_name'],
-                                            m['feature_dim'])
   image_shape = tuple(m['image_shape'])
-  modules, sizes = _module_specs(student, backbone, image_shape)
+  # The layers' attributes, from the same network with QuantConv: IntConv
+  # only reads exported variables, so it cannot be traced without them.
+  modules = layers.modules_called(student.clone(conv=layers.QuantConv),
+                                  image_shape, (layers.QuantConv, nn.BatchNorm))
   graph = _Graph()
   flat = traverse_util.flatten_dict(variables, sep='/')
-  b = _Builder(graph, flat, modules, sizes)
+  b = _Builder(graph, flat, modules)
   x = graph.node('Transpose', [INPUT], 'to_nchw', perm=[0, 3, 1, 2])
   if isinstance(student, ResNet):
     x = _resnet(b, student, x)

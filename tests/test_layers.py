@@ -1,5 +1,7 @@
 """Tests for dtq_jax.layers.QuantConv against references written here."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from dtq_jax import layers
+from dtq_jax import quant
 
 DIMS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -372,3 +375,60 @@ def test_groups_must_divide_input_channels():
   with pytest.raises(ValueError):
     layers.QuantConv(6, (3, 3), feature_group_count=3).init(
         jax.random.key(0), jnp.zeros((1, 5, 5, 4)))
+
+
+def test_modules_called_finds_each_convolution_by_its_variable_path():
+
+  class Block(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      y = layers.QuantConv(4, (3, 3), padding=1, bits_w=4, bits_a=4,
+                           name='conv')(x)
+      return nn.BatchNorm(use_running_average=True, name='bn')(y)
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train=True):
+      assert not train  # the default the function passes
+      x = layers.QuantConv(2, (1, 1), name='stem')(x)
+      x = Block(name='block_0')(x)
+      x = Block(name='block_1')(x)
+      return nn.Dense(3, name='fc')(x.mean((1, 2)))
+
+  found = layers.modules_called(Net(), (6, 6, 1), layers.QuantConv)
+  assert list(found) == ['stem', 'block_0/conv', 'block_1/conv']
+  assert found['block_1/conv'].bits_w == 4
+  assert found['stem'].bits_w == quant.FULL_PRECISION
+  both = layers.modules_called(Net(), (6, 6, 1),
+                               (layers.QuantConv, nn.BatchNorm))
+  assert list(both) == ['stem', 'block_0/conv', 'block_0/bn', 'block_1/conv',
+                        'block_1/bn']
+  # The paths are those of the variables.
+  params = Net().init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)),
+                      train=False)['params']
+  for path in found:
+    node = params
+    for name in path.split('/'):
+      node = node[name]
+    assert 'kernel' in node
+
+
+def test_modules_called_with_static_ranges_records_no_variable_objects():
+  # The range variables' helper is not a Flax-wrapped method, so the module
+  # summary behind modules_called never sees Variable objects as outputs
+  # (jax deprecates jnp.shape on them).
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      del train
+      return layers.QuantConv(4, (3, 3), padding=1, bits_w=4, bits_a=4,
+                              act_ranges='static', name='conv')(x)
+
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    found = layers.modules_called(Net(), (6, 6, 1), layers.QuantConv)
+  assert list(found) == ['conv']

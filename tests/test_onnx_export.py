@@ -58,7 +58,7 @@ def test_activation_quantizer_is_the_projects(lo, hi, bits):
   flat = {f'{layers.RANGES}/backbone/c/lo': lo,
           f'{layers.RANGES}/backbone/c/hi': hi}
   graph = onnx_export._Graph()  # pylint: disable=protected-access
-  builder = onnx_export._Builder(graph, flat, {}, {})  # pylint: disable=protected-access
+  builder = onnx_export._Builder(graph, flat, {})  # pylint: disable=protected-access
   out = builder.act_quant('x', 'c', bits)
   codes = 'c/input_codes'  # The rounded codes (float, or QuantizeLinear's).
   model = helper.make_model(
@@ -255,3 +255,51 @@ def test_quick_demo_exports_to_onnx(tmp_path, capsys):
   assert manifest['source']['finished'] and manifest['source']['step'] == steps
   # Smaller than the float32 tensors it replaces.
   assert os.path.getsize(out) < manifest['sizes']['float32_same_tensors_bytes']
+
+
+# --------------------------------------------------------------------------
+# String paddings (none of the models uses them; a user's network may).
+
+
+@pytest.mark.parametrize('padding,height,width,stride', [
+    ('SAME', 7, 8, 2),   # odd total padding on one axis: the extra at the end
+    ('SAME', 6, 6, 2),
+    ('SAME', 5, 5, 1),
+    ('VALID', 7, 8, 2),
+])
+def test_string_padding_matches_the_convolution(padding, height, width,
+                                                 stride):
+  conv = layers.QuantConv(3, (3, 3), strides=stride, padding=padding,
+                          use_bias=False, bits_w=quant.FULL_PRECISION,
+                          bits_a=quant.FULL_PRECISION)
+  x = np.random.RandomState(0).randn(2, height, width, 2).astype(np.float32)
+  variables = conv.init(jax.random.key(0), x)
+  graph = onnx_export._Graph()  # pylint: disable=protected-access
+  flat = {'params/backbone/c/kernel': variables['params']['kernel']}
+  builder = onnx_export._Builder(graph, flat, {'c': conv})  # pylint: disable=protected-access
+  nchw = graph.node('Transpose', ['x'], 'to_nchw', perm=[0, 3, 1, 2])
+  y = builder.conv(nchw, 'c')
+  graph.node('Transpose', [y], 'y', perm=[0, 2, 3, 1])
+  model = helper.make_model(
+      helper.make_graph(
+          graph.nodes, 'conv',
+          [helper.make_tensor_value_info('x', TensorProto.FLOAT,
+                                         ['N', height, width, 2])],
+          [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)],
+          graph.initializers),
+      opset_imports=[helper.make_opsetid('', onnx_export.OPSET)])
+  model.ir_version = 10
+  got = _session(model).run(['y'], {'x': x})[0]
+  want = np.asarray(conv.apply(variables, x))
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unexported_padding_is_named():
+  conv = layers.QuantConv(3, (3, 3), padding='CIRCULAR',
+                          bits_w=quant.FULL_PRECISION,
+                          bits_a=quant.FULL_PRECISION)
+  builder = onnx_export._Builder(  # pylint: disable=protected-access
+      onnx_export._Graph(), {}, {'c': conv})  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="c: padding 'CIRCULAR' is not"):
+    builder.conv('x', 'c')
