@@ -45,3 +45,13 @@ def test_quantizer_example_runs(tmp_path):
                           env=env, capture_output=True, text=True,
                           timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_code_layout_names_every_module():
+  text = (ROOT / 'README.md').read_text()
+  section = text.split('## Code layout', 1)[1].split('\n## ', 1)[0]
+  named = set(re.findall(r'`([\w/]+(?:\.py|/))`', section))
+  modules = {p.name for p in (ROOT / 'dtq_jax').glob('*.py')
+             if p.name != '__init__.py'}
+  assert modules - named == set(), 'modules missing from README Code layout'
+  assert 'models/' in named
