@@ -2,14 +2,16 @@
 
   python benchmarks/attention_entropy.py        # the Fashion-MNIST splits
 
-reads ``seed_N/metrics.jsonl`` of every DTQ cell (``dtq*-<bits>bit-<shots>shots``)
-of each ``--split NAME=WORKDIR`` (``benchmarks/compare.py``'s workdirs) and
-writes one table per split: per variant, the seeds' final test accuracy and
+The script reads ``seed_N/metrics.jsonl`` of every finished seed (one with a
+``result.json``) of every DTQ cell (``dtq*-<bits>bit-<shots>shots``) of each
+``--split NAME=WORKDIR`` (``benchmarks/compare.py``'s workdirs) and writes
+one table per split: per variant, the seeds' final test accuracy and
 the entropy ``-sum_c a_c log a_c`` (nats) of each map's attention weights at
 the first logged step and at the end, mean ± population std over seeds, with
 the AFA and cross-entropy terms at the first logged step. A uniform attention
 over C channels has entropy log C; one channel, 0. ``--diverging_run`` adds a
-per-step table of one run that logged every step (the paper's theta = 0.01).
+per-step table of one seed folder that logged every step (the paper's
+theta = 0.01).
 The figure beside the table (``.png``) draws each map's entropy against the
 step, one panel per split and map, one colour per variant, every seed.
 """
@@ -29,9 +31,11 @@ bench_util.add_repo_to_path()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from dtq_jax import errors
+from dtq_jax import files
 from dtq_jax import plot
 
-_CELL = re.compile(r'(?P<variant>dtq[\w.-]*)-(?P<bits>\d+)bit-(?P<shots>\d+)shots$')
+_CELL = re.compile(
+    r'(?P<variant>dtq[\w.-]*)-(?P<bits>\d+)bit-(?P<shots>\d+)shots$')
 _ENTROPY = 'train/attention_entropy_{}'
 DEFAULT_SPLITS = ('in_domain=runs/compare_fmnist_in_domain_shots',
                   'out_of_domain=runs/compare_fmnist_out_of_domain_shots')
@@ -46,8 +50,9 @@ def read_cells(workdir, shots, bits=4):
     bits: their bit width.
 
   Returns:
-    ``{variant: [(seed name, records), ...]}``, ``dtq`` first, then by name;
-    seeds without records are left out.
+    ``{variant: [(seed name, records), ...]}``, ``dtq`` first, then by name,
+    of the finished seeds (``result.json`` written; one still training would
+    give an intermediate accuracy); cells without one are left out.
 
   Raises:
     errors.UserError: the folder holds no such cell.
@@ -59,8 +64,10 @@ def read_cells(workdir, shots, bits=4):
   for name in sorted(os.listdir(workdir)):
     m = _CELL.match(name)
     if m and int(m['shots']) == shots and int(m['bits']) == bits:
-      seeds = [(s, r) for s, r in plot.find_runs(
-          os.path.join(workdir, name)).popitem()[1] if r]
+      cell = os.path.join(workdir, name)
+      seeds = [(seed, records) for seed, records in plot.seed_records(cell)
+               if records and os.path.isfile(
+                   os.path.join(cell, seed, files.RESULT))]
       if seeds:
         cells[m['variant']] = seeds
   if not cells:
@@ -77,7 +84,7 @@ def num_maps(cells):
   return sum(1 for k in range(64) if _ENTROPY.format(k) in keys)
 
 
-def _train_records(records, key):
+def _with_key(records, key):
   return [r for r in records if key in r]
 
 
@@ -87,11 +94,11 @@ def seed_row(records, maps):
   first = {}
   last = {}
   for k in range(maps):
-    logged = _train_records(records, _ENTROPY.format(k))
+    logged = _with_key(records, _ENTROPY.format(k))
     first[k] = logged[0][_ENTROPY.format(k)] if logged else None
     last[k] = logged[-1][_ENTROPY.format(k)] if logged else None
-  train = _train_records(records, 'train/loss_ce')
-  tests = _train_records(records, 'test/accuracy')
+  train = _with_key(records, 'train/loss_ce')
+  tests = _with_key(records, 'test/accuracy')
   return dict(
       first_step=train[0]['step'] if train else None,
       first=first, last=last,
@@ -144,18 +151,27 @@ def diverging_table(path):
   """Per-step losses and entropies of one run (every step logged).
 
   Args:
-    path: a run or seed folder.
+    path: a seed folder (``metrics.jsonl``).
 
   Returns:
     The table's lines.
+
+  Raises:
+    errors.UserError: no ``metrics.jsonl`` with training records there.
   """
-  (_, seeds), = plot.find_runs(path).items()
-  records = [r for r in seeds[0][1] if 'train/loss_ce' in r]
-  maps = sum(1 for k in range(64) if records and _ENTROPY.format(k) in records[0])
+  metrics = os.path.join(path, plot.METRICS)
+  if not os.path.isfile(metrics):
+    raise errors.UserError(f'--diverging_run {path}: no {plot.METRICS} '
+                           '(expected a seed folder)')
+  records = _with_key(plot.read_metrics(metrics), 'train/loss_ce')
+  if not records:
+    raise errors.UserError(f'--diverging_run {path}: no training records')
+  maps = sum(1 for k in range(64) if _ENTROPY.format(k) in records[0])
   header = ['step', 'AFA', 'CE', 'KL'] + [f'H map {k}' for k in range(maps)]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in records:
-    values = [r.get('train/loss_afa'), r['train/loss_ce'], r.get('train/loss_kl')]
+    values = [r.get('train/loss_afa'), r['train/loss_ce'],
+              r.get('train/loss_kl')]
     values += [r[_ENTROPY.format(k)] for k in range(maps)]
     lines.append(f'| {r["step"]} | ' + ' | '.join(
         '-' if v is None else f'{v:.4g}' for v in values) + ' |')
@@ -173,6 +189,9 @@ def figure(splits, title):
     The ``Figure``.
   """
   maps = max(num_maps(c) for c in splits.values())
+  if not maps:
+    raise errors.UserError('the runs log no attention entropy '
+                           '(train/attention_entropy_k)')
   variants = list(dict.fromkeys(v for c in splits.values() for v in c))
   fig = Figure(figsize=(2.6 * maps, 2.3 * len(splits) + 0.6),
                layout='constrained')
@@ -184,7 +203,7 @@ def figure(splits, title):
       for variant, seeds in cells.items():
         color = f'C{variants.index(variant) % 10}'
         for j, (_, records) in enumerate(seeds):
-          logged = _train_records(records, key)
+          logged = _with_key(records, key)
           ax.plot([r['step'] for r in logged], [r[key] for r in logged],
                   color=color, alpha=0.8, linewidth=1,
                   label=variant if j == 0 else None)
@@ -197,14 +216,19 @@ def figure(splits, title):
         ax.set_ylabel('entropy (nats)', fontsize=8)
       if i == len(splits) - 1:
         ax.set_xlabel('step', fontsize=8)
-  handles, labels = axes[0][0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc='outside lower center', ncol=min(
-      len(labels), 6), fontsize=7)
+  # One entry per variant, from whichever panel drew it.
+  legend = {}
+  for row in axes:
+    for handle, label in zip(*row[0].get_legend_handles_labels()):
+      legend.setdefault(label, handle)
+  fig.legend(list(legend.values()), list(legend), loc='outside lower center',
+             ncol=min(len(legend), 6), fontsize=7)
   fig.suptitle(title, fontsize=9)
   return fig
 
 
-def report(splits, shots, bits, command, diverging=None, diverging_command=''):
+def report(splits, shots, bits, command, diverging=None, diverging_command='',
+           diverging_note=''):
   """The Markdown report of ``splits`` (``{name: (workdir, cells)}``)."""
   lines = [f'# DTQ attention entropy per map, {bits}-bit, {shots} shots', '',
            f'Command: `{command}`  ', f'Commit: {bench_util.git_commit()}', '',
@@ -225,7 +249,8 @@ def report(splits, shots, bits, command, diverging=None, diverging_command=''):
   if diverging:
     lines += [f'## Diverging run (`{diverging}`)', '']
     if diverging_command:
-      lines += [f'Command: `{diverging_command}`', '']
+      lines += [f'Command: `{diverging_command}`' + (
+          f' ({diverging_note})' if diverging_note else ''), '']
     lines += diverging_table(diverging) + ['']
   return '\n'.join(lines)
 
@@ -235,7 +260,7 @@ def _uniform_note(cells, k):
   seeds = cells.get('dtq_uniform')
   if not seeds:
     return ''
-  logged = _train_records(seeds[0][1], _ENTROPY.format(k))
+  logged = _with_key(seeds[0][1], _ENTROPY.format(k))
   if not logged:
     return ''
   h = logged[0][_ENTROPY.format(k)]
@@ -250,9 +275,12 @@ def main(argv=None):
   parser.add_argument('--shots', type=int, default=30)
   parser.add_argument('--bits', type=int, default=4)
   parser.add_argument('--diverging_run', default=None,
-                      help='a run that logged every step, for a per-step table')
+                      help='a seed folder that logged every step, for a '
+                      'per-step table')
   parser.add_argument('--diverging_command', default='',
                       help='the command that made --diverging_run')
+  parser.add_argument('--diverging_note', default='',
+                      help='what to say of that run (commit, how it ended)')
   parser.add_argument('--out', default='results/attention_entropy_fmnist.md')
   args = parser.parse_args(argv)
   try:
@@ -263,7 +291,8 @@ def main(argv=None):
         raise errors.UserError(f'--split {spec!r}: expected NAME=WORKDIR')
       splits[name] = (workdir, read_cells(workdir, args.shots, args.bits))
     text = report(splits, args.shots, args.bits, bench_util.command_line(),
-                  args.diverging_run, args.diverging_command)
+                  args.diverging_run, args.diverging_command,
+                  args.diverging_note)
     bench_util.write_text_atomic(args.out, text)
     png = os.path.splitext(args.out)[0] + '.png'
     plot.save_png(figure({n: c for n, (_, c) in splits.items()},

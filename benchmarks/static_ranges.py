@@ -8,8 +8,8 @@ For each method (default FT-Q and DTQ) the demo config is trained with
 ranges), and the run also keeps running (EMA) input ranges of every quantized
 convolution. Each seed's final student is then exported twice, with those
 EMA ranges and with ranges calibrated afterwards (min/max over the whole
-training split, BatchNorm in inference mode), and ``export_check.check`` evaluates
-on all test images:
+training split, BatchNorm in inference mode), and ``export_check.check``
+evaluates on all test images:
 
 - dynamic fake quantization (the paper's evaluation),
 - static-range fake quantization with the exported ranges,
@@ -88,15 +88,15 @@ def run_config(method, bits, seeds):
 
 
 def export_and_check(workdir, seed, source, data, exports, fmt):
-  """Exports one seed's student as ``fmt`` and checks it (export_check.check)."""
+  """Exports one seed's student as ``fmt``; checks it (export_check.check)."""
   path = os.path.join(exports, f'{os.path.basename(workdir)}-seed{seed}-'
                       f'{source}.{fmt}')
   manifest = export.export_run(workdir, path, seed=seed,
                                recalibrate=source == 'calibrated', data=data,
                                verbose=False, fmt=fmt)
   start = time.time()
-  report = export_check.check(path, workdir=workdir, data=data, verbose=False,
-                        fmt=fmt)
+  report = export_check.check(path, workdir=workdir, data=data,
+                              verbose=False, fmt=fmt)
   return manifest, report, time.time() - start
 
 

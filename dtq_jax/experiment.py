@@ -3,7 +3,8 @@
 ``run(config, workdir)`` is what ``main.py`` calls. It never overwrites a
 finished run (it prints the stored summary instead), resumes an unfinished one,
 and refuses a workdir whose run (finished or not) has a different config, or
-that another process is running in.
+that another process is running in. The one difference it accepts is a larger
+``repeats``: the run's finished seeds are kept and the new ones added.
 """
 
 import contextlib
@@ -111,18 +112,22 @@ def _check_same_config(config, workdir, write=True):
                else 'an unfinished')
       advice = 'use another --workdir.'
       if diff == ['repeats']:
-        advice = (f'it holds {saved["repeats"]} seeds: ask for as many or '
-                  'more (more add seeds to it), or use another --workdir.')
+        advice = (f'it was run with repeats={saved["repeats"]}: ask for as '
+                  'many seeds or more (more add seeds to it), or use another '
+                  '--workdir.')
       raise errors.ConfigError(
           diff[0], _field_value(current, diff[0]),
           f'{workdir} holds {state} run with a different config (fields: '
           f'{", ".join(diff[:5])}); {advice}')
-  # A run asked for more seeds than it was started with records the new
-  # count, so that a rerun with the old one is refused rather than shown a
-  # summary with seeds it did not ask for.
-  if (write and jax.process_index() == 0 and
-      (saved is None or _more_repeats(saved, current))):
-    files.write_json(path, current)
+  if write and jax.process_index() == 0:
+    if saved is None:
+      files.write_json(path, current)
+    elif _more_repeats(saved, current):
+      # Only the count changes: fields the saved file lacks ran with their
+      # defaults of that time, which the current values need not be. A rerun
+      # with the old count is then refused rather than shown a summary with
+      # seeds it did not ask for.
+      files.write_json(path, dict(saved, repeats=current['repeats']))
 
 
 def check_workdir(config, workdir):
@@ -403,14 +408,17 @@ def summarize(results, config):
 def _accuracy_cell(s, key):
   """Mean, and ± the std when there are several repeats to spread."""
   mean = f'{s[key + "_accuracy"]:.2f}'
-  if s.get('repeats', 1) > 1:
+  if _summary_seeds(s) > 1:
     return f'{mean} ± {s[key + "_std"]:.2f}'
   return mean
 
 
 def format_table(rows):
-  """A Markdown table of summaries: method, bits, accuracies, skipped steps
-  and time.
+  """A Markdown table of summaries: method, bits, seeds, accuracies, skipped
+  steps and time.
+
+  The seeds are counted per row: a comparison folder may hold methods run
+  with fewer seeds than a later invocation asked of others.
 
   Args:
     rows: ``(name, summary)`` pairs.
@@ -418,13 +426,14 @@ def format_table(rows):
   Returns:
     The table's text.
   """
-  lines = ['| method | bits (w/a) | final test acc. (%) | best test acc. (%) '
-           '| skipped steps | wall time (s) |', '|---|---|---|---|---|---|']
+  lines = ['| method | bits (w/a) | seeds | final test acc. (%) | best test '
+           'acc. (%) | skipped steps | wall time (s) |',
+           '|---|---|---|---|---|---|---|']
   for name, s in rows:
     # Summaries written before the count have none ('-').
     skipped = s.get('nonfinite_steps', '-')
     lines.append(
-        f'| {name} | {s["bits_w"]}/{s["bits_a"]} | '
+        f'| {name} | {s["bits_w"]}/{s["bits_a"]} | {_summary_seeds(s)} | '
         f'{_accuracy_cell(s, "final_test")} | '
         f'{_accuracy_cell(s, "best_test")} | {skipped} | '
         f'{s["wall_time_s"]:.0f} |')
@@ -445,13 +454,22 @@ def _finished_summary(config, workdir):
     return None
   _check_same_config(config, workdir, write=False)
   summary = _read_json(path)
-  if summary.get('repeats', 1) < config.repeats:
+  if _summary_seeds(summary) < config.repeats:
     return None
   return summary
 
 
+def _summary_seeds(summary):
+  """How many seeds a summary covers."""
+  return summary.get('repeats', len(summary.get(
+      'final_test_accuracy_per_repeat', [None])))
+
+
 def run_single(config, workdir, data=None, teacher=None):
   """Runs ``config.repeats`` seeds of one method (or shows the finished run).
+
+  A finished run asked for more seeds keeps its seeds and trains the new
+  ones; its summary is then written again, over all of them.
 
   Args:
     config: a validated config.

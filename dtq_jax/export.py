@@ -80,21 +80,27 @@ def seed_dirs(workdir):
 def quantized_convs(student, variables, image_shape):
   """``{path: attributes}`` of every quantized convolution of ``student``."""
   found = {}
-  params = variables['params']
+  params = traverse_util.flatten_dict(variables['params'], sep='/')
   for path, module in layers.modules_called(student, image_shape,
                                             layers.QuantConv).items():
     if (module.bits_w == quant.FULL_PRECISION and
         module.bits_a == quant.FULL_PRECISION):
       continue
     padding = layers.normalize_padding(module.padding, len(module.kernel_size))
-    kernel = params
-    for name in path.split('/'):
-      kernel = kernel[name]
+    # The manifest records the stored kernel's shape; it must be the one the
+    # layer computes with.
+    kernel = params.get(f'{path}/kernel')
+    shape = None if kernel is None else tuple(np.shape(kernel))
+    size = tuple(module.kernel_size)
+    if shape is None or shape[:2] != size or shape[3] != module.features:
+      raise ValueError(f'convolution {path}: the stored kernel '
+                       f'{shape or "is missing"}, the layer needs '
+                       f'{size} x {module.features} outputs.')
     found[path] = dict(
         bits_w=module.bits_w, bits_a=module.bits_a,
         weight_range_axis=module.weight_range_axis,
         # (H, W, input channels per group, output channels), as stored.
-        kernel_shape=[int(d) for d in kernel['kernel'].shape],
+        kernel_shape=[int(d) for d in shape],
         strides=list(module.strides),
         padding=padding if isinstance(padding, str) else [
             list(p) for p in padding],
@@ -535,7 +541,8 @@ def main(argv=None):
                  allow_unfinished=args.allow_unfinished)
     if args.check:
       report = export_check.check(args.out, args.workdir,
-                     max_batches=args.max_eval_batches, fmt=args.format)
+                                  max_batches=args.max_eval_batches,
+                                  fmt=args.format)
       if args.report:
         files.write_json(args.report, report)
   except (errors.UserError, ValueError, OSError) as e:

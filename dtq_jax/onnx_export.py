@@ -167,12 +167,12 @@ class _Builder:
     size = tuple(module.kernel_size)
     strides = layers.pair(module.strides, 'strides')
     pads = layers.normalize_padding(module.padding, 2)
-    if pads == 'VALID':
-      pads = ((0, 0), (0, 0))
     if pads == 'SAME':
       # XLA's SAME puts the odd pixel of padding after the image, as ONNX's
       # SAME_UPPER does; both follow the input's size at run time.
       padding = dict(auto_pad='SAME_UPPER')
+    elif pads == 'VALID':
+      padding = dict(pads=[0, 0, 0, 0])
     elif isinstance(pads, str):
       raise ValueError(f'{path}: padding {pads!r} is not exported.')
     else:

@@ -55,7 +55,7 @@ def read_metrics(path):
   return records
 
 
-def _seed_records(folder):
+def seed_records(folder):
   """``[(seed name, records)]`` of a run folder, or of a single seed folder."""
   if os.path.isfile(os.path.join(folder, METRICS)):
     return [(os.path.basename(os.path.normpath(folder)),
@@ -88,11 +88,11 @@ def find_runs(path):
     raise errors.UserError(f'{path} is not a folder (expected a run folder '
                            'with seed_N/metrics.jsonl)')
   with errors.user_errors(f'listing {path}', OSError):
-    own = _seed_records(path)
+    own = seed_records(path)
     if own:
       runs = {os.path.basename(os.path.abspath(path)): own}
     else:
-      runs = {name: _seed_records(os.path.join(path, name))
+      runs = {name: seed_records(os.path.join(path, name))
               for name in sorted(os.listdir(path))
               if os.path.isdir(os.path.join(path, name))}
   runs = {name: [(s, r) for s, r in seeds if r] for name, seeds in runs.items()}

@@ -13,9 +13,13 @@ sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import attention_entropy  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def _write_seed(folder, entropies, afa, ce, accuracy):
-  """A seed's metrics.jsonl: two train logs (steps 20, 40), a test record."""
+def _write_seed(folder, entropies, afa, ce, accuracy, finished=True):
+  """A seed's metrics.jsonl: two train logs (steps 20, 40), a test record;
+  and its result.json if ``finished``."""
   os.makedirs(folder)
+  if finished:
+    with open(os.path.join(folder, 'result.json'), 'w') as f:
+      json.dump({'final_test_accuracy': accuracy}, f)
   with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
     for step, hs in zip((20, 40), entropies):
       record = {'step': step, 'train/loss_ce': ce, 'train/loss_afa': afa}
@@ -36,7 +40,14 @@ def _sweep(root):
   uniform = (np.log(16), np.log(32))
   _write_seed(os.path.join(workdir, 'dtq_uniform-4bit-30shots', 'seed_1'),
               [uniform, uniform], afa=1.0, ce=1.5, accuracy=83.5)
-  # Neither DTQ at these shots nor DTQ at all: left out.
+  # A seed still training, a cell with none finished, DTQ at other shots,
+  # another method: all left out.
+  _write_seed(os.path.join(workdir, 'dtq-4bit-30shots', 'seed_3'),
+              [(0.0, 0.0), (0.0, 0.0)], afa=9.0, ce=9.0, accuracy=10.0,
+              finished=False)
+  _write_seed(os.path.join(workdir, 'dtq_entropy-4bit-30shots', 'seed_1'),
+              [(0.0, 0.0), (0.0, 0.0)], afa=9.0, ce=9.0, accuracy=10.0,
+              finished=False)
   _write_seed(os.path.join(workdir, 'dtq-4bit-10shots', 'seed_1'),
               [(0.0, 0.0), (0.0, 0.0)], afa=9.0, ce=9.0, accuracy=10.0)
   _write_seed(os.path.join(workdir, 'ft-4bit-30shots', 'seed_1'),
@@ -55,7 +66,8 @@ def test_table_has_mean_and_std_over_seeds_per_map(tmp_path):
   # ends at 1.0 and 2.0 (1.50 ± 0.50); AFA/CE from the first log only.
   assert rows == [
       '| dtq | 2 | 83.50 ± 0.50 | 2.40 ± 0.10 / 1.50 ± 0.50 | '
-      '3.30 ± 0.10 / 3.20 ± 0.10 | 1.300 ± 0.100 / 1.900 ± 0.100 (step 20) |',
+      '3.30 ± 0.10 / 3.20 ± 0.10 | '
+      '1.300 ± 0.100 / 1.900 ± 0.100 (step 20) |',
       '| dtq_uniform | 1 | 83.50 | 2.77 / 2.77 | 3.47 / 3.47 | '
       '1.000 / 1.500 (step 20) |']
   assert 'map 0 2.77 (16 channels), map 1 3.47 (32 channels)' in text
@@ -87,4 +99,12 @@ def test_a_folder_without_dtq_cells_is_one_line_exit_2(tmp_path):
   assert proc.stderr.strip().splitlines() == [
       f'error: {empty}: no DTQ cell at 4 bits and 30 shots '
       '(dtq*-4bit-30shots/seed_N/metrics.jsonl)']
+  assert not (tmp_path / 't.md').exists()
+
+
+def test_a_diverging_run_that_is_not_a_seed_folder_is_named(tmp_path):
+  workdir = _sweep(str(tmp_path))
+  assert attention_entropy.main([
+      f'--split=a={workdir}', f'--out={tmp_path / "t.md"}',
+      f'--diverging_run={workdir}']) == 2
   assert not (tmp_path / 't.md').exists()

@@ -20,7 +20,9 @@ from dtq_jax import dtq_format
 from dtq_jax import experiment
 from dtq_jax import export
 from dtq_jax import int_inference
+from dtq_jax import layers
 from dtq_jax import quant
+from dtq_jax.models import create_model
 
 DIMS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -428,3 +430,28 @@ def test_every_checkpoint_damaged_is_one_line(tiny_run, tmp_path, capsys):
   assert 'no readable checkpoint in' in err and ckpts in err
 
 
+
+
+def test_quantized_convs_match_the_stored_kernels_or_name_the_layer():
+  student = create_model('small_resnet', num_classes=3, bits_w=4, bits_a=4,
+                         conv=layers.QuantConv, widths=(4, 8, 8, 8))
+  variables = student.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+  convs = export.quantized_convs(student, variables, (16, 16, 1))
+  # Every convolution but the full-precision stem, with its stored shape.
+  assert 'conv1' not in convs and len(convs) == 11
+  for path, info in convs.items():
+    node = variables['params']
+    for name in path.split('/'):
+      node = node[name]
+    assert info['kernel_shape'] == list(node['kernel'].shape), path
+    assert info['bits_w'] == info['bits_a'] == 4
+  path = sorted(convs)[0]
+  params = jax.tree_util.tree_map(lambda x: x, variables['params'])
+  node = params
+  for name in path.split('/'):
+    node = node[name]
+  node['kernel'] = node['kernel'][..., :1]  # one output channel too few
+  with pytest.raises(ValueError, match=f'convolution {path}: the stored '
+                     'kernel'):
+    export.quantized_convs(student, dict(variables, params=params),
+                           (16, 16, 1))

@@ -146,6 +146,10 @@ def test_summary_counts_skipped_steps_and_one_seed_shows_no_spread(resumed):
   assert f'| {summary["final_test_accuracy"]:.2f} |' in table
   two = dict(summary, repeats=2, final_test_std=1.5)
   assert '± 1.50' in experiment.format_table([('fp', two)])
+  # A summary written before 'repeats' was counts its per-seed accuracies.
+  old = {k: v for k, v in two.items() if k != 'repeats'}
+  old['final_test_accuracy_per_repeat'] = [70.0, 72.0]
+  assert '| fp | 32/32 | 2 | ' in experiment.format_table([('fp', old)])
 
 
 def test_finished_run_refuses_a_changed_config(resumed, monkeypatch):
@@ -166,6 +170,13 @@ def test_more_seeds_extend_a_finished_run_and_fewer_are_refused(
     resumed, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(resumed['workdir'], workdir)
+  # A field the saved config lacks (added to the program later) stays
+  # absent: extending the run records the new count only.
+  config_path = os.path.join(workdir, files.CONFIG)
+  with open(config_path) as f:
+    saved = json.load(f)
+  del saved['keep_checkpoints']
+  files.write_json(config_path, saved)
   seed_1 = os.path.join(workdir, 'seed_1', files.RESULT)
   with open(seed_1, 'rb') as f:
     seed_1_bytes = f.read()
@@ -189,8 +200,10 @@ def test_more_seeds_extend_a_finished_run_and_fewer_are_refused(
   assert summary['seeds'] == [more.seed + 1, more.seed + 2]
   assert summary['final_test_accuracy_per_repeat'][0] == (
       resumed['summary']['final_test_accuracy'])
-  with open(os.path.join(workdir, files.CONFIG)) as f:
-    assert json.load(f)['repeats'] == 2
+  with open(config_path) as f:
+    assert json.load(f) == dict(saved, repeats=2)
+  # The table counts the seeds of each row.
+  assert '| fp | 32/32 | 2 | ' in experiment.format_table([('fp', summary)])
   # Rerunning with two seeds shows the finished run; one seed would leave
   # a finished seed out of its summary.
   with pytest.MonkeyPatch.context() as mp:
@@ -200,7 +213,7 @@ def test_more_seeds_extend_a_finished_run_and_fewer_are_refused(
       experiment.run(resumed['config'], workdir)
   message = str(e.value)
   assert message.startswith('config.repeats=1 is invalid;')
-  assert 'holds 2 seeds: ask for as many or more' in message
+  assert 'it was run with repeats=2: ask for as many seeds or more' in message
   assert '\n' not in message
 
 

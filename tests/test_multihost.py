@@ -185,7 +185,7 @@ def test_two_processes_match_one_process(tmp_path):
     log = (tmp_path / f'{name}.log').read_text()
     assert proc.returncode == 0, f'{name}:\n{log[-4000:]}'
 
-  # The runs read the decoded-image cache (its default, 'auto').
+  # The decoded-image cache is on (its default, 'auto'): its entry exists.
   assert glob.glob(str(tmp_path / 'cache' / 'images' / '*' / 'pixels.npy'))
   dumps = {}
   for name in procs:
@@ -226,9 +226,20 @@ def test_two_processes_match_one_process(tmp_path):
   # Logs, events and summaries come from process 0 only.
   run = multi_dir / 'seed_1'
   assert len(glob.glob(str(run / 'events.out.tfevents.*'))) == 1
-  steps = lambda path: [json.loads(l)['step'] for l in open(path)]
-  assert steps(run / 'metrics.jsonl') == steps(
-      single_dir / 'seed_1' / 'metrics.jsonl')
+  records = lambda path: [json.loads(l) for l in open(path)]
+  multi_log = records(run / 'metrics.jsonl')
+  single_log = records(single_dir / 'seed_1' / 'metrics.jsonl')
+  assert [r['step'] for r in multi_log] == [r['step'] for r in single_log]
+  assert sum('train/loss_afa' in r for r in multi_log) == 3  # every step
+  # Each loss term and attention entropy, step by step: with theta small,
+  # an AFA or attention reduction gone wrong across processes would hide in
+  # the parameters' tolerance, not here.
+  for a, b in zip(multi_log, single_log):
+    keys = [k for k in a if k.startswith(('train/loss', 'train/attention'))]
+    assert sorted(keys) == sorted(
+        k for k in b if k.startswith(('train/loss', 'train/attention')))
+    for key in keys:
+      assert a[key] == pytest.approx(b[key], rel=1e-4), (a['step'], key)
   assert os.path.exists(multi_dir / 'summary.json')
   assert os.path.exists(multi_dir / 'config.json')
   # Console output too (process 1 keeps stderr for errors).

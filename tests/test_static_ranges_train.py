@@ -31,7 +31,8 @@ def test_static_run_collects_evaluates_and_exports(tmp_path, tiny_folder):
   manifest = export.export_run(workdir, str(tmp_path / 'm.dtq'),
                                verbose=False)
   assert manifest['activation_ranges']['source'] == 'training'
-  report = export_check.check(str(tmp_path / 'm.dtq'), workdir, verbose=False)
+  report = export_check.check(str(tmp_path / 'm.dtq'), workdir,
+                              verbose=False)
   assert report['agreement_int_vs_static'] == 1.0
   assert report['static_fake_quant']['accuracy'] == pytest.approx(
       result['final_test_accuracy'])
