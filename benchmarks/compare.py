@@ -10,7 +10,11 @@
 
 Each cell (method, bits[, shots]) is an ordinary experiment in its own folder
 under --workdir, trained for --seeds seeds by experiment.run_single, so a rerun
-skips finished cells and resumes an interrupted one. The table (mean and
+skips finished cells and resumes an interrupted one; a larger --seeds adds
+seeds to finished cells (a smaller one is refused before anything trains).
+Tables that share a workdir share its cells (the 30-shot rows of the shots
+sweep and of a --shots=30 table of variants): extending a cell there to more
+seeds extends it for both, so rerun the other table with as many --seeds. The table (mean and
 population std of final- and best-epoch test accuracy, each seed's final
 accuracy, mean wall time per run) goes to --out with the exact command, the
 git commit and the machine above it, and its figure (accuracy per method, or
@@ -249,6 +253,7 @@ def _run_cells(base, sweep, methods, bits, name, workdir, out):
       # Full precision does not depend on the bit width: one row.
       for b in ([32] if variant == 'fp' else bits):
         cells.append((variant, b, shots))
+
   def folder(variant, b, shots):
     return os.path.join(workdir, f'{variant}-{b}bit' +
                         (f'-{shots}shots' if shots else ''))
