@@ -32,7 +32,8 @@ ones and times: README ("Demo results").
 
 ``configs/fmnist.py:quick`` (composable: ``:out_of_domain,quick``) runs the
 same pipeline in a few steps: 80 s on 2 CPU cores with its teacher and a
-fresh cache (2026-11-29, another job running); the whole demo took 4 min 42 s.
+fresh cache (2026-11-29, another job running); the whole demo, teacher
+included, takes 2 min 25 s on a quiet 2-core machine (peak memory 2.0 GB).
 """
 
 import ml_collections
