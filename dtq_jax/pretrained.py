@@ -6,9 +6,7 @@ MobileNetV2; any model of ``models.MODEL_NAMES`` whose names follow the same
 convention converts too), read from
 
 * a ``.safetensors`` file with torchvision's key names;
-* a ``.pth`` file, read by ``torch_archive`` with the standard library and
-  NumPy, as safely as ``torch.load(weights_only=True)``: torch is not needed
-  (it is used, if installed, only for formats that reader does not know);
+* a ``.pth`` file, read without torch (``state_dicts.py``);
 * torchvision's published IMAGENET1K_V1 checkpoint (``path=None``): downloaded
   once into a cache folder, its SHA-256 checked against the prefix in its file
   name, converted once, and the converted variables cached as ``.safetensors``;
@@ -44,7 +42,7 @@ import functools
 import os
 import re
 import sys
-from typing import Mapping, Optional, Tuple
+from typing import Optional, Tuple
 import urllib.parse
 
 from flax import traverse_util
@@ -58,7 +56,7 @@ import safetensors.numpy
 from dtq_jax import downloads
 from dtq_jax import files
 from dtq_jax import models
-from dtq_jax import torch_archive
+from dtq_jax import state_dicts
 
 # torchvision's IMAGENET1K_V1 weights (the ones the paper used). The hex group
 # after '-' is the start of the file's SHA-256, as torch.hub checks it.
@@ -71,7 +69,7 @@ TORCHVISION_URLS = {
     'mobilenet_v2':
         'https://download.pytorch.org/models/mobilenet_v2-b0353104.pth',
 }
-# torch.hub's rule for the hash prefix in a checkpoint's file name.
+# Files of converted variables (save_variables) say so in their metadata.
 CONVERTED_FORMAT = 'dtq_jax.flax_variables.v1'
 CONVERTED_SUFFIX = '.flax.safetensors'
 COLLECTIONS = ('params', 'batch_stats')
@@ -91,10 +89,6 @@ OUT_IN_TO_IN_OUT = (1, 0)
 
 class ConversionError(ValueError):
   """A state_dict does not fit the model: missing, extra or mis-shaped."""
-
-
-class CheckpointError(ValueError):
-  """A checkpoint file cannot be read: damaged, truncated or of another kind."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,87 +353,6 @@ def convert_state_dict(name, state_dict):
   return _convert(name, state_dict)[0]
 
 
-def _torch_load(path, reason):
-  """``torch.load`` for a format ``torch_archive`` does not know."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError(
-        f'{reason}; reading it needs torch (pip install -r '
-        f'requirements-torch.txt), or give a .safetensors copy of it '
-        f'instead.') from None
-  # weights_only=True: tensors and plain containers only, never arbitrary
-  # pickled objects (a .pth from the internet is untrusted code otherwise).
-  obj = torch.load(path, map_location='cpu', weights_only=True)
-  if not isinstance(obj, Mapping):
-    return obj
-  return {k: (v.detach().cpu().float() if v.is_floating_point() else
-              v.detach().cpu()).numpy()  # NumPy has no torch bfloat16
-          if isinstance(v, torch.Tensor) else v for k, v in obj.items()}
-
-
-def _read_pth(path):
-  try:
-    obj = torch_archive.load(path)
-  except torch_archive.UnsupportedFormatError as e:
-    obj = _torch_load(path, e)
-  if not isinstance(obj, Mapping):
-    raise ConversionError(f'{path} holds a {type(obj).__name__}, not a '
-                          f'state_dict.')
-  for key, value in obj.items():
-    if not isinstance(value, np.ndarray):
-      raise ConversionError(f'{path}: {key} is a {type(value).__name__}, not '
-                            f'a tensor.')
-  return dict(obj)
-
-
-def _safetensors(path, keys_only=False):
-  """A ``.safetensors`` file's arrays (or keys), with damage as one line."""
-  try:
-    if keys_only:
-      with safetensors.safe_open(path, 'numpy') as f:
-        return list(f.keys())
-    return dict(safetensors.numpy.load_file(path))
-  except safetensors.SafetensorError as e:
-    # The Rust error is not an OSError/ValueError: without this, a truncated
-    # download is a traceback instead of a message naming the file.
-    raise CheckpointError(f'{path} is not a readable .safetensors file '
-                          f'(damaged or truncated?): {e}') from None
-
-
-def read_state_dict(path):
-  """Reads a torchvision state_dict as NumPy arrays, without torch.
-
-  Args:
-    path: ``.safetensors`` or ``.pth``/``.pt`` (read by ``torch_archive``
-      without running code from it; torch only for formats it does not know).
-
-  Returns:
-    ``{torch key: np.ndarray}`` in the file's order.
-
-  Raises:
-    FileNotFoundError: no such file.
-    CheckpointError: a damaged ``.safetensors`` file.
-    torch_archive.ArchiveError: a damaged or unsafe ``.pth`` file.
-    ImportError: a ``.pth`` format only torch reads, without torch installed.
-    ConversionError: a ``.pth`` file that holds something else than tensors.
-    ValueError: an unknown file type.
-  """
-  _check_exists(path)
-  suffix = os.path.splitext(path)[1].lower()
-  if suffix == '.safetensors':
-    return _safetensors(path)
-  if suffix in ('.pth', '.pt'):
-    return _read_pth(path)
-  raise ValueError(f'{path}: unknown checkpoint type {suffix!r} (expected '
-                   f'.safetensors, .pth or .pt).')
-
-
-def _check_exists(path):
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'No such pretrained checkpoint: {path}')
-
-
 def _flat_keys(variables):
   flat = traverse_util.flatten_dict(
       {c: dict(variables[c]) for c in COLLECTIONS if c in variables})
@@ -483,16 +396,16 @@ def load_variables(name, path):
 
   Raises:
     FileNotFoundError: no such file.
-    CheckpointError: a damaged ``.safetensors`` file.
+    state_dicts.CheckpointError: a damaged ``.safetensors`` file.
     ConversionError: a leaf missing, extra or mis-shaped for ``name``, not
       floating point, not finite, or a variance not positive.
   """
-  _check_exists(path)
+  state_dicts.check_exists(path)
   if path.endswith('.npz'):
     with np.load(path, allow_pickle=False) as data:
       flat = {k: data[k] for k in data.files}
   else:
-    flat = _safetensors(path)
+    flat = state_dicts.read_safetensors(path)
   template = _template(name)
   errors, variables = [], {}
   for key, value in flat.items():
@@ -543,20 +456,21 @@ def load_torchvision(name, path=None, cache_dir=None, progress=True):
     downloads.DownloadError: offline and nothing cached (the message says where to put
       the file by hand).
     downloads.HashMismatchError: the checkpoint is not the published file.
-    CheckpointError, torch_archive.ArchiveError: a damaged or unsafe file.
+    state_dicts.CheckpointError, torch_archive.ArchiveError: a damaged or
+      unsafe file.
     ImportError: a ``.pth`` format only torch reads, without torch installed.
     ConversionError: the checkpoint does not fit the model, or its values
       cannot be trusted (see ``_trusted_float32``).
   """
   if path is not None:
     path = os.fspath(path)
-    _check_exists(path)
+    state_dicts.check_exists(path)
     if path.endswith('.npz'):
       return load_variables(name, path)
     if path.endswith('.safetensors'):
-      if _is_converted(_safetensors(path, keys_only=True)):
+      if _is_converted(state_dicts.read_safetensors(path, keys_only=True)):
         return load_variables(name, path)
-    return convert_state_dict(name, read_state_dict(path))
+    return convert_state_dict(name, state_dicts.read(path))
   url, converted = _published(name, cache_dir)
   if os.path.isfile(converted):
     return load_variables(name, converted)
@@ -565,7 +479,7 @@ def load_torchvision(name, path=None, cache_dir=None, progress=True):
   # truncated one, must not be converted and cached.
   downloads.check_hash(downloads.sha256_file(checkpoint), checkpoint,
                        checkpoint)
-  variables = convert_state_dict(name, read_state_dict(checkpoint))
+  variables = convert_state_dict(name, state_dicts.read(checkpoint))
   save_variables(variables, converted, name)
   return variables
 
@@ -676,7 +590,7 @@ def main(argv=None):
                        checkpoint)
     else:
       checkpoint = os.path.expanduser(args.source)
-    variables, plan = _convert(args.model, read_state_dict(checkpoint))
+    variables, plan = _convert(args.model, state_dicts.read(checkpoint))
   except (OSError, ImportError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -39,6 +39,7 @@ from dtq_jax import experiment
 from dtq_jax import models
 from dtq_jax import networks
 from dtq_jax import pretrained
+from dtq_jax import state_dicts
 from dtq_jax import torch_archive
 import test_torch_archive
 
@@ -461,7 +462,7 @@ def test_truncated_safetensors_is_one_line(converted, tmp_path, capsys):
   data = open(path, 'rb').read()
   with open(path, 'wb') as f:
     f.write(data[:len(data) // 2])
-  with pytest.raises(pretrained.CheckpointError) as e:
+  with pytest.raises(state_dicts.CheckpointError) as e:
     pretrained.load_torchvision('small_resnet', path)
   assert '\n' not in str(e.value) and path in str(e.value)
   # Through main.py (experiment.load_teacher) and the command line.
