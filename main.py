@@ -252,8 +252,11 @@ def main(argv):
       raise errors.UserError(_NEEDS_WORKDIR)  # a TPU pod, found by JAX
     config_validation.check_device_split(config, jax.device_count())
     with _native_logs_hidden(not verbose):
-      from dtq_jax import experiment  # pylint: disable=g-import-not-at-top
-    experiment.enable_compilation_cache(config)
+      # pylint: disable=g-import-not-at-top
+      from dtq_jax import caches
+      from dtq_jax import experiment
+      # pylint: enable=g-import-not-at-top
+    caches.enable_compilation_cache(config)
     _allocator_note(config, allocator_mode)
     print(f'Workdir: {workdir}')
     summaries = experiment.run(config, workdir)

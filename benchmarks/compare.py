@@ -38,11 +38,13 @@ import bench_util
 bench_util.add_repo_to_path()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from dtq_jax import caches
 from dtq_jax import config_validation
 from dtq_jax import datasets
 from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import plot
+from dtq_jax import teacher as teacher_lib
 
 # Methods and ablations: name -> (config.method, overrides).
 VARIANTS = {
@@ -244,7 +246,7 @@ def main(argv):
 
 def _run_cells(base, sweep, methods, bits, name, workdir, out):
   """Trains (or reuses) every cell, then writes the table and its figure."""
-  experiment.enable_compilation_cache(base)
+  caches.enable_compilation_cache(base)
 
   cells = []
   for shots in ([int(s) for s in _SHOTS.value] if sweep == 'shots'
@@ -273,7 +275,7 @@ def _run_cells(base, sweep, methods, bits, name, workdir, out):
       data_cache[key] = datasets.load(config)
     data = data_cache[key]
     if teacher is None:
-      teacher = experiment.load_teacher(config, data)
+      teacher = teacher_lib.load_teacher(config, data)
     summary = experiment.run_single(config, folder(variant, b, shots), data,
                                     teacher)
     label = variant if shots is None else f'{variant}, {shots} shots'

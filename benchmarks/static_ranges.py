@@ -44,6 +44,7 @@ import numpy as np
 import onnxruntime
 
 from configs import fmnist
+from dtq_jax import caches
 from dtq_jax import config_validation
 from dtq_jax import datasets
 from dtq_jax import experiment
@@ -51,6 +52,7 @@ from dtq_jax import export
 from dtq_jax import export_check
 from dtq_jax import files
 from dtq_jax import onnx_export
+from dtq_jax import teacher as teacher_lib
 
 RANGE_SOURCES = ('ema', 'calibrated')
 
@@ -200,9 +202,9 @@ def main(argv=None):
   records, data, teacher, reused = [], None, None, 0
   for method in args.methods:
     config = run_config(method, args.bits, args.seeds)
-    experiment.enable_compilation_cache(config)
+    caches.enable_compilation_cache(config)
     data = data or datasets.load(config)
-    teacher = teacher or experiment.load_teacher(config, data)
+    teacher = teacher or teacher_lib.load_teacher(config, data)
     workdir = os.path.join(args.workdir, f'{method}-{args.bits}bit')
     experiment.run_single(config, workdir, data, teacher)
     for seed in sorted(export.seed_dirs(workdir)):

@@ -16,10 +16,10 @@ from typing import Optional, Tuple
 
 import jax
 
+from dtq_jax import caches
 from dtq_jax import errors
 from dtq_jax import image_cache
 from dtq_jax import input_pipeline
-from dtq_jax import pretrained
 from dtq_jax import sources
 from dtq_jax import splits
 
@@ -241,10 +241,7 @@ def _speed_settings(config):
     # accelerator it takes the per-pixel work off the host and sends a
     # quarter of the bytes (results/input_pipeline_cpu.md).
     on_device = 'off' if jax.default_backend() == 'cpu' else 'on'
-  # The project's cache root, as experiment.cache_dir has it.
-  root = config.get('cache_dir') or os.path.dirname(
-      pretrained.default_cache_dir())
-  cache_dir = d.get('cache_dir') or os.path.join(root, 'images')
+  cache_dir = d.get('cache_dir') or os.path.join(caches.root(config), 'images')
   return cache, cache_dir, on_device == 'on'
 
 

@@ -10,6 +10,7 @@ from dtq_jax import config_validation
 from dtq_jax import datasets
 from dtq_jax import experiment
 from dtq_jax import sources
+from dtq_jax import teacher as teacher_lib
 from dtq_jax import train
 
 _FILES = os.path.join(sources.FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')
@@ -45,7 +46,7 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
   assert len(os.listdir(os.path.join(tmp_path, 'cache', 'teachers'))) == 1
   # The cached teacher is reused: loading it again trains nothing.
   monkeypatch.setattr(train, 'train_and_evaluate', _must_not_train)
-  teacher = experiment.load_teacher(config, datasets.load(config))
+  teacher = teacher_lib.load_teacher(config, datasets.load(config))
   assert 'fc' in teacher['params']
 
 

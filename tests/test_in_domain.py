@@ -15,9 +15,9 @@ from configs import fmnist
 from dtq_jax import config_validation
 from dtq_jax import datasets
 from dtq_jax import errors
-from dtq_jax import experiment
 from dtq_jax import sources
 from dtq_jax import splits
+from dtq_jax import teacher as teacher_lib
 
 _FILES = os.path.join(sources.FASHION_MNIST_DIR, 'train-labels-idx1-ubyte.gz')
 
@@ -128,7 +128,7 @@ def test_config_variant_composes_and_validates():
 
 
 def _key(config):
-  return experiment._teacher_key(experiment.teacher_config(config),
+  return teacher_lib._teacher_key(teacher_lib.teacher_config(config),
                                  config.dataset)
 
 

@@ -37,6 +37,7 @@ from dtq_jax import datasets
 from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import files
+from dtq_jax import teacher as teacher_lib
 from dtq_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -422,7 +423,7 @@ def teacher(tiny_folder, tmp_path_factory):
   results = {}
 
   def build(name):
-    results[name] = experiment.train_source_teacher(config, data)
+    results[name] = teacher_lib.train_source_teacher(config, data)
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(train, 'train_and_evaluate', recorded)
@@ -448,7 +449,7 @@ def test_one_cache_entry_is_built_once(teacher):
 
 
 def test_teacher_config_is_stored_with_the_entry(teacher):
-  with open(os.path.join(teacher['entry'], experiment.TEACHER_CONFIG)) as f:
+  with open(os.path.join(teacher['entry'], teacher_lib.TEACHER_CONFIG)) as f:
     stored = json.load(f)
   trained_with = teacher['calls'][0]
   assert stored == json.loads(trained_with.to_json_best_effort())
@@ -466,8 +467,8 @@ def test_teacher_key_follows_what_its_training_reads():
       for parent in parents:
         node = node[parent]
       node[leaf] = value
-    return experiment._teacher_key(  # pylint: disable=protected-access
-        experiment.teacher_config(c), c.dataset)
+    return teacher_lib._teacher_key(  # pylint: disable=protected-access
+        teacher_lib.teacher_config(c), c.dataset)
 
   reference = key()
   for field, value in [('optim.momentum', 0.5),
@@ -500,23 +501,23 @@ def test_damaged_cached_teacher_falls_back_or_names_the_folder(
   monkeypatch.setattr(train, 'train_and_evaluate', _must_not_be_called)
 
   # An entry whose stored config is not the one asked for is refused.
-  stored = os.path.join(entry, experiment.TEACHER_CONFIG)
+  stored = os.path.join(entry, teacher_lib.TEACHER_CONFIG)
   with open(stored) as f:
     text = f.read()
   files.write_text(stored, text.replace('"momentum": 0.9', '"momentum": 0.5'))
   with pytest.raises(errors.UserError, match='optim.momentum'):
-    experiment.train_source_teacher(config, teacher['data'])
+    teacher_lib.train_source_teacher(config, teacher['data'])
   files.write_text(stored, text)
 
   data_files.flip_checkpoint_bytes(os.path.join(folder, '4'))
-  variables = experiment.train_source_teacher(config, teacher['data'])
+  variables = teacher_lib.train_source_teacher(config, teacher['data'])
   assert f'checkpoint {folder}/4 is unreadable' in capsys.readouterr().out
   jax.tree.map(np.testing.assert_array_equal, variables['batch_stats'],
                older['batch_stats'])
 
   data_files.flip_checkpoint_bytes(os.path.join(folder, '2'))
   with pytest.raises(errors.UserError) as e:
-    experiment.train_source_teacher(config, teacher['data'])
+    teacher_lib.train_source_teacher(config, teacher['data'])
   message = str(e.value)
   assert f'the cached teacher in {entry} is damaged' in message
   assert 'delete that folder' in message and '\n' not in message
@@ -526,7 +527,7 @@ def test_nonfinite_teacher_names_its_own_learning_rate(tiny_folder, tmp_path):
   config, data = _teacher_setup(tiny_folder, tmp_path / 'cache')
   config.pretrain.optim.lr = 1e30
   with pytest.raises(train.NonFiniteLossError) as e:
-    experiment.train_source_teacher(config, data)
+    teacher_lib.train_source_teacher(config, data)
   message = str(e.value)
   assert '--config.pretrain.optim.lr' in message
   # Step 1's update makes step 2's loss non-finite, before the first
@@ -541,7 +542,7 @@ def test_full_teacher_cache_names_the_cache(tiny_folder, tmp_path,
   write_json = files.write_json
 
   def full(path, obj):
-    if str(path).endswith(experiment.TEACHER_CONFIG):
+    if str(path).endswith(teacher_lib.TEACHER_CONFIG):
       raise OSError(errno.ENOSPC, 'No space left on device')
     return write_json(path, obj)
 
@@ -550,4 +551,4 @@ def test_full_teacher_cache_names_the_cache(tiny_folder, tmp_path,
   with pytest.raises(errors.UserError,
                      match=r'cannot write the teacher cache in \S+'
                      r'teachers/small_resnet-\w+: .*No space left'):
-    experiment.train_source_teacher(config, data)
+    teacher_lib.train_source_teacher(config, data)

@@ -35,11 +35,11 @@ import safetensors.numpy
 from configs import mit67
 from dtq_jax import downloads
 from dtq_jax import errors
-from dtq_jax import experiment
 from dtq_jax import models
 from dtq_jax import networks
 from dtq_jax import pretrained
 from dtq_jax import state_dicts
+from dtq_jax import teacher as teacher_lib
 from dtq_jax import torch_archive
 import test_torch_archive
 
@@ -465,12 +465,12 @@ def test_truncated_safetensors_is_one_line(converted, tmp_path, capsys):
   with pytest.raises(state_dicts.CheckpointError) as e:
     pretrained.load_torchvision('small_resnet', path)
   assert '\n' not in str(e.value) and path in str(e.value)
-  # Through main.py (experiment.load_teacher) and the command line.
+  # Through main.py (teacher_lib.load_teacher) and the command line.
   config = mit67.get_config('quick')
   config.model = 'small_resnet'
   config.pretrained = path
   with pytest.raises(errors.UserError) as e:
-    experiment.load_teacher(config, data=None)
+    teacher_lib.load_teacher(config, data=None)
   assert '\n' not in str(e.value)
   assert str(e.value).startswith(f'pretrained={path!r}: {path} is not a '
                                  f'readable .safetensors file')
@@ -494,7 +494,7 @@ def test_gray_images_with_rgb_weights_is_one_line(tmp_path):
   config.pretrained = path
   config.dataset.name = 'fashion_mnist'
   with pytest.raises(errors.ConfigError) as e:
-    experiment.load_teacher(config, _GrayData())
+    teacher_lib.load_teacher(config, _GrayData())
   message = str(e.value)
   assert '\n' not in message
   assert message.startswith(f'config.pretrained={path!r} is invalid')
@@ -797,7 +797,7 @@ def test_pretrained_file_starts_teacher_and_student(tmp_path):
   config.model = 'resnet18'
   config.pretrained = path
   config.cache_dir = str(tmp_path / 'cache')
-  teacher = experiment.load_teacher(config, data=None)
+  teacher = teacher_lib.load_teacher(config, data=None)
   expected = pretrained.load_torchvision('resnet18', path)
   chex.assert_trees_all_equal(teacher, expected)
   np.testing.assert_array_equal(teacher['params']['fc']['kernel'],
@@ -816,7 +816,7 @@ def test_pretrained_file_starts_teacher_and_student(tmp_path):
   del state['layer2.1.bn1.running_var']
   safetensors.numpy.save_file(state, path)
   with pytest.raises(errors.UserError) as e:
-    experiment.load_teacher(config, data=None)
+    teacher_lib.load_teacher(config, data=None)
   message = str(e.value)
   assert '\n' not in message
   assert message.startswith(f'pretrained={path!r}: 1 problem(s)')

@@ -1,0 +1,31 @@
+"""Where runs keep what is computed once: the cache root and the XLA cache.
+
+The root is ``config.cache_dir``, else ``$XDG_CACHE_HOME/dtq_jax`` (or
+``~/.cache/dtq_jax``). Below it: ``pretrained/`` (downloaded and converted
+weights), ``teachers/`` (the demo's trained teachers), ``images/`` (decoded
+images, unless ``dataset.cache_dir`` says otherwise) and ``xla/`` (compiled
+programs).
+"""
+
+import os
+
+import jax
+
+from dtq_jax import pretrained
+
+
+def root(config):
+  """The cache root: ``config.cache_dir`` or ``$XDG_CACHE_HOME/dtq_jax``."""
+  return config.cache_dir or os.path.dirname(
+      pretrained.default_cache_dir())
+
+
+def enable_compilation_cache(config):
+  """Keeps compiled XLA programs under the cache root across runs.
+
+  Compiling the train and eval steps takes tens of seconds on a CPU; with the
+  cache, rerunning the demo (or resuming a run) skips most of it.
+  """
+  jax.config.update('jax_compilation_cache_dir',
+                    os.path.join(root(config), 'xla'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
