@@ -16,7 +16,8 @@ from dtq_jax import pretrained
 
 def root(config):
   """The cache root: ``config.cache_dir`` or ``$XDG_CACHE_HOME/dtq_jax``."""
-  return config.cache_dir or os.path.dirname(
+  # .get: configs saved before the field (an export's manifest) lack it.
+  return config.get('cache_dir') or os.path.dirname(
       pretrained.default_cache_dir())
 
 
