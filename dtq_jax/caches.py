@@ -11,14 +11,18 @@ import os
 
 import jax
 
-from dtq_jax import pretrained
+
+def default_root():
+  """``$XDG_CACHE_HOME/dtq_jax``, or ``~/.cache/dtq_jax``."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+      os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'dtq_jax')
 
 
 def root(config):
-  """The cache root: ``config.cache_dir`` or ``$XDG_CACHE_HOME/dtq_jax``."""
+  """The cache root: ``config.cache_dir``, else ``default_root()``."""
   # .get: configs saved before the field (an export's manifest) lack it.
-  return config.get('cache_dir') or os.path.dirname(
-      pretrained.default_cache_dir())
+  return config.get('cache_dir') or default_root()
 
 
 def enable_compilation_cache(config):

@@ -41,12 +41,12 @@ def _check_same_config(config, workdir, write=True):
   """
   path = os.path.join(workdir, files.CONFIG)
   current = saved_configs.config_json(config)
-  saved = saved_configs.read_json(path) if os.path.exists(path) else None
+  saved = files.read_json(path) if os.path.exists(path) else None
   if saved is not None:
     diff = saved_configs.differing_fields(saved, current)
     if diff:
-      state = ('a finished' if os.path.exists(os.path.join(workdir, files.SUMMARY))
-               else 'an unfinished')
+      finished = os.path.exists(os.path.join(workdir, files.SUMMARY))
+      state = 'a finished' if finished else 'an unfinished'
       advice = 'use another --workdir.'
       if diff == ['repeats']:
         advice = (f'it was run with repeats={saved["repeats"]}: ask for as '
@@ -131,8 +131,8 @@ def summarize(results, config):
     times, each over all the invocations that trained it (a resumed run's
     included).
   """
-  summary = {'config': saved_configs.config_json(config), 'method': config.method,
-             'repeats': len(results),
+  summary = {'config': saved_configs.config_json(config),
+             'method': config.method, 'repeats': len(results),
              'bits_w': networks.student_bits(config)[0],
              'bits_a': networks.student_bits(config)[1]}
   for key in ('final_test_accuracy', 'best_test_accuracy'):
@@ -198,7 +198,7 @@ def _finished_summary(config, workdir):
   if not os.path.exists(path):
     return None
   _check_same_config(config, workdir, write=False)
-  summary = saved_configs.read_json(path)
+  summary = files.read_json(path)
   if _summary_seeds(summary) < config.repeats:
     return None
   return summary
@@ -282,7 +282,8 @@ def _check_cells_share_config(config, workdir):
     path = os.path.join(workdir, name, files.CONFIG)
     if not os.path.isfile(path):
       continue
-    diff = saved_configs.differing_fields(saved_configs.read_json(path), current, ignore=_CELL_FIELDS)
+    diff = saved_configs.differing_fields(files.read_json(path), current,
+                                          ignore=_CELL_FIELDS)
     if diff:
       raise errors.ConfigError(
           diff[0], saved_configs.field_value(current, diff[0]),
@@ -298,7 +299,8 @@ def _finished_cells(workdir, methods):
            if os.path.isfile(os.path.join(workdir, n, files.SUMMARY))]
   names.sort(key=lambda n: (methods.index(n) if n in methods
                             else len(methods)))
-  return [(n, saved_configs.read_json(os.path.join(workdir, n, files.SUMMARY))) for n in names]
+  return [(n, files.read_json(os.path.join(workdir, n, files.SUMMARY)))
+          for n in names]
 
 
 def run(config, workdir):

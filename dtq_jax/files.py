@@ -86,6 +86,12 @@ def write_json(path, obj):
   write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=float))
 
 
+def read_json(path):
+  """What ``write_json`` wrote to ``path``."""
+  with open(path) as f:
+    return json.load(f)
+
+
 def remove_stale_temporaries(folder):
   """Removes temporary files that a killed writer left in ``folder``.
 

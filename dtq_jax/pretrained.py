@@ -50,9 +50,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import safetensors
 import safetensors.numpy
 
+from dtq_jax import caches
 from dtq_jax import downloads
 from dtq_jax import files
 from dtq_jax import models
@@ -145,9 +145,7 @@ class Assignment:
 
 def default_cache_dir():
   """Returns ``$XDG_CACHE_HOME/dtq_jax/pretrained`` (~/.cache by default)."""
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
-      os.path.expanduser('~'), '.cache')
-  return os.path.join(base, 'dtq_jax', 'pretrained')
+  return os.path.join(caches.default_root(), 'pretrained')
 
 
 @functools.lru_cache(maxsize=None)
@@ -457,7 +455,7 @@ def load_torchvision(name, path=None, cache_dir=None, progress=True):
       the file by hand).
     downloads.HashMismatchError: the checkpoint is not the published file.
     state_dicts.CheckpointError, torch_archive.ArchiveError: a damaged or
-      unsafe file.
+      unsafe file, or a ``.pth`` holding no state_dict.
     ImportError: a ``.pth`` format only torch reads, without torch installed.
     ConversionError: the checkpoint does not fit the model, or its values
       cannot be trusted (see ``_trusted_float32``).

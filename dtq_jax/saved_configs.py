@@ -13,19 +13,14 @@ def config_json(config):
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def read_json(path):
-  """A saved JSON file's contents."""
-  with open(path) as f:
-    return json.load(f)
-
-
 def differing_fields(saved, current, ignore=()):
   """Config fields whose values differ, as dotted names.
 
   A field missing from ``saved`` was added to the program after that run was
   written (it ran with the behaviour the field's default keeps): not a
   difference. Nor is a larger ``repeats``: it adds seeds to the run and
-  changes none of those it has (the caller records the new count); a smaller one would leave finished seeds out of the summary.
+  changes none of those it has (the caller records the new count); a
+  smaller one would leave finished seeds out of the summary.
   """
   return sorted(f for f in _diff(saved, current)
                 if f not in ignore and _has_field(saved, f)

@@ -1,4 +1,4 @@
-"""Reads a torchvision state_dict file as NumPy arrays, without torch.
+"""A torchvision state_dict file read as NumPy arrays, torch only as a fallback.
 
 ``read(path)`` takes a ``.safetensors`` file (torchvision's key names) or a
 ``.pth``/``.pt`` file, which ``torch_archive`` reads with the standard library
@@ -81,11 +81,10 @@ def read(path):
 
   Raises:
     FileNotFoundError: no such file.
-    CheckpointError: a damaged ``.safetensors`` file.
+    CheckpointError: a damaged ``.safetensors`` file, or a ``.pth`` file
+      that holds something else than a state_dict of tensors.
     torch_archive.ArchiveError: a damaged or unsafe ``.pth`` file.
     ImportError: a ``.pth`` format only torch reads, without torch installed.
-    CheckpointError: also a ``.pth`` file that holds something else than
-      tensors.
     ValueError: an unknown file type.
   """
   check_exists(path)

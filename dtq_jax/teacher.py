@@ -111,7 +111,8 @@ def teacher_config(config):
 def _teacher_key(pre, dataset):
   """Hash of the teacher's config, its image files and the cache format."""
   payload = json.dumps(dict(
-      config=saved_configs.config_json(pre), files=datasets.source_fingerprint(dataset),
+      config=saved_configs.config_json(pre),
+      files=datasets.source_fingerprint(dataset),
       version=_TEACHER_FORMAT), sort_keys=True)
   return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -193,7 +194,8 @@ def _check_cached_config(pre, root):
   path = os.path.join(root, TEACHER_CONFIG)
   if not os.path.exists(path):
     return
-  diff = saved_configs.differing_fields(saved_configs.read_json(path), saved_configs.config_json(pre))
+  diff = saved_configs.differing_fields(files.read_json(path),
+                                        saved_configs.config_json(pre))
   if diff:
     raise errors.UserError(
         f'the cached teacher in {root} was trained with another config '

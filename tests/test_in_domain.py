@@ -129,7 +129,7 @@ def test_config_variant_composes_and_validates():
 
 def _key(config):
   return teacher_lib._teacher_key(teacher_lib.teacher_config(config),
-                                 config.dataset)
+                                  config.dataset)
 
 
 def test_teacher_cache_key_follows_the_split():

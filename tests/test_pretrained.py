@@ -465,7 +465,7 @@ def test_truncated_safetensors_is_one_line(converted, tmp_path, capsys):
   with pytest.raises(state_dicts.CheckpointError) as e:
     pretrained.load_torchvision('small_resnet', path)
   assert '\n' not in str(e.value) and path in str(e.value)
-  # Through main.py (teacher_lib.load_teacher) and the command line.
+  # Through main.py (teacher.load_teacher) and the command line.
   config = mit67.get_config('quick')
   config.model = 'small_resnet'
   config.pretrained = path

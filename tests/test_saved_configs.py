@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from dtq_jax import files
 from dtq_jax import saved_configs
 
 
@@ -38,4 +39,4 @@ def test_config_json_round_trips_through_a_file(tmp_path):
   assert tree == {'bits': [4, 4], 'optim': {'lr': 0.01}}
   path = tmp_path / 'config.json'
   path.write_text(config.to_json_best_effort())
-  assert saved_configs.read_json(str(path)) == tree
+  assert files.read_json(str(path)) == tree  # as saved
