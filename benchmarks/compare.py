@@ -248,36 +248,31 @@ def _run_cells(base, sweep, methods, bits, name, workdir, out):
   """Trains (or reuses) every cell, then writes the table and its figure."""
   caches.enable_compilation_cache(base)
 
+  # (variant, bits, shots, config, folder) of every cell, in table order.
   cells = []
   for shots in ([int(s) for s in _SHOTS.value] if sweep == 'shots'
                 else [None]):
     for variant in methods:
       # Full precision does not depend on the bit width: one row.
       for b in ([32] if variant == 'fp' else bits):
-        cells.append((variant, b, shots))
-
-  def folder(variant, b, shots):
-    return os.path.join(workdir, f'{variant}-{b}bit' +
-                        (f'-{shots}shots' if shots else ''))
-
+        folder = os.path.join(workdir, f'{variant}-{b}bit' +
+                              (f'-{shots}shots' if shots else ''))
+        cells.append((variant, b, shots, cell_config(base, variant, b, shots),
+                      folder))
   # A cell run with other settings refuses the sweep before anything loads
   # or trains (more seeds than a cell has add to it).
-  for variant, b, shots in cells:
-    experiment.check_workdir(cell_config(base, variant, b, shots),
-                             folder(variant, b, shots))
+  for *_, config, folder in cells:
+    experiment.check_workdir(config, folder)
   data_cache, teacher = {}, None
   lines, rows = [], []
   start = time.time()
-  for variant, b, shots in cells:
-    config = cell_config(base, variant, b, shots)
-    key = shots
-    if key not in data_cache:
-      data_cache[key] = datasets.load(config)
-    data = data_cache[key]
+  for variant, b, shots, config, folder in cells:
+    if shots not in data_cache:
+      data_cache[shots] = datasets.load(config)
+    data = data_cache[shots]
     if teacher is None:
       teacher = teacher_lib.load_teacher(config, data)
-    summary = experiment.run_single(config, folder(variant, b, shots), data,
-                                    teacher)
+    summary = experiment.run_single(config, folder, data, teacher)
     label = variant if shots is None else f'{variant}, {shots} shots'
     lines.append(row(label, f'{b}/{b}', summary))
     rows.append(dict(method=variant, bits=f'{b}/{b}', shots=shots,

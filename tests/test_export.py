@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -379,14 +380,25 @@ def _garble(step_dir):
         f.write('garbage')
 
 
-def test_garbage_newest_checkpoint_falls_back_and_says_so(tiny_run, tmp_path,
-                                                          capsys):
+def _damaged_newest_step(tiny_run, tmp_path, damage):
+  """A copy of the run with a later step (a copy of its last, with the
+  copied checksum) damaged by ``damage(step_dir)``.
+
+  Returns:
+    ``(workdir, damaged step folder, last intact step)``.
+  """
   workdir, seed = _copy_run(tiny_run, tmp_path)
   ckpts = os.path.join(seed, 'checkpoints')
   last = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
-  garbage = os.path.join(ckpts, str(last + 100))
-  shutil.copytree(os.path.join(ckpts, str(last)), garbage)
-  _garble(garbage)
+  damaged = os.path.join(ckpts, str(last + 100))
+  shutil.copytree(os.path.join(ckpts, str(last)), damaged)
+  damage(damaged)
+  return workdir, damaged, last
+
+
+def test_garbage_newest_checkpoint_falls_back_and_says_so(tiny_run, tmp_path,
+                                                          capsys):
+  workdir, garbage, last = _damaged_newest_step(tiny_run, tmp_path, _garble)
   out = str(tmp_path / 'm.dtq')
   assert export.main(['--workdir', workdir, '--out', out]) == 0
   said = capsys.readouterr().out
@@ -401,13 +413,8 @@ def test_flipped_bytes_in_the_newest_checkpoint_are_caught(tiny_run, tmp_path,
                                                          capsys):
   # Bytes that still decode: only the checksum saved with the state finds
   # them. Export names the step and exports the intact one before it.
-  workdir, seed = _copy_run(tiny_run, tmp_path)
-  ckpts = os.path.join(seed, 'checkpoints')
-  last = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
-  # A later step (a copy, with the copied checksum), then damaged.
-  damaged = os.path.join(ckpts, str(last + 100))
-  shutil.copytree(os.path.join(ckpts, str(last)), damaged)
-  data_files.flip_checkpoint_bytes(damaged)
+  workdir, damaged, last = _damaged_newest_step(
+      tiny_run, tmp_path, data_files.flip_checkpoint_bytes)
   out = str(tmp_path / 'm.dtq')
   assert export.main(['--workdir', workdir, '--out', out]) == 0
   said = capsys.readouterr().out
@@ -439,18 +446,14 @@ def test_quantized_convs_match_the_stored_kernels_or_name_the_layer():
   convs = export.quantized_convs(student, variables, (16, 16, 1))
   # Every convolution but the full-precision stem, with its stored shape.
   assert 'conv1' not in convs and len(convs) == 11
+  flat = traverse_util.flatten_dict(variables['params'], sep='/')
   for path, info in convs.items():
-    node = variables['params']
-    for name in path.split('/'):
-      node = node[name]
-    assert info['kernel_shape'] == list(node['kernel'].shape), path
+    assert info['kernel_shape'] == list(flat[f'{path}/kernel'].shape), path
     assert info['bits_w'] == info['bits_a'] == 4
   path = sorted(convs)[0]
-  params = jax.tree_util.tree_map(lambda x: x, variables['params'])
-  node = params
-  for name in path.split('/'):
-    node = node[name]
-  node['kernel'] = node['kernel'][..., :1]  # one output channel too few
+  # One output channel too few.
+  flat[f'{path}/kernel'] = flat[f'{path}/kernel'][..., :1]
+  params = traverse_util.unflatten_dict(flat, sep='/')
   with pytest.raises(ValueError, match=f'convolution {path}: the stored '
                      'kernel'):
     export.quantized_convs(student, dict(variables, params=params),
