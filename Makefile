@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# No wheel cache: it would double the disk that torch's CUDA libraries take.
+PIP_INSTALL := pip install -q --no-cache-dir
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 # Runs as root directly, else through sudo when it is available.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -24,24 +26,30 @@ tensorboard: setup
 # The torchvision parity tests, the PyTorch reference's quantizer against
 # dtq_jax.quant and the full-resolution paper settings (torch writes their
 # .pth weights), in a separate environment because the torch build is large
-# (about 5.5 GB with its CUDA libraries; it runs on the CPU).
+# (about 5.5 GB with its CUDA libraries; it runs on the CPU). That environment
+# holds only torch and torchvision: a .pth file puts the main environment's
+# packages on its path, so jax and TensorFlow are not installed twice (CI's
+# disk once ran out with two full copies).
 TORCH_VENV ?= .venv-torch
 test-torch: $(TORCH_VENV)/.installed
 	$(TORCH_VENV)/bin/python -m pytest -q tests/test_pretrained.py \
-	  tests/test_torch_reference.py tests/test_paper_smoke.py $(ARGS)
+	  tests/test_state_dicts.py tests/test_torch_reference.py \
+	  tests/test_paper_smoke.py $(ARGS)
 
-$(TORCH_VENV)/.installed: requirements.txt requirements-torch.txt
+$(TORCH_VENV)/.installed: $(VENV)/.installed requirements-torch.txt
 	$(PYTHON) -m venv $(TORCH_VENV)
-	$(TORCH_VENV)/bin/pip install -q --upgrade pip
-	$(TORCH_VENV)/bin/pip install -q -r requirements.txt -r requirements-torch.txt
+	$(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
+	  > "$$($(TORCH_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/dtq_main_venv.pth"
+	$(TORCH_VENV)/bin/$(PIP_INSTALL) --upgrade pip
+	$(TORCH_VENV)/bin/$(PIP_INSTALL) -r requirements-torch.txt
 	touch $@
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/$(PIP_INSTALL) --upgrade pip
+	$(VENV)/bin/$(PIP_INSTALL) -r requirements.txt
 	touch $@
 
 # Debian's dataset-fashion-mnist package holds the demo's images; without apt

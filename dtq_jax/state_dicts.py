@@ -8,6 +8,9 @@ one-line errors naming the file. ``pretrained.py`` converts what it returns.
 """
 
 import os
+import pickle
+import re
+import tarfile
 from typing import Mapping
 
 import numpy as np
@@ -21,6 +24,10 @@ class CheckpointError(ValueError):
   """A checkpoint file cannot be read: damaged, truncated or of another kind."""
 
 
+def _first_line(error):
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _torch_load(path, reason):
   """``torch.load`` for a format ``torch_archive`` does not know."""
   try:
@@ -32,7 +39,20 @@ def _torch_load(path, reason):
         f'instead.') from None
   # weights_only=True: tensors and plain containers only, never arbitrary
   # pickled objects (a .pth from the internet is untrusted code otherwise).
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    # torch's message runs over many lines (how to allow-list the object);
+    # the one thing worth a line is what the object was.
+    found = re.search(r'GLOBAL (\S+)', str(e))
+    raise CheckpointError(
+        f'{path}: torch.load refused it: it holds '
+        f'{found.group(1) if found else "objects"}, not only tensors and '
+        f'plain containers, and building that would run code from the '
+        f'file.') from None
+  except (RuntimeError, EOFError, tarfile.ReadError) as e:
+    raise CheckpointError(f'{path}: torch.load could not read it (damaged or '
+                          f'truncated?): {_first_line(e)}') from None
   if not isinstance(obj, Mapping):
     return obj
   return {k: (v.detach().cpu().float() if v.is_floating_point() else
@@ -81,8 +101,10 @@ def read(path):
 
   Raises:
     FileNotFoundError: no such file.
-    CheckpointError: a damaged ``.safetensors`` file, or a ``.pth`` file
-      that holds something else than a state_dict of tensors.
+    CheckpointError: a damaged ``.safetensors`` file, a ``.pth`` file
+      that holds something else than a state_dict of tensors, or one in a
+      format only torch reads that ``torch.load(weights_only=True)``
+      refuses or cannot read.
     torch_archive.ArchiveError: a damaged or unsafe ``.pth`` file.
     ImportError: a ``.pth`` format only torch reads, without torch installed.
     ValueError: an unknown file type.
