@@ -4,7 +4,7 @@
 ``.pth``/``.pt`` file, which ``torch_archive`` reads with the standard library
 and NumPy, as safely as ``torch.load(weights_only=True)``; torch is used, if
 installed, only for the formats that reader does not know. Damaged files are
-one-line errors naming the file. ``pretrained.py`` converts what it returns.
+one-line errors naming the file. ``conversion.py`` converts what it returns.
 """
 
 import os

@@ -20,6 +20,7 @@ import numpy as np
 
 from dtq_jax import caches
 from dtq_jax import checkpoints
+from dtq_jax import conversion
 from dtq_jax import datasets
 from dtq_jax import errors
 from dtq_jax import files
@@ -48,10 +49,10 @@ def load_teacher(config, data):
     return networks.init_variables(model, jax.random.PRNGKey(config.seed),
                                 data.image_shape)
   channels = data.image_shape[-1] if data is not None else None
-  if channels not in (None, pretrained.INPUT_CHANNELS):
+  if channels not in (None, conversion.INPUT_CHANNELS):
     raise errors.ConfigError(
         'pretrained', config.pretrained,
-        f'its weights take {pretrained.INPUT_CHANNELS}-channel (RGB) '
+        f'its weights take {conversion.INPUT_CHANNELS}-channel (RGB) '
         f'images, but dataset.name={config.dataset.name!r} gives '
         f'{channels}-channel ones; use pretrained=none or RGB images.')
   with errors.user_errors(f'pretrained={config.pretrained!r}'):
