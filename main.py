@@ -5,8 +5,9 @@
   python main.py --config=configs/mit67.py:mobilenet_v2,5bit --config.repeats=5
 
 Rerunning with the same --workdir resumes an unfinished run and only prints
-the summary of a finished one (a larger --config.repeats adds seeds to it). main.py runs from any directory; --config and
---workdir paths are relative to the current one.
+the summary of a finished one (a larger --config.repeats adds seeds to it).
+main.py runs from any directory; --config and --workdir paths are relative to
+the current one.
 """
 
 import contextlib

@@ -89,7 +89,8 @@ def download(url, cache_dir, progress=True, timeout=60.0):
             f'elsewhere and place it at {dest}')
 
   try:
-    response = urllib.request.urlopen(url, timeout=timeout)  # pylint: disable=consider-using-with
+    # pylint: disable-next=consider-using-with
+    response = urllib.request.urlopen(url, timeout=timeout)
   except (urllib.error.URLError, OSError, ValueError) as e:
     # One line, no chained traceback: the message says all there is to do.
     raise DownloadError(offline(getattr(e, 'reason', None) or e)) from None

@@ -417,7 +417,8 @@ def format_sizes(manifest, path, fmt='dtq'):
 
 def write_onnx(path, manifest, tensors):
   """Writes the ONNX model of an export (onnx_export.py), atomically."""
-  model = onnx_export.build_model(manifest, dtq_format.variables_of(manifest, tensors))
+  model = onnx_export.build_model(
+      manifest, dtq_format.variables_of(manifest, tensors))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   files.write_text(path, model.SerializeToString(), dtq_format.FILE_MODE)
 

@@ -1,4 +1,4 @@
-"""The networks of one run: student, teacher, target head, attention; their start.
+"""One run's networks: student, teacher, target head, attention; their start.
 
 The student is the quantized backbone (BatchNorm in training mode) plus a new
 target classifier and, for DTQ, the attention modules; the teacher is the

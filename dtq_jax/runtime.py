@@ -39,7 +39,8 @@ def compiler_options(config, backend=None):
   Raises:
     ValueError: unknown ``config.cpu_convolutions``.
   """
-  choice = config.get('cpu_convolutions', config_validation.DEFAULT_CPU_CONVOLUTIONS)
+  choice = config.get('cpu_convolutions',
+                      config_validation.DEFAULT_CPU_CONVOLUTIONS)
   if choice not in config_validation.CPU_CONVOLUTIONS:
     raise ValueError(f'config.cpu_convolutions={choice!r}; allowed: '
                      f'{", ".join(config_validation.CPU_CONVOLUTIONS)}.')
@@ -51,7 +52,8 @@ def compiler_options(config, backend=None):
 class Runtime:
   """The device mesh, its shardings and the XLA options of the run's jits."""
 
-  def __init__(self, devices=None, compiler_options=None):  # pylint: disable=redefined-outer-name
+  # pylint: disable-next=redefined-outer-name
+  def __init__(self, devices=None, compiler_options=None):
     devices = jax.devices() if devices is None else devices
     self.mesh = jax.sharding.Mesh(np.array(devices), ('data',))
     self.replicated = jax.sharding.NamedSharding(

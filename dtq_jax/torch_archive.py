@@ -1,4 +1,4 @@
-"""Reads torch.save checkpoints with the standard library and NumPy, never executing code.
+"""torch.save checkpoints read with the standard library and NumPy, no code run.
 
 ``load(path)`` returns the saved object with every tensor as a NumPy array: a
 state_dict comes back as an ``OrderedDict`` of arrays. It reads both formats

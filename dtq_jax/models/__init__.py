@@ -35,4 +35,5 @@ def create_model(name, num_classes=1000, bits_w=32, bits_a=32, **kwargs):
     return MobileNetV2(**common)
   if name == 'small_resnet':
     return small_resnet(**common)
-  raise ValueError(f'Unknown model {name!r}; allowed: {", ".join(MODEL_NAMES)}.')
+  raise ValueError(
+      f'Unknown model {name!r}; allowed: {", ".join(MODEL_NAMES)}.')

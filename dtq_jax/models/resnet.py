@@ -7,7 +7,8 @@ Padding is explicit and symmetric as in PyTorch, so outputs match torchvision
 number for number.
 
 Quantization rules (docs/method.md): the stem convolution and the classifier
-stay full precision; every other convolution, the 1x1 shortcut included, quantizes
+stay full precision; every other convolution, the 1x1 shortcut included,
+quantizes
 its kernel to ``bits_w`` and its input to ``bits_a`` bits.
 """
 
