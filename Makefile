@@ -26,20 +26,21 @@ tensorboard: setup
 # The torchvision parity tests, the PyTorch reference's quantizer against
 # dtq_jax.quant and the full-resolution paper settings (torch writes their
 # .pth weights), in a separate environment because the torch build is large
-# (about 5.5 GB with its CUDA libraries; it runs on the CPU). That environment
+# (about 5.4 GB with its CUDA libraries; it runs on the CPU). That environment
 # holds only torch and torchvision: a .pth file puts the main environment's
 # packages on its path, so jax and TensorFlow are not installed twice (CI's
 # disk once ran out with two full copies).
 TORCH_VENV ?= .venv-torch
+PURELIB := 'import sysconfig; print(sysconfig.get_path("purelib"))'
 test-torch: $(TORCH_VENV)/.installed
 	$(TORCH_VENV)/bin/python -m pytest -q tests/test_pretrained.py \
 	  tests/test_state_dicts.py tests/test_torch_reference.py \
 	  tests/test_paper_smoke.py $(ARGS)
 
 $(TORCH_VENV)/.installed: $(VENV)/.installed requirements-torch.txt
-	$(PYTHON) -m venv $(TORCH_VENV)
-	$(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
-	  > "$$($(TORCH_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/dtq_main_venv.pth"
+	$(PY) -m venv $(TORCH_VENV)
+	main=$$($(PY) -c $(PURELIB)) && torch=$$($(TORCH_VENV)/bin/python -c $(PURELIB)) \
+	  && echo "$$main" > "$$torch/dtq_main_venv.pth"
 	$(TORCH_VENV)/bin/$(PIP_INSTALL) --upgrade pip
 	$(TORCH_VENV)/bin/$(PIP_INSTALL) -r requirements-torch.txt
 	touch $@

@@ -59,6 +59,7 @@ CONVERTED_FORMAT = 'dtq_jax.flax_variables.v1'
 CONVERTED_SUFFIX = '.flax.safetensors'
 _NO_PRETRAINED = ('', 'none')
 
+
 def default_cache_dir():
   """Returns ``$XDG_CACHE_HOME/dtq_jax/pretrained`` (~/.cache by default)."""
   return os.path.join(caches.default_root(), 'pretrained')
@@ -167,7 +168,6 @@ def load_torchvision(name, path=None, cache_dir=None, progress=True):
     downloads.HashMismatchError: the checkpoint is not the published file.
     state_dicts.CheckpointError, torch_archive.ArchiveError: a damaged or
       unsafe file, or a ``.pth`` holding no state_dict.
-    ImportError: a ``.pth`` format only torch reads, without torch installed.
     conversion.ConversionError: the checkpoint does not fit the model, or
       its values cannot be trusted (see ``conversion.convert_state_dict``).
   """

@@ -1,16 +1,15 @@
-"""A torchvision state_dict file read as NumPy arrays, torch only as a fallback.
+"""A torchvision state_dict file read as NumPy arrays, without torch.
 
 ``read(path)`` takes a ``.safetensors`` file (torchvision's key names) or a
 ``.pth``/``.pt`` file, which ``torch_archive`` reads with the standard library
-and NumPy, as safely as ``torch.load(weights_only=True)``; torch is used, if
-installed, only for the formats that reader does not know. Damaged files are
-one-line errors naming the file. ``conversion.py`` converts what it returns.
+and NumPy, as safely as ``torch.load(weights_only=True)``. torch is not used:
+the formats that reader does not know (torch < 0.4's tar files, TorchScript
+archives) are ones ``torch.load(weights_only=True)`` refuses too. Damaged
+files are one-line errors naming the file. ``conversion.py`` converts what it
+returns.
 """
 
 import os
-import pickle
-import re
-import tarfile
 from typing import Mapping
 
 import numpy as np
@@ -24,47 +23,8 @@ class CheckpointError(ValueError):
   """A checkpoint file cannot be read: damaged, truncated or of another kind."""
 
 
-def _first_line(error):
-  return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def _torch_load(path, reason):
-  """``torch.load`` for a format ``torch_archive`` does not know."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError(
-        f'{reason}; reading it needs torch (pip install -r '
-        f'requirements-torch.txt), or give a .safetensors copy of it '
-        f'instead.') from None
-  # weights_only=True: tensors and plain containers only, never arbitrary
-  # pickled objects (a .pth from the internet is untrusted code otherwise).
-  try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as e:
-    # torch's message runs over many lines (how to allow-list the object);
-    # the one thing worth a line is what the object was.
-    found = re.search(r'GLOBAL (\S+)', str(e))
-    raise CheckpointError(
-        f'{path}: torch.load refused it: it holds '
-        f'{found.group(1) if found else "objects"}, not only tensors and '
-        f'plain containers, and building that would run code from the '
-        f'file.') from None
-  except (RuntimeError, EOFError, tarfile.ReadError) as e:
-    raise CheckpointError(f'{path}: torch.load could not read it (damaged or '
-                          f'truncated?): {_first_line(e)}') from None
-  if not isinstance(obj, Mapping):
-    return obj
-  return {k: (v.detach().cpu().float() if v.is_floating_point() else
-              v.detach().cpu()).numpy()  # NumPy has no torch bfloat16
-          if isinstance(v, torch.Tensor) else v for k, v in obj.items()}
-
-
 def _read_pth(path):
-  try:
-    obj = torch_archive.load(path)
-  except torch_archive.UnsupportedFormatError as e:
-    obj = _torch_load(path, e)
+  obj = torch_archive.load(path)
   if not isinstance(obj, Mapping):
     raise CheckpointError(f'{path} holds a {type(obj).__name__}, not a '
                           f'state_dict.')
@@ -94,19 +54,17 @@ def read(path):
 
   Args:
     path: ``.safetensors`` or ``.pth``/``.pt`` (read by ``torch_archive``
-      without running code from it; torch only for formats it does not know).
+      without running code from it).
 
   Returns:
     ``{torch key: np.ndarray}`` in the file's order.
 
   Raises:
     FileNotFoundError: no such file.
-    CheckpointError: a damaged ``.safetensors`` file, a ``.pth`` file
-      that holds something else than a state_dict of tensors, or one in a
-      format only torch reads that ``torch.load(weights_only=True)``
-      refuses or cannot read.
-    torch_archive.ArchiveError: a damaged or unsafe ``.pth`` file.
-    ImportError: a ``.pth`` format only torch reads, without torch installed.
+    CheckpointError: a damaged ``.safetensors`` file, or a ``.pth`` file
+      that holds something else than a state_dict of tensors.
+    torch_archive.ArchiveError: a damaged or unsafe ``.pth`` file, or one in
+      a format no safe reader reads (``UnsupportedFormatError``).
     ValueError: an unknown file type.
   """
   check_exists(path)

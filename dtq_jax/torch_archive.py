@@ -27,8 +27,10 @@ in 2021 (pytorch/vision#3620), but files saved before torch 1.6 and never
 re-saved (e.g. MobileNetV2's, published in 2019) use the legacy stream.
 
 Formats this reader does not know (the tar format of torch < 0.4, TorchScript
-archives) raise ``UnsupportedFormatError``; a caller may hand those to
-``torch.load`` when torch is installed.
+archives) raise ``UnsupportedFormatError``, with what to do instead:
+``torch.load(weights_only=True)`` refuses both too (tested with the pinned
+torch), so handing them to torch would need ``weights_only=False``, which runs
+code from the file.
 """
 
 import collections
@@ -50,7 +52,7 @@ class ArchiveError(ValueError):
 
 
 class UnsupportedFormatError(ArchiveError):
-  """A torch format this reader does not know; torch itself may read it."""
+  """A torch format this reader does not know, nor torch's safe loader."""
 
 
 # torch's typed storages, by the class name torch.save pickles.
@@ -290,7 +292,8 @@ def _load_zip(archive, budget):
   names = archive.namelist()
   if any(n.endswith('/constants.pkl') or '/code/' in n for n in names):
     raise UnsupportedFormatError(
-        'a TorchScript archive (torch.jit.save), not a state_dict')
+        'a TorchScript archive (torch.jit.save), not a state_dict; save the '
+        "module's state_dict() with torch.save, or as .safetensors")
   pickles = [n for n in names if n.count('/') == 1 and
              n.endswith('/data.pkl')]
   if len(pickles) != 1:
@@ -408,7 +411,7 @@ def load(path):
   Raises:
     FileNotFoundError: no such file.
     UnsupportedFormatError: a format this reader does not know (legacy tar,
-      TorchScript); ``torch.load`` may read it.
+      TorchScript); the message says how to re-save it.
     ArchiveError: anything else wrong: a global other than those a state_dict
       needs, a truncated or malformed archive, a tensor outside its storage.
       The message is one line and names the file.
@@ -421,8 +424,10 @@ def load(path):
         return _load_zip(archive, budget)
     if tarfile.is_tarfile(path):
       raise UnsupportedFormatError(
-          'the tar format of torch < 0.4; re-save it with a current torch '
-          '(load it with torch.load(f, weights_only=True), then torch.save)')
+          'the tar format of torch < 0.4, which neither this reader nor '
+          'torch.load(weights_only=True) reads; if you trust the file, '
+          're-save it with torch.save(torch.load(f, weights_only=False)) '
+          'or as .safetensors')
     with open(path, 'rb') as f:
       return _load_legacy(f, os.fstat(f.fileno()).st_size, budget)
   except ArchiveError as e:

@@ -245,7 +245,6 @@ def test_wrong_model_lists_problems():
     conversion.plan_conversion('resnet18', _shapes('resnet50'))
 
 
-
 # --- Values that cannot be trusted ------------------------------------------
 
 

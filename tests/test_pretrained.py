@@ -11,7 +11,7 @@ tests write them with test_torch_archive's torch-free writer.
 
 The parity tests against torch and torchvision themselves (the networks'
 outputs, and torch.load's arrays against the torch-free reader's) need torch
-and torchvision, which are optional (a ~5.5 GB CUDA build; it also runs on
+and torchvision, which are optional (a ~5.4 GB CUDA build; it also runs on
 CPU). They are skipped without them. `make test-torch` installs them into
 .venv-torch and runs this file there (`ARGS='-k parity'` runs only the
 comparisons).
@@ -137,10 +137,11 @@ def test_pth_without_torch_is_one_line(tmp_path, monkeypatch):
                      match='neither a zip archive') as e:
     pretrained.load_torchvision('resnet18', path)
   assert '\n' not in str(e.value)
-  # A format only torch reads (torch < 0.4's tar): torch is named.
+  # A format the reader does not know (torch < 0.4's tar): how to re-save it.
   with tarfile.open(path, 'w') as archive:
     archive.addfile(tarfile.TarInfo('pickle'))
-  with pytest.raises(ImportError, match='tar format.*needs torch') as e:
+  with pytest.raises(torch_archive.UnsupportedFormatError,
+                     match=r'r\.pth: the tar format .*re-save it') as e:
     pretrained.load_torchvision('resnet18', path)
   assert '\n' not in str(e.value)
 
@@ -190,6 +191,18 @@ def test_published_resnet50_without_torch(tmp_path, monkeypatch):
 
 
 # --- Values that cannot be trusted ------------------------------------------
+
+
+def test_state_dict_file_values_are_checked(tmp_path):
+  """A torchvision-key file (float64 here) goes through the value checks."""
+  state = test_conversion.state_dict('small_resnet')
+  state['fc.bias'] = state['fc.bias'].astype(np.float64)
+  state['fc.bias'][2] = np.inf
+  path = tmp_path / 'bad.safetensors'
+  safetensors.numpy.save_file(state, str(path))
+  with pytest.raises(conversion.ConversionError,
+                     match=r'^1 problem.*fc\.bias has 1 NaN/Inf'):
+    pretrained.load_torchvision('small_resnet', path)
 
 
 def test_converted_file_values_are_checked(tmp_path):

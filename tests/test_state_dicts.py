@@ -1,6 +1,7 @@
 """dtq_jax.state_dicts: state_dict files read as NumPy, bad files named."""
 
 import collections
+import zipfile
 
 import numpy as np
 import pytest
@@ -63,60 +64,30 @@ def test_missing_unknown_and_damaged_files_are_named(tmp_path):
     state_dicts.read(str(damaged))
 
 
-def _only_torch_reads(monkeypatch):
-  """Makes every .pth a format ``torch_archive`` leaves to torch."""
-  def load(path):
-    raise state_dicts.torch_archive.UnsupportedFormatError(
-        f'{path} is in a format this reader does not know')
-  monkeypatch.setattr(state_dicts.torch_archive, 'load', load)
 
+def test_torch_script_archives_are_refused_with_advice(tmp_path):
+  """The formats the reader leaves out are ones torch's safe loader refuses.
 
-def test_formats_only_torch_reads_go_through_torch_load(tmp_path,
-                                                        monkeypatch):
-  torch = pytest.importorskip('torch')  # make test-torch runs this
-  state = collections.OrderedDict([
-      ('conv1.weight', torch.arange(24, dtype=torch.float32).reshape(
-          2, 3, 2, 2)),
-      ('fc.weight', torch.tensor([[0.5, -1.25]], dtype=torch.bfloat16)),
-      ('bn1.num_batches_tracked', torch.tensor(7))])
-  path = str(tmp_path / 'w.pth')
-  torch.save(state, path)
-  _only_torch_reads(monkeypatch)
-  read = state_dicts.read(path)
-  assert list(read) == list(state)
-  np.testing.assert_array_equal(read['conv1.weight'],
-                                np.arange(24, dtype=np.float32).reshape(
-                                    2, 3, 2, 2))
-  # NumPy has no bfloat16: such tensors come back as float32, exactly.
-  assert read['fc.weight'].dtype == np.float32
-  np.testing.assert_array_equal(read['fc.weight'], [[0.5, -1.25]])
-  assert read['bn1.num_batches_tracked'].dtype == np.int64
-  assert read['bn1.num_batches_tracked'] == 7
-
-
-class _Unsafe:
-  """A class of the test's own: weights_only refuses to build it."""
-
-
-def test_torch_load_runs_no_code_and_its_refusal_is_one_line(tmp_path,
-                                                            monkeypatch):
-  torch = pytest.importorskip('torch')
-  path = str(tmp_path / 'w.pth')
-  # An object outside weights_only's allowed types: unpickling it would run
-  # its class's code.
-  torch.save({'conv1.weight': torch.zeros(2), 'extra': _Unsafe()}, path)
-  _only_torch_reads(monkeypatch)
-  with pytest.raises(state_dicts.CheckpointError,
-                     match=r'w\.pth: torch\.load refused it: it holds '
-                     r'test_state_dicts\._Unsafe, not only tensors') as e:
-    state_dicts.read(path)
-  assert '\n' not in str(e.value)
-  # A damaged file torch cannot read is one line too.
-  with open(path, 'rb') as f:
-    head = f.read(300)
-  with open(path, 'wb') as f:
-    f.write(head)
-  with pytest.raises(state_dicts.CheckpointError,
-                     match=r'w\.pth: torch\.load could not read it') as e:
+  Without torch, an archive laid out as ``torch.jit.save`` writes it; with
+  torch (make test-torch), a real one, which ``torch.load(weights_only=True)``
+  refuses as well.
+  """
+  path = str(tmp_path / 'script.pt')
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    torch = None
+  if torch is None:
+    with zipfile.ZipFile(path, 'w') as archive:
+      archive.writestr('script/data.pkl', b'')
+      archive.writestr('script/constants.pkl', b'')
+      archive.writestr('script/code/__torch__.py', b'')
+  else:
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 3)), path)
+    with pytest.raises(RuntimeError, match='weights_only'):
+      torch.load(path, weights_only=True)
+  with pytest.raises(state_dicts.torch_archive.UnsupportedFormatError,
+                     match=r'script\.pt: a TorchScript archive .*state_dict'
+                     r'\(\) with torch\.save, or as \.safetensors') as e:
     state_dicts.read(path)
   assert '\n' not in str(e.value)

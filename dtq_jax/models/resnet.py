@@ -2,7 +2,7 @@
 
 Module names follow torchvision's state_dict keys with '.' written as '_'
 (``layer1.0.conv1.weight`` is ``params['layer1_0']['conv1']['kernel']``), so
-converting pretrained weights is a table of name rules (see pretrained.py).
+converting pretrained weights is a table of name rules (see conversion.py).
 Padding is explicit and symmetric as in PyTorch, so outputs match torchvision
 number for number.
 
