@@ -32,6 +32,7 @@ from dtq_jax import config_validation
 from dtq_jax import distributed
 from dtq_jax import errors
 from dtq_jax import files
+from dtq_jax import run_result
 from dtq_jax import train
 
 # Found next to this file, so that main.py runs from any directory.
@@ -272,7 +273,7 @@ def main(argv):
     print(f'error: cannot write the run in {workdir}: {e}',
           file=_silence_stderr(), flush=True)
     sys.exit(2)
-  except train.NonFiniteLossError as e:
+  except run_result.NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   except train.Interrupted as e:

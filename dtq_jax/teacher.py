@@ -27,6 +27,7 @@ from dtq_jax import files
 from dtq_jax import locks
 from dtq_jax import networks
 from dtq_jax import pretrained
+from dtq_jax import run_result
 from dtq_jax import saved_configs
 from dtq_jax import train
 from dtq_jax.models import create_model
@@ -184,7 +185,7 @@ def train_source_teacher(config, data):
   params = dict(restored['params']['backbone'])
   params[model.classifier_name] = restored['params']['head']['fc']
   variables = {'params': params, 'batch_stats': restored['batch_stats']}
-  accuracy = train.read_result(result_path)['final_test_accuracy']
+  accuracy = run_result.read(result_path)['final_test_accuracy']
   print(f'Teacher: source-test accuracy {accuracy:.2f}% ({root}).')
   return variables
 

@@ -8,7 +8,6 @@ and checkpoint points, so it never waits for the device between them.
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import threading
@@ -23,17 +22,9 @@ from tqdm import tqdm
 from dtq_jax import checkpoints
 from dtq_jax import files
 from dtq_jax import networks
+from dtq_jax import run_result
 from dtq_jax import runtime as runtime_lib
 from dtq_jax import step as step_lib
-
-
-
-class NonFiniteLossError(RuntimeError):
-  """A loss term or the gradient became NaN or infinite.
-
-  Also raised (after result.json is written) when more than
-  ``config.max_nonfinite_fraction`` of a run's updates were skipped.
-  """
 
 
 class Interrupted(Exception):
@@ -149,93 +140,6 @@ def evaluate(eval_step, params, batch_stats, split, config, data, runtime,
           'loss': float(totals['loss']) / count, 'count': int(totals['count'])}
 
 
-def _first_nonfinite(history):
-  """``(step, [names])`` of the first step whose loss or gradient was not
-  finite, or None."""
-  for step, m in history:
-    if not m['finite']:
-      bad = [k for k, v in m.items()
-             if k.startswith('loss_') and not np.isfinite(v)]
-      if not np.isfinite(m['grad_norm']) and not bad:
-        bad = ['gradient']
-      return step, bad or ['loss']
-  return None
-
-
-def _result(meta, seed, steps, nonfinite_steps):
-  """Final and best test accuracy of one run from its evaluation history."""
-  history = meta['history']
-  tests = [r['test']['accuracy'] for r in history]
-  best = int(np.argmax(tests))
-  result = {
-      'seed': seed,
-      'steps': steps,
-      'evaluations': len(history),
-      'final_test_accuracy': tests[-1],
-      'best_test_accuracy': tests[best],
-      'best_epoch': history[best]['epoch'],
-      'wall_time_s': meta['wall_time_s'],
-      'nonfinite_steps': nonfinite_steps,
-      'history': history,
-  }
-  if 'test_dynamic' in history[-1]:
-    result['final_test_accuracy_dynamic'] = history[-1]['test_dynamic'][
-        'accuracy']
-  if 'val' in history[-1]:
-    vals = [r['val']['accuracy'] for r in history]
-    result['test_accuracy_at_best_val'] = tests[int(np.argmax(vals))]
-  return result
-
-
-def read_result(path):
-  """A run's ``result.json``; files written before the rename read the same.
-
-  Args:
-    path: the file.
-
-  Returns:
-    The result dict (``evaluations`` counts the evaluations; older files
-    called it ``epochs``).
-  """
-  with open(path) as f:
-    result = json.load(f)
-  if 'epochs' in result and 'evaluations' not in result:
-    result['evaluations'] = result.pop('epochs')
-  return result
-
-
-def _rerun_advice(lr_field, new_workdir):
-  return (f'Run again with a lower --config.{lr_field}, or with '
-          '--config.on_nonfinite=skip and a higher '
-          '--config.max_nonfinite_fraction' +
-          (', in a new --workdir.' if new_workdir else '.'))
-
-
-def check_skipped_steps(config, result, workdir, lr_field='optim.lr',
-                        new_workdir=True):
-  """Fails a run that skipped more than ``max_nonfinite_fraction`` of its
-  updates (``on_nonfinite='skip'``): its accuracy is not a trained model's.
-
-  Args:
-    config: the run config.
-    result: the run's result dict.
-    workdir: the run folder (for the message).
-    lr_field: the config field of the learning rate, for the advice.
-    new_workdir: whether a rerun with other settings needs a new workdir.
-
-  Raises:
-    NonFiniteLossError: too many skipped steps.
-  """
-  skipped, steps = result.get('nonfinite_steps', 0), result.get('steps', 0)
-  limit = config.max_nonfinite_fraction
-  if steps and skipped > limit * steps:
-    raise NonFiniteLossError(
-        f'{skipped} of the {steps} updates of {workdir} were skipped (a '
-        f'non-finite loss or gradient), more than '
-        f'config.max_nonfinite_fraction={limit}; its result.json is kept, '
-        f'but the run failed. {_rerun_advice(lr_field, new_workdir)}')
-
-
 class _Run:
   """One run's state, steps, logs and checkpoints, as the loop uses them.
 
@@ -330,13 +234,13 @@ class _Run:
   def fetch_checked(self, pending):
     """Fetches pending step metrics; stops at a non-finite loss if asked."""
     history = [(s, jax.device_get(m)) for s, m in pending]
-    bad = _first_nonfinite(history)
+    bad = run_result.first_nonfinite(history)
     if bad is not None and self.config.on_nonfinite == 'stop':
       saved = self.latest.latest_step()
       kept = (f'the checkpoint of step {saved} in {self.workdir}/'
               f'{checkpoints.LATEST} is from before it' if saved is not None
               else 'no checkpoint was written before it')
-      raise NonFiniteLossError(
+      raise run_result.NonFiniteLossError(
           f'non-finite {", ".join(bad[1])} at step {bad[0]}; {kept}. '
           f'{self.advice}')
     if bad is not None:
@@ -412,8 +316,8 @@ class _Run:
       checkpoints.check(mngr)
 
   def result(self):
-    return _result(self.meta, self.seed, int(self.state.step),
-                   self.nonfinite_steps())
+    return run_result.build(self.meta, self.seed, int(self.state.step),
+                            self.nonfinite_steps())
 
 
 def restart_clock(bar):
@@ -448,9 +352,10 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
     The run's result dict (also written to ``workdir/result.json``).
 
   Raises:
-    NonFiniteLossError: a loss became non-finite and ``config.on_nonfinite``
-      is 'stop'; or more than ``config.max_nonfinite_fraction`` of the updates
-      were skipped (after result.json is written).
+    run_result.NonFiniteLossError: a loss became non-finite and
+      ``config.on_nonfinite`` is 'stop'; or more than
+      ``config.max_nonfinite_fraction`` of the updates were skipped (after
+      result.json is written).
     Interrupted: SIGTERM/SIGINT; the current step was checkpointed.
     OSError: a checkpoint or file could not be written.
   """
@@ -459,15 +364,16 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
   os.makedirs(workdir, exist_ok=True)
   result_path = os.path.join(workdir, files.RESULT)
   if os.path.exists(result_path):
-    result = read_result(result_path)
-    check_skipped_steps(config, result, workdir, lr_field, new_workdir)
+    result = run_result.read(result_path)
+    run_result.check_skipped_steps(config, result, workdir, lr_field,
+                                   new_workdir)
     return result
   if jax.process_index() == 0:
     # What a writer killed mid-write left (the run's own files only; orbax
     # cleans its checkpoint folders itself).
     files.remove_stale_temporaries(workdir)
   run = _Run(config, workdir, seed, data, teacher, delta_weights,
-             _rerun_advice(lr_field, new_workdir))
+             run_result.rerun_advice(lr_field, new_workdir))
   start_step = run.restore()
   batches = run.train_batches(start_step)
   run.open_logs(start_step)
@@ -521,5 +427,6 @@ def train_and_evaluate(config, workdir, seed, data, teacher,
   result = run.result()
   if run.runtime.is_main:
     files.write_json(result_path, result)
-  check_skipped_steps(config, result, workdir, lr_field, new_workdir)
+  run_result.check_skipped_steps(config, result, workdir, lr_field,
+                                 new_workdir)
   return result

@@ -30,6 +30,7 @@ from dtq_jax import datasets
 from dtq_jax import errors
 from dtq_jax import experiment
 from dtq_jax import files
+from dtq_jax import run_result
 from dtq_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +97,7 @@ def resumed(tiny_folder, tmp_path_factory):
 
 
 def _result(workdir):
-  return train.read_result(os.path.join(workdir, 'seed_1', files.RESULT))
+  return run_result.read(os.path.join(workdir, 'seed_1', files.RESULT))
 
 
 def test_wall_time_adds_up_over_resumed_invocations(resumed):
@@ -127,7 +128,7 @@ def test_result_counts_evaluations_and_reads_old_files(resumed, tmp_path):
   old = dict(result)
   old['epochs'] = old.pop('evaluations')
   files.write_json(tmp_path / 'result.json', old)
-  assert train.read_result(tmp_path / 'result.json') == result
+  assert run_result.read(tmp_path / 'result.json') == result
 
 
 def test_summary_counts_skipped_steps_and_one_seed_shows_no_spread(resumed):
@@ -218,7 +219,7 @@ def test_run_that_skipped_most_updates_fails_and_keeps_its_result(
     tiny_folder, tmp_path):
   config = _config(tiny_folder, **{'optim.lr': 1e30, 'on_nonfinite': 'skip'})
   workdir = str(tmp_path / 'run')
-  with pytest.raises(train.NonFiniteLossError) as e:
+  with pytest.raises(run_result.NonFiniteLossError) as e:
     experiment.run(config, workdir)
   assert 'max_nonfinite_fraction=0.1' in str(e.value)
   result = _result(workdir)
@@ -227,7 +228,7 @@ def test_run_that_skipped_most_updates_fails_and_keeps_its_result(
   # A rerun fails the same way, without training again.
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(train, '_Run', _must_not_be_called)
-    with pytest.raises(train.NonFiniteLossError):
+    with pytest.raises(run_result.NonFiniteLossError):
       experiment.run(config, workdir)
 
 

@@ -27,6 +27,7 @@ from dtq_jax import config_validation
 from dtq_jax import datasets
 from dtq_jax import errors
 from dtq_jax import files
+from dtq_jax import run_result
 from dtq_jax import teacher as teacher_lib
 from dtq_jax import train
 
@@ -167,7 +168,7 @@ def test_damaged_cached_teacher_falls_back_or_names_the_folder(
 def test_nonfinite_teacher_names_its_own_learning_rate(tiny_folder, tmp_path):
   config, data = _teacher_setup(tiny_folder, tmp_path / 'cache')
   config.pretrain.optim.lr = 1e30
-  with pytest.raises(train.NonFiniteLossError) as e:
+  with pytest.raises(run_result.NonFiniteLossError) as e:
     teacher_lib.train_source_teacher(config, data)
   message = str(e.value)
   assert '--config.pretrain.optim.lr' in message
