@@ -425,9 +425,9 @@ def load(path):
     if tarfile.is_tarfile(path):
       raise UnsupportedFormatError(
           'the tar format of torch < 0.4, which neither this reader nor '
-          'torch.load(weights_only=True) reads; if you trust the file, '
-          're-save it with torch.save(torch.load(f, weights_only=False)) '
-          'or as .safetensors')
+          "torch's weights-only loader reads; if you trust the file, load "
+          'it in torch and save its state_dict again with torch.save, or as '
+          '.safetensors')
     with open(path, 'rb') as f:
       return _load_legacy(f, os.fstat(f.fileno()).st_size, budget)
   except ArchiveError as e:

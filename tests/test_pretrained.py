@@ -141,7 +141,8 @@ def test_pth_without_torch_is_one_line(tmp_path, monkeypatch):
   with tarfile.open(path, 'w') as archive:
     archive.addfile(tarfile.TarInfo('pickle'))
   with pytest.raises(torch_archive.UnsupportedFormatError,
-                     match=r'r\.pth: the tar format .*re-save it') as e:
+                     match=r'r\.pth: the tar format .*save its state_dict '
+                     r'again') as e:
     pretrained.load_torchvision('resnet18', path)
   assert '\n' not in str(e.value)
 
