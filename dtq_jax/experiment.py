@@ -229,7 +229,7 @@ def run_single(config, workdir, data=None, teacher=None):
     ConfigError: the workdir holds a run (finished or not) with another
       config.
     UserError: the workdir cannot be written, or another process runs in it.
-    NonFiniteLossError: see ``train.train_and_evaluate``.
+    run_result.NonFiniteLossError: see ``train.train_and_evaluate``.
   """
   summary = _finished_summary(config, workdir)
   if summary is not None:

@@ -3,7 +3,9 @@
 ``build`` turns a finished run's evaluation history into the result dict the
 loop writes (final and best test accuracy, the skipped updates); ``read``
 reads one back; ``check_skipped_steps`` fails a run that skipped too many
-updates for its accuracy to be a trained model's.
+updates for its accuracy to be a trained model's. The loop also uses
+``first_nonfinite`` and ``NonFiniteLossError`` (with ``rerun_advice``) to stop
+at a non-finite loss, the other way such a run ends.
 """
 
 import json
@@ -91,7 +93,15 @@ def read(path):
 
 
 def rerun_advice(lr_field, new_workdir):
-  """What to change for a rerun after non-finite losses."""
+  """What to change for a rerun after non-finite losses.
+
+  Args:
+    lr_field: the config field of the learning rate.
+    new_workdir: whether a rerun with other settings needs a new workdir.
+
+  Returns:
+    One sentence of advice for the end of an error message.
+  """
   return (f'Run again with a lower --config.{lr_field}, or with '
           '--config.on_nonfinite=skip and a higher '
           '--config.max_nonfinite_fraction' +
@@ -100,8 +110,10 @@ def rerun_advice(lr_field, new_workdir):
 
 def check_skipped_steps(config, result, workdir, lr_field='optim.lr',
                         new_workdir=True):
-  """Fails a run that skipped more than ``max_nonfinite_fraction`` of its
-  updates (``on_nonfinite='skip'``): its accuracy is not a trained model's.
+  """Fails a run that skipped too many updates to count as trained.
+
+  More than ``config.max_nonfinite_fraction`` of its updates skipped
+  (``on_nonfinite='skip'``): its accuracy is not a trained model's.
 
   Args:
     config: the run config.

@@ -426,8 +426,8 @@ def load(path):
       raise UnsupportedFormatError(
           'the tar format of torch < 0.4, which neither this reader nor '
           "torch's weights-only loader reads; if you trust the file, load "
-          'it in torch and save its state_dict again with torch.save, or as '
-          '.safetensors')
+          'it in torch with that restriction off and save its state_dict '
+          'again with torch.save, or as .safetensors')
     with open(path, 'rb') as f:
       return _load_legacy(f, os.fstat(f.fileno()).st_size, budget)
   except ArchiveError as e:

@@ -22,17 +22,19 @@ def _history(tests, vals=None, dynamic=None):
 
 
 def test_build_takes_final_and_best_and_the_test_at_the_best_val():
-  meta = {'history': _history([50.0, 70.0, 60.0], vals=[40.0, 35.0, 45.0],
-                              dynamic=[49.0, 69.0, 61.5]),
-          'wall_time_s': 12.5, 'best_accuracy': 70.0}
-  result = run_result.build(meta, seed=3, steps=30, nonfinite_steps=1)
-  assert result['seed'] == 3 and result['steps'] == 30
-  assert result['evaluations'] == 3
-  assert result['final_test_accuracy'] == 60.0
+  meta = {'history': _history([50.0, 70.0, 60.0, 55.0],
+                              vals=[40.0, 35.0, 45.0, 42.0],
+                              dynamic=[49.0, 69.0, 61.5, 54.0]),
+          'wall_time_s': 12.5}
+  result = run_result.build(meta, seed=3, steps=40, nonfinite_steps=1)
+  assert result['seed'] == 3 and result['steps'] == 40
+  assert result['evaluations'] == 4
+  assert result['final_test_accuracy'] == 55.0
   assert result['best_test_accuracy'] == 70.0 and result['best_epoch'] == 4
-  # Selected by validation accuracy (epoch 6), not by the test set.
+  # Selected by validation accuracy (the third evaluation), neither the
+  # best test accuracy nor the last.
   assert result['test_accuracy_at_best_val'] == 60.0
-  assert result['final_test_accuracy_dynamic'] == 61.5
+  assert result['final_test_accuracy_dynamic'] == 54.0
   assert result['nonfinite_steps'] == 1 and result['wall_time_s'] == 12.5
   assert result['history'] is meta['history']
 
@@ -70,11 +72,16 @@ def test_first_nonfinite_names_the_terms_or_the_gradient():
           7, ['loss'])
 
 
-@pytest.mark.parametrize('skipped,fails', [(0, False), (10, False),
-                                           (11, True), (100, True)])
-def test_check_skipped_steps_fails_above_the_fraction(skipped, fails):
+@pytest.mark.parametrize('skipped,steps,fails', [
+    (0, 100, False), (10, 100, False), (11, 100, True), (100, 100, True),
+    (None, 100, False),  # a result without the field (older runs)
+    (3, 0, False),  # no step recorded: nothing to compare with
+])
+def test_check_skipped_steps_fails_above_the_fraction(skipped, steps, fails):
   config = ml_collections.ConfigDict({'max_nonfinite_fraction': 0.1})
-  result = {'nonfinite_steps': skipped, 'steps': 100}
+  result = {'steps': steps}
+  if skipped is not None:
+    result['nonfinite_steps'] = skipped
   if not fails:
     run_result.check_skipped_steps(config, result, '/runs/a')
     return
