@@ -29,7 +29,6 @@ The ``.dtq`` file format (and the manifest's fields) is ``dtq_format.py``'s.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -64,8 +63,7 @@ def load_config(workdir):
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: --workdir must be the folder '
                             'of one method (with config.json and seed_N/).')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(files.read_json(path))
 
 
 def seed_dirs(workdir):

@@ -8,9 +8,9 @@ updates for its accuracy to be a trained model's. The loop also uses
 at a non-finite loss, the other way such a run ends.
 """
 
-import json
-
 import numpy as np
+
+from dtq_jax import files
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,8 +85,7 @@ def read(path):
     The result dict (``evaluations`` counts the evaluations; older files
     called it ``epochs``).
   """
-  with open(path) as f:
-    result = json.load(f)
+  result = files.read_json(path)
   if 'epochs' in result and 'evaluations' not in result:
     result['evaluations'] = result.pop('epochs')
   return result
