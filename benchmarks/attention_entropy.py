@@ -19,11 +19,9 @@ step, one panel per split and map, one colour per variant, every seed.
 import argparse
 import math
 import os
-import re
 import sys
 
 from matplotlib.figure import Figure
-import numpy as np
 
 import bench_util
 
@@ -34,8 +32,6 @@ from dtq_jax import errors
 from dtq_jax import files
 from dtq_jax import plot
 
-_CELL = re.compile(
-    r'(?P<variant>dtq[\w.-]*)-(?P<bits>\d+)bit-(?P<shots>\d+)shots$')
 _ENTROPY = 'train/attention_entropy_{}'
 DEFAULT_SPLITS = ('in_domain=runs/compare_fmnist_in_domain_shots',
                   'out_of_domain=runs/compare_fmnist_out_of_domain_shots')
@@ -62,8 +58,9 @@ def read_cells(workdir, shots, bits=4):
                            'benchmarks/compare.py\'s --workdir)')
   cells = {}
   for name in sorted(os.listdir(workdir)):
-    m = _CELL.match(name)
-    if m and int(m['shots']) == shots and int(m['bits']) == bits:
+    m = bench_util.CELL_NAME.match(name)
+    if (m and m['variant'].startswith('dtq') and m['shots'] and
+        int(m['shots']) == shots and int(m['bits']) == bits):
       cell = os.path.join(workdir, name)
       seeds = [(seed, records) for seed, records in plot.seed_records(cell)
                if records and os.path.isfile(
@@ -79,9 +76,9 @@ def read_cells(workdir, shots, bits=4):
 
 def num_maps(cells):
   """How many attention maps the runs log (``train/attention_entropy_k``)."""
-  keys = {k for seeds in cells.values() for _, records in seeds
-          for r in records for k in r}
-  return sum(1 for k in range(64) if _ENTROPY.format(k) in keys)
+  return plot.num_entropy_maps({k for seeds in cells.values()
+                                for _, records in seeds for r in records
+                                for k in r})
 
 
 def _with_key(records, key):
@@ -107,25 +104,16 @@ def seed_row(records, maps):
       accuracy=tests[-1]['test/accuracy'] if tests else None)
 
 
-def _mean_std(values, digits=2):
-  values = [v for v in values if v is not None]
-  if not values:
-    return '-'
-  if len(values) == 1:
-    return f'{values[0]:.{digits}f}'
-  return f'{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}'
-
-
-def split_table(cells):
+def split_table(cells, maps):
   """The Markdown table of one split's cells.
 
   Args:
     cells: ``read_cells``'s dict.
+    maps: ``num_maps(cells)``.
 
   Returns:
     The table's lines.
   """
-  maps = num_maps(cells)
   header = (['variant', 'seeds', 'final test acc. (%)'] +
             [f'H map {k}: first / end' for k in range(maps)] +
             ['AFA / CE at the first log'])
@@ -134,15 +122,16 @@ def split_table(cells):
   for variant, seeds in cells.items():
     rows = [seed_row(records, maps) for _, records in seeds]
     steps = sorted({r['first_step'] for r in rows if r['first_step']})
-    entropies = [
-        f'{_mean_std([r["first"][k] for r in rows])} / '
-        f'{_mean_std([r["last"][k] for r in rows])}' for k in range(maps)]
+    mean_std = bench_util.mean_std
+    entropies = [f'{mean_std([r["first"][k] for r in rows])} / '
+                 f'{mean_std([r["last"][k] for r in rows])}'
+                 for k in range(maps)]
     at = f' (step {steps[0]})' if len(steps) == 1 else ''
-    losses = (f'{_mean_std([r["afa"] for r in rows], 3)} / '
-              f'{_mean_std([r["ce"] for r in rows], 3)}{at}')
+    losses = (f'{mean_std([r["afa"] for r in rows], 3)} / '
+              f'{mean_std([r["ce"] for r in rows], 3)}{at}')
     lines.append(
         f'| {variant} | {len(rows)} | '
-        f'{_mean_std([r["accuracy"] for r in rows])} | '
+        f'{mean_std([r["accuracy"] for r in rows])} | '
         + ' | '.join(entropies) + f' | {losses} |')
   return lines
 
@@ -166,7 +155,7 @@ def diverging_table(path):
   records = _with_key(plot.read_metrics(metrics), 'train/loss_ce')
   if not records:
     raise errors.UserError(f'--diverging_run {path}: no training records')
-  maps = sum(1 for k in range(64) if _ENTROPY.format(k) in records[0])
+  maps = plot.num_entropy_maps(records[0])
   header = ['step', 'AFA', 'CE', 'KL'] + [f'H map {k}' for k in range(maps)]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for r in records:
@@ -245,7 +234,7 @@ def report(splits, shots, bits, command, diverging=None, diverging_command='',
     if any(widths):
       lines += ['Uniform: ' + ', '.join(
           f'map {k} {w}' for k, w in enumerate(widths) if w) + '.', '']
-    lines += split_table(cells) + ['']
+    lines += split_table(cells, maps) + ['']
   if diverging:
     lines += [f'## Diverging run (`{diverging}`)', '']
     if diverging_command:

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -262,6 +263,30 @@ def fmt(value, digits=3):
       return f'{value:.1f}'
     return f'{value:.{digits}g}'
   return str(value)
+
+
+def mean_std(values, digits=2):
+  """``'mean ± std'`` (population std) of the values that are not None.
+
+  One value is shown alone, none as '-'.
+  """
+  values = [v for v in values if v is not None]
+  if not values:
+    return '-'
+  if len(values) == 1:
+    return f'{values[0]:.{digits}f}'
+  return (f'{statistics.fmean(values):.{digits}f} ± '
+          f'{statistics.pstdev(values):.{digits}f}')
+
+
+# compare.py's cell folders: <variant>-<bits>bit[-<shots>shots].
+CELL_NAME = re.compile(
+    r'(?P<variant>[\w.-]+?)-(?P<bits>\d+)bit(?:-(?P<shots>\d+)shots)?$')
+
+
+def cell_name(variant, bits, shots=None):
+  """The folder name of one compare.py cell (``CELL_NAME`` reads it back)."""
+  return f'{variant}-{bits}bit' + (f'-{shots}shots' if shots else '')
 
 
 def markdown_table(rows, columns):

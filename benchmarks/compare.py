@@ -255,8 +255,7 @@ def _run_cells(base, sweep, methods, bits, name, workdir, out):
     for variant in methods:
       # Full precision does not depend on the bit width: one row.
       for b in ([32] if variant == 'fp' else bits):
-        folder = os.path.join(workdir, f'{variant}-{b}bit' +
-                              (f'-{shots}shots' if shots else ''))
+        folder = os.path.join(workdir, bench_util.cell_name(variant, b, shots))
         cells.append((variant, b, shots, cell_config(base, variant, b, shots),
                       folder))
   # A cell run with other settings refuses the sweep before anything loads

@@ -28,7 +28,6 @@ be measured by separate processes: --methods=ft, --methods=dtq, then all).
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
@@ -151,18 +150,12 @@ def measure_once(workdir, seed, source, data, exports, measurements):
   path = os.path.join(measurements, f'{os.path.basename(workdir)}-seed{seed}-'
                       f'{source}.json')
   if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
+    stored = files.read_json(path)
     if stored.get('run_result_sha256') == run_sha256:
       return stored['record'], True
   record = measure(workdir, seed, source, data, exports)
   files.write_json(path, dict(run_result_sha256=run_sha256, record=record))
   return record, False
-
-
-def mean_std(rows, key):
-  values = np.array([r[key] for r in rows])
-  return f'{values.mean():.2f} ± {values.std():.2f}'
 
 
 def summary_table(records, methods):
@@ -175,12 +168,12 @@ def summary_table(records, methods):
     for source in RANGE_SOURCES:
       rows = [r for r in records
               if r['method'] == method and r['ranges'] == source]
+      cell = lambda key: bench_util.mean_std([r[key] for r in rows])
       lines.append(
-          f'| {method} | {source} | {mean_std(rows, "dynamic")} | '
-          f'{mean_std(rows, "static")} | {mean_std(rows, "integer")} | '
+          f'| {method} | {source} | {cell("dynamic")} | {cell("static")} | '
+          f'{cell("integer")} | '
           f'{min(r["same_top1_int_vs_static"] for r in rows):.2f} (min) | '
-          f'{mean_std(rows, "same_top1_static_vs_dynamic")} | '
-          f'{mean_std(rows, "onnx")} | '
+          f'{cell("same_top1_static_vs_dynamic")} | {cell("onnx")} | '
           f'{min(r["same_top1_onnx_vs_static"] for r in rows):.2f} (min) | '
           f'{max(r["abs_accuracy_diff_onnx_vs_static"] for r in rows):.2f} |')
   return '\n'.join(lines)

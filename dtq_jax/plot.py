@@ -30,7 +30,8 @@ DEFAULT_NAME = 'curves.png'
 # Small enough that the committed figures stay a few tens of KB.
 DPI = 90
 _SEED_DIR = re.compile(r'seed_(\d+)$')
-_ENTROPY = re.compile(r'train/attention_entropy_(\d+)$')
+# The step's attention entropy of map k, as the loop logs it.
+ENTROPY_KEY = re.compile(r'train/attention_entropy_(\d+)$')
 
 
 def read_metrics(path):
@@ -113,9 +114,22 @@ def _keys(runs, wanted):
   """The metric keys ``wanted(key)`` accepts, over all runs, sorted."""
   keys = {k for seeds in runs.values() for _, records in seeds
           for r in records for k in r if wanted(k)}
-  entropy = lambda k: int(_ENTROPY.match(k).group(1)) if _ENTROPY.match(
+  entropy = lambda k: int(ENTROPY_KEY.match(k).group(1)) if ENTROPY_KEY.match(
       k) else -1
   return sorted(keys, key=lambda k: (entropy(k), k))
+
+
+def num_entropy_maps(keys):
+  """How many attention maps metric ``keys`` log (``ENTROPY_KEY``), or 0.
+
+  Args:
+    keys: metric names (e.g. a record's keys).
+
+  Returns:
+    One more than the highest map index among them.
+  """
+  found = [int(m.group(1)) for k in keys if (m := ENTROPY_KEY.match(k))]
+  return max(found) + 1 if found else 0
 
 
 def _is_loss(key):
@@ -145,7 +159,7 @@ def run_figure(runs, title=None):
   """
   panels = [('loss', _keys(runs, _is_loss)),
             ('accuracy (%)', _keys(runs, _is_accuracy))]
-  entropy = _keys(runs, _ENTROPY.match)
+  entropy = _keys(runs, ENTROPY_KEY.match)
   if entropy:
     panels.append(('attention entropy', entropy))
   fig = Figure(figsize=(4.2 * len(panels), 2.6 * len(runs) + 0.6),
