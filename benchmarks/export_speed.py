@@ -35,7 +35,6 @@ import jax
 import numpy as np
 import onnxruntime
 
-from dtq_jax import checkpoints
 from dtq_jax import datasets
 from dtq_jax import dtq_format
 from dtq_jax import export
@@ -86,15 +85,11 @@ def main(argv=None):
     _, exported = dtq_format.read(dtq_path)
 
   src = manifest['source']
-  state, _ = checkpoints.restore_state(
-      export.seed_dirs(args.workdir)[src['seed']], src['checkpoint'] == 'best')
-  params = state['params']
-  nets = networks.build_networks(
-      config, manifest['model']['num_classes'],
-      networks.num_source_classes({'params': params['backbone']}))
-  static_vars = {'params': params['backbone'],
-                 'batch_stats': state['batch_stats'],
-                 layers.RANGES: exported[layers.RANGES]['backbone']}
+  nets, variables, head, _, _ = export.restore_run(
+      config, export.seed_dirs(args.workdir)[src['seed']],
+      src['checkpoint'] == 'best')
+  static_vars = dict(variables,
+                     **{layers.RANGES: exported[layers.RANGES]['backbone']})
   static = networks.make_predict(
       static_ranges.with_act_ranges(nets.student, 'static'), nets.head)
 
@@ -110,7 +105,7 @@ def main(argv=None):
           [onnx_export.OUTPUT], {onnx_export.INPUT: x})[0],
       'JAX integer path (.dtq)': predict_int,
       'JAX float fake quant, static ranges': lambda x: static(
-          static_vars, params['head'], x),
+          static_vars, head, x),
   }
   first = {k: np.concatenate([np.asarray(fn(b)) for b in batches]).argmax(-1)
            for k, fn in paths.items()}

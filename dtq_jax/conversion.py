@@ -113,18 +113,6 @@ def _template(name):
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
-def model_template(name):
-  """Flax leaf shapes of ``create_model(name, num_classes=1000)``.
-
-  Args:
-    name: a model of ``models.MODEL_NAMES``.
-
-  Returns:
-    ``{(collection, *modules, leaf): shape}`` for 'params' and 'batch_stats'.
-  """
-  return dict(_template(name))
-
-
 def _module_index(template):
   """Maps '_'-joined Flax module paths to the module paths themselves."""
   index = {}

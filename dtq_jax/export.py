@@ -75,6 +75,32 @@ def seed_dirs(workdir):
   return dict(sorted(out.items()))
 
 
+def restore_run(config, seed_dir, best=False):
+  """A seed's checkpoint and the networks it was trained with.
+
+  Args:
+    config: the run's config (``load_config``).
+    seed_dir: its ``seed_N`` folder.
+    best: the best checkpoint instead of the newest.
+
+  Returns:
+    ``(nets, variables, head_params, state, step)``: the networks built for
+    the checkpoint's class counts, the student backbone's
+    ``{'params', 'batch_stats'}``, the target head's parameters, the whole
+    restored state (its other collections, e.g. activation ranges) and the
+    checkpoint's step.
+  """
+  state, step = checkpoints.restore_state(seed_dir, best)
+  params = state['params']
+  head = params['head']
+  nets = networks.build_networks(
+      config, int(np.asarray(head['fc']['kernel']).shape[-1]),
+      networks.num_source_classes({'params': params['backbone']}))
+  variables = {'params': params['backbone'],
+               'batch_stats': state['batch_stats']}
+  return nets, variables, head, state, step
+
+
 def quantized_convs(student, variables, image_shape):
   """``{path: attributes}`` of every quantized convolution of ``student``."""
   found = {}
@@ -90,7 +116,8 @@ def quantized_convs(student, variables, image_shape):
     kernel = params.get(f'{path}/kernel')
     shape = None if kernel is None else tuple(np.shape(kernel))
     size = tuple(module.kernel_size)
-    if shape is None or shape[:2] != size or shape[3] != module.features:
+    if (shape is None or len(shape) != 4 or shape[:2] != size or
+        shape[3] != module.features):
       raise ValueError(f'convolution {path}: the stored kernel '
                        f'{shape or "is missing"}, the layer needs '
                        f'{size} x {module.features} outputs.')
@@ -99,7 +126,7 @@ def quantized_convs(student, variables, image_shape):
         weight_range_axis=module.weight_range_axis,
         # (H, W, input channels per group, output channels), as stored.
         kernel_shape=[int(d) for d in shape],
-        strides=list(module.strides),
+        strides=list(layers.pair(module.strides, 'strides')),
         padding=padding if isinstance(padding, str) else [
             list(p) for p in padding],
         groups=module.feature_group_count, use_bias=module.use_bias)
@@ -330,16 +357,8 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
     raise ValueError(f'{seeds[seed]} has no {files.RESULT}: the run did not '
                      'finish. Resume it, or export its newest checkpoint '
                      'with --allow_unfinished.')
-  state, step = checkpoints.restore_state(seeds[seed], best)
-  params = state['params']
-  head = params['head']
-  num_classes = int(np.asarray(head['fc']['kernel']).shape[-1])
-  nets = networks.build_networks(
-      config, num_classes,
-      networks.num_source_classes({'params': params['backbone']}))
+  nets, variables, head, state, step = restore_run(config, seeds[seed], best)
   student = nets.student
-  variables = {'params': params['backbone'],
-               'batch_stats': state['batch_stats']}
   data = data or _load_data(config)
   image_shape = data.image_shape
   bits_w, bits_a = networks.student_bits(config)

@@ -14,7 +14,6 @@ import time
 import ml_collections
 import numpy as np
 
-from dtq_jax import checkpoints
 from dtq_jax import dtq_format
 from dtq_jax import export
 from dtq_jax import layers
@@ -92,21 +91,14 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
     if src['seed'] not in seeds:
       raise ValueError(f'{path} was exported from seed_{src["seed"]}, which '
                        f'{workdir} does not have.')
-    state, _ = checkpoints.restore_state(seeds[src['seed']],
-                                         src['checkpoint'] == 'best')
-    params = state['params']
-    nets = networks.build_networks(
-        config, manifest['model']['num_classes'],
-        networks.num_source_classes({'params': params['backbone']}))
-    fq_vars = {'params': params['backbone'],
-               'batch_stats': state['batch_stats']}
+    nets, fq_vars, head, _, _ = export.restore_run(
+        config, seeds[src['seed']], src['checkpoint'] == 'best')
     static_vars = dict(fq_vars, **{layers.RANGES: exported_ranges})
     static = networks.make_predict(
         static_ranges.with_act_ranges(nets.student, 'static'), nets.head)
     dynamic = networks.make_predict(nets.student, nets.head)
-    paths['static_fake_quant'] = lambda x: static(static_vars, params['head'],
-                                                  x)
-    paths['dynamic_fake_quant'] = lambda x: dynamic(fq_vars, params['head'], x)
+    paths['static_fake_quant'] = lambda x: static(static_vars, head, x)
+    paths['dynamic_fake_quant'] = lambda x: dynamic(fq_vars, head, x)
   preds = {k: [] for k in paths}
   logits_diff = 0.0
   labels = []

@@ -167,10 +167,12 @@ class _Builder:
     size = tuple(module.kernel_size)
     strides = layers.pair(module.strides, 'strides')
     pads = layers.normalize_padding(module.padding, 2)
-    if pads == 'SAME':
+    if pads in ('SAME', 'SAME_LOWER'):
       # XLA's SAME puts the odd pixel of padding after the image, as ONNX's
-      # SAME_UPPER does; both follow the input's size at run time.
-      padding = dict(auto_pad='SAME_UPPER')
+      # SAME_UPPER does (SAME_LOWER before it, in both); both follow the
+      # input's size at run time.
+      padding = dict(auto_pad='SAME_UPPER' if pads == 'SAME' else
+                     'SAME_LOWER')
     elif pads == 'VALID':
       padding = dict(pads=[0, 0, 0, 0])
     elif isinstance(pads, str):

@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 
+from flax import linen as nn
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -458,3 +459,27 @@ def test_quantized_convs_match_the_stored_kernels_or_name_the_layer():
                      'kernel'):
     export.quantized_convs(student, dict(variables, params=params),
                            (16, 16, 1))
+
+
+class _OneConv(nn.Module):
+  """A network whose convolution gives its stride as one int."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return layers.QuantConv(4, (3, 3), strides=2, use_bias=False, bits_w=4,
+                            bits_a=4)(x)
+
+
+def test_quantized_convs_take_an_int_stride_and_check_the_kernel_rank():
+  net = _OneConv()
+  variables = net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  convs = export.quantized_convs(net, variables, (8, 8, 3))
+  assert list(convs) == ['QuantConv_0']
+  assert convs['QuantConv_0']['strides'] == [2, 2]
+  assert convs['QuantConv_0']['kernel_shape'] == [3, 3, 3, 4]
+  damaged = jax.tree.map(lambda a: a, variables)
+  damaged['params']['QuantConv_0']['kernel'] = jnp.zeros((3, 3, 4))
+  with pytest.raises(ValueError, match='convolution QuantConv_0: the stored '
+                     r'kernel \(3, 3, 4\)'):
+    export.quantized_convs(net, damaged, (8, 8, 3))

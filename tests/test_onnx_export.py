@@ -265,6 +265,7 @@ def test_quick_demo_exports_to_onnx(tmp_path, capsys):
     ('SAME', 7, 8, 2),   # odd total padding on one axis: the extra at the end
     ('SAME', 6, 6, 2),
     ('SAME', 5, 5, 1),
+    ('SAME_LOWER', 7, 8, 2),  # the extra before the image
     ('VALID', 7, 8, 2),
 ])
 def test_string_padding_matches_the_convolution(padding, height, width,
