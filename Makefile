@@ -33,8 +33,9 @@ tensorboard: setup
 TORCH_VENV ?= .venv-torch
 PURELIB := 'import sysconfig; print(sysconfig.get_path("purelib"))'
 test-torch: $(TORCH_VENV)/.installed
-	$(TORCH_VENV)/bin/python -m pytest -q tests/test_pretrained.py \
-	  tests/test_state_dicts.py tests/test_torch_reference.py \
+	$(TORCH_VENV)/bin/python -m pytest -q tests/weights/test_pretrained.py \
+	  tests/weights/test_state_dicts.py \
+	  tests/benchmark_scripts/test_torch_reference.py \
 	  tests/test_paper_smoke.py $(ARGS)
 
 $(TORCH_VENV)/.installed: $(VENV)/.installed requirements-torch.txt

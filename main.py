@@ -27,13 +27,13 @@ import jax
 from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_files
 
-from dtq_jax import allocator
-from dtq_jax import config_validation
-from dtq_jax import distributed
-from dtq_jax import errors
-from dtq_jax import files
-from dtq_jax import run_result
-from dtq_jax import train
+from dtq_jax.infra import allocator
+from dtq_jax.run import config_validation
+from dtq_jax.run import distributed
+from dtq_jax.infra import errors
+from dtq_jax.infra import files
+from dtq_jax.run import run_result
+from dtq_jax.run import train
 
 # Found next to this file, so that main.py runs from any directory.
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -255,8 +255,8 @@ def main(argv):
     config_validation.check_device_split(config, jax.device_count())
     with _native_logs_hidden(not verbose):
       # pylint: disable=g-import-not-at-top
-      from dtq_jax import caches
-      from dtq_jax import experiment
+      from dtq_jax.infra import caches
+      from dtq_jax.run import experiment
       # pylint: enable=g-import-not-at-top
     caches.enable_compilation_cache(config)
     _allocator_note(config, allocator_mode)

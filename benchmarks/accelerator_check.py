@@ -20,7 +20,7 @@ float32 and bfloat16 compute, with 4/4 and 32/32 bits. Per step: compile time,
 images/s, XLA's FLOPs of the compiled step (``cost_analysis()``), the
 utilisation of the device's peak (``PEAK_TFLOPS``), XLA's planned memory
 (``memory_analysis()``) and the device's peak so far (``memory_stats()``).
-Then the on-device augmentation (``dtq_jax/augment.py``): the same step fed
+Then the on-device augmentation (``dtq_jax/data/augment.py``): the same step fed
 uint8 256 px images that it crops, flips and normalises itself, the
 augmentation alone, and the host-to-device copy of a float32 224 px batch
 against a uint8 256 px one.
@@ -56,7 +56,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 import train_step  # pylint: disable=wrong-import-position
-from dtq_jax import augment  # pylint: disable=wrong-import-position
+from dtq_jax.data import augment  # pylint: disable=wrong-import-position
 
 # Dense (no sparsity) peak TFLOP/s per device kind (a substring of
 # ``device.device_kind``) and compute dtype, from the vendors' data sheets:

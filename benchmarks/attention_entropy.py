@@ -28,8 +28,8 @@ import bench_util
 bench_util.add_repo_to_path()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from dtq_jax import errors
-from dtq_jax import files
+from dtq_jax.infra import errors
+from dtq_jax.infra import files
 from dtq_jax import plot
 
 _ENTROPY = 'train/attention_entropy_{}'

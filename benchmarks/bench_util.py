@@ -106,7 +106,7 @@ def add_step_args(parser, models, variants, allocator='keep'):
     parser: an argparse parser.
     models: allowed model names.
     variants: allowed variant names (all by default).
-    allocator: the default of --allocator (``dtq_jax.allocator`` mode).
+    allocator: the default of --allocator (``dtq_jax.infra.allocator`` mode).
   """
   parser.add_argument('--model', default='resnet50',
                       help='comma-separated: ' + ', '.join(models))
@@ -125,7 +125,7 @@ def add_step_args(parser, models, variants, allocator='keep'):
                       help='comma-separated subset of ' + ', '.join(variants))
   parser.add_argument('--allocator', default=allocator,
                       choices=('keep', 'default'),
-                      help='dtq_jax.allocator mode: keep (glibc keeps freed '
+                      help='dtq_jax.infra.allocator mode: keep (glibc keeps freed '
                       'memory, main.py\'s default) or default (glibc as it '
                       f'is); default {allocator}; $DTQ_ALLOCATOR wins')
   parser.add_argument('--take_turns', default=None, metavar='FILE:ME:NEXT',
@@ -163,12 +163,12 @@ def check_model_variant_args(parser, args, models, variants):
 
 
 def configure_allocator(mode):
-  """Applies ``dtq_jax.allocator.configure(mode)``; returns its description.
+  """Applies ``dtq_jax.infra.allocator.configure(mode)``; returns its description.
 
   Call it before the benchmark allocates its step (right after parsing).
   """
   add_repo_to_path()
-  from dtq_jax import allocator  # pylint: disable=g-import-not-at-top
+  from dtq_jax.infra import allocator  # pylint: disable=g-import-not-at-top
   return allocator.configure(mode)
 
 

@@ -35,13 +35,13 @@ import jax
 import numpy as np
 import onnxruntime
 
-from dtq_jax import datasets
-from dtq_jax import dtq_format
-from dtq_jax import export
+from dtq_jax.data import datasets
+from dtq_jax.deploy import dtq_format
+from dtq_jax.deploy import export
 from dtq_jax import layers
-from dtq_jax import networks
-from dtq_jax import onnx_export
-from dtq_jax import static_ranges
+from dtq_jax.method import networks
+from dtq_jax.deploy import onnx_export
+from dtq_jax.method import static_ranges
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 

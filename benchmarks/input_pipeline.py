@@ -14,7 +14,7 @@ ImageNet normalisation), in these variants (``--variants``):
                 cropped, flipped and normalised on the host
   cache_disk    dataset.cache='disk': the same, read from a memory-mapped file
   cache_device  the cache, uint8 pre-crop batches for a step that augments
-                on the device (dtq_jax/augment.py): the host only gathers
+                on the device (dtq_jax/data/augment.py): the host only gathers
   fmnist        Fashion-MNIST (the demo's 28 px pixel arrays: nothing to
                 decode, so the cache does not apply): host pad-crop-flip
   fmnist_device Fashion-MNIST, uint8 batches for on-device augmentation
@@ -51,10 +51,10 @@ bench_util.add_repo_to_path()
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=wrong-import-position
 
-from dtq_jax import datasets  # pylint: disable=wrong-import-position
-from dtq_jax import input_pipeline  # pylint: disable=wrong-import-position
-from dtq_jax import sources  # pylint: disable=wrong-import-position
-from dtq_jax import splits  # pylint: disable=wrong-import-position
+from dtq_jax.data import datasets  # pylint: disable=wrong-import-position
+from dtq_jax.data import input_pipeline  # pylint: disable=wrong-import-position
+from dtq_jax.data import sources  # pylint: disable=wrong-import-position
+from dtq_jax.data import splits  # pylint: disable=wrong-import-position
 
 # name: (task, dataset.cache, on_device)
 VARIANTS = {

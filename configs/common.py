@@ -7,9 +7,9 @@ once. Every field is documented where it is set.
 
 import ml_collections
 
-from dtq_jax import delta
-from dtq_jax.config_validation import DEFAULT_CPU_CONVOLUTIONS
-from dtq_jax.config_validation import METHODS
+from dtq_jax.method import delta
+from dtq_jax.run.config_validation import DEFAULT_CPU_CONVOLUTIONS
+from dtq_jax.run.config_validation import METHODS
 
 NETWORKS = ('resnet50', 'mobilenet_v2')
 _BITS = {'4bit': 4, '5bit': 5, '32bit': 32}
@@ -99,7 +99,7 @@ def paper_config(dataset, arg=None):
       crop_padding=0,  # zero padding before the random crop.
       mean=(0.485, 0.456, 0.406),  # ImageNet statistics, on a 0..1 scale.
       std=(0.229, 0.224, 0.225),
-      # Decoded-image cache (dtq_jax/image_cache.py): images decoded and
+      # Decoded-image cache (dtq_jax/data/image_cache.py): images decoded and
       # resized once (uint8), checked, reused by later runs. 'memory' (read
       # into RAM), 'disk' (memory-mapped), 'none' (decode every epoch) or
       # 'auto' (memory if it takes under a quarter of the available RAM and

@@ -1,4 +1,19 @@
 """dtq-jax: Deep Transferring Quantization (ECCV 2020) in JAX/Flax.
 
-Modules and their one responsibility each: README.md, "Code layout".
+The package is cut by concern, in layers; a module imports only from its own
+layer or the layers below it (tests/test_layout.py checks this):
+
+  infra/    files, locks, caches, the allocator, the error types
+  quant     the paper's fake quantizer (JAX only): the public library
+  layers    quantized Conv layers (Flax), injected into the models
+  models/   ResNets, MobileNetV2, the demo ResNet (take an injected conv)
+  data/     image sources, per-class splits, tf.data input, augmentation
+  method/   DTQ and the baselines: attention, losses, networks, the step
+  weights/  torchvision checkpoints read and converted to Flax variables
+  run/      a training run: the loop, the teacher, checkpoints, configs
+  deploy/   exports: the .dtq format, integer inference, ONNX
+
+and the commands at the top: ``python -m dtq_jax.export`` (export.py),
+``python -m dtq_jax.plot`` (plot.py), ``python -m dtq_jax.pretrained``
+(pretrained.py). main.py at the repository root starts a run.
 """

@@ -1,4 +1,4 @@
-"""Exports a trained student as packed integer weights or ONNX.
+"""`python -m dtq_jax.export`: export a trained student, check an export.
 
   python -m dtq_jax.export --workdir runs/fmnist/dtq --out model.dtq
   python -m dtq_jax.export --workdir runs/fmnist/dtq --out model.dtq --check
@@ -29,487 +29,28 @@ The ``.dtq`` file format (and the manifest's fields) is ``dtq_format.py``'s.
 """
 
 import argparse
-import os
 import sys
 
-from flax import errors as flax_errors
-from flax import traverse_util
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-
-from dtq_jax import checkpoints
-from dtq_jax import dtq_format
-from dtq_jax import errors
-from dtq_jax import files
-from dtq_jax import int_inference
 from dtq_jax import layers
-from dtq_jax import networks
-from dtq_jax import onnx_export
-from dtq_jax import quant
-from dtq_jax import static_ranges
+from dtq_jax.deploy import export as export_lib
+from dtq_jax.deploy import export_check
+from dtq_jax.infra import errors
+from dtq_jax.infra import files
 
-FORMATS = ('dtq', 'onnx')
-
-
-# --------------------------------------------------------------------------
-# Reading a run.
-
-
-def load_config(workdir):
-  """The run's config (``workdir/config.json``) as a ConfigDict."""
-  path = os.path.join(workdir, files.CONFIG)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: --workdir must be the folder '
-                            'of one method (with config.json and seed_N/).')
-  return ml_collections.ConfigDict(files.read_json(path))
-
-
-def seed_dirs(workdir):
-  """``{seed: folder}`` of the run's repeats."""
-  out = {}
-  for name in os.listdir(workdir):
-    if name.startswith('seed_') and name[5:].isdigit():
-      out[int(name[5:])] = os.path.join(workdir, name)
-  return dict(sorted(out.items()))
-
-
-def restore_run(config, seed_dir, best=False):
-  """A seed's checkpoint and the networks it was trained with.
-
-  Args:
-    config: the run's config (``load_config``).
-    seed_dir: its ``seed_N`` folder.
-    best: the best checkpoint instead of the newest.
-
-  Returns:
-    ``(nets, variables, head_params, state, step)``: the networks built for
-    the checkpoint's class counts, the student backbone's
-    ``{'params', 'batch_stats'}``, the target head's parameters, the whole
-    restored state (its other collections, e.g. activation ranges) and the
-    checkpoint's step.
-  """
-  state, step = checkpoints.restore_state(seed_dir, best)
-  params = state['params']
-  head = params['head']
-  nets = networks.build_networks(
-      config, int(np.asarray(head['fc']['kernel']).shape[-1]),
-      networks.num_source_classes({'params': params['backbone']}))
-  variables = {'params': params['backbone'],
-               'batch_stats': state['batch_stats']}
-  return nets, variables, head, state, step
-
-
-def quantized_convs(student, variables, image_shape):
-  """``{path: attributes}`` of every quantized convolution of ``student``."""
-  found = {}
-  params = traverse_util.flatten_dict(variables['params'], sep='/')
-  for path, module in layers.modules_called(student, image_shape,
-                                            layers.QuantConv).items():
-    if (module.bits_w == quant.FULL_PRECISION and
-        module.bits_a == quant.FULL_PRECISION):
-      continue
-    padding = layers.normalize_padding(module.padding, len(module.kernel_size))
-    # The manifest records the stored kernel's shape; it must be the one the
-    # layer computes with.
-    kernel = params.get(f'{path}/kernel')
-    shape = None if kernel is None else tuple(np.shape(kernel))
-    size = tuple(module.kernel_size)
-    if (shape is None or len(shape) != 4 or shape[:2] != size or
-        shape[3] != module.features):
-      raise ValueError(f'convolution {path}: the stored kernel '
-                       f'{shape or "is missing"}, the layer needs '
-                       f'{size} x {module.features} outputs.')
-    found[path] = dict(
-        bits_w=module.bits_w, bits_a=module.bits_a,
-        weight_range_axis=module.weight_range_axis,
-        # (H, W, input channels per group, output channels), as stored.
-        kernel_shape=[int(d) for d in shape],
-        strides=list(layers.pair(module.strides, 'strides')),
-        padding=padding if isinstance(padding, str) else [
-            list(p) for p in padding],
-        groups=module.feature_group_count, use_bias=module.use_bias)
-  return found
-
-
-def _tree_bytes(tree):
-  return int(sum(np.asarray(x).size * 4 for x in jax.tree.leaves(tree)))
-
-
-def _dir_bytes(path):
-  total = 0
-  for root, _, names in os.walk(path):
-    total += sum(os.path.getsize(os.path.join(root, f)) for f in names)
-  return total
-
-
-def _load_data(config):
-  # Imported lazily: the input pipeline pulls in TensorFlow.
-  from dtq_jax import datasets  # pylint: disable=g-import-not-at-top
-  return datasets.load(config)
-
-
-def calibrate_run(config, student, variables, num_batches=0, batch_size=0,
-                  stat='minmax', data=None):
-  """Static ranges from training images (no augmentation, BN in inference).
-
-  Args:
-    config: the run config (dataset and preprocessing).
-    student: the (dynamic-range) student.
-    variables: ``{'params', 'batch_stats'}`` of the student.
-    num_batches: batches to use; 0: one pass over the training split.
-    batch_size: 0: ``config.eval_batch_size``.
-    stat: 'minmax', 'mean' or 'ema' (see static_ranges.calibrate).
-    data: preloaded ``datasets.Data``.
-
-  Returns:
-    ``(ranges, info)``; ``info`` describes the calibration for the manifest.
-  """
-  batch_size = batch_size or config.eval_batch_size
-  data = data or _load_data(config)
-  batches = data.eval_batches(data.train, batch_size)
-  total = data.num_eval_batches(data.train, batch_size)
-  used = min(num_batches, total) if num_batches else total
-  ranges = static_ranges.calibrate(student, variables, batches, used, stat)
-  return ranges, dict(source='calibration', stat=stat, batches=used,
-                      batch_size=batch_size,
-                      images=min(used * batch_size, len(data.train)),
-                      split='train', augment=False)
-
-
-def _squeeze_range(x, axis):
-  x = np.asarray(x, np.float32)
-  return x.reshape(-1) if axis is not None else x.reshape(())
-
-
-def student_tensors(student, variables, head_params, ranges, image_shape):
-  """The tensors of the export file for a student's variables.
-
-  Args:
-    student: the (dynamic-range) student module.
-    variables: its ``{'params', 'batch_stats'}``.
-    head_params: the target classifier's parameters.
-    ranges: the static activation ranges (``'quant_ranges'`` tree).
-    image_shape: (H, W, C) of one input image.
-
-  Returns:
-    ``(tensors, packed, convs, sizes)``: name -> numpy array, the packed
-    tensors' ``{'bits', 'shape'}``, the quantized convolutions' attributes,
-    and byte counts.
-  """
-  convs = quantized_convs(student, variables, image_shape)
-  flat_ranges = static_ranges.layer_ranges(ranges or {})
-  classifier = student.classifier_name
-  backbone = {k: v for k, v in variables['params'].items() if k != classifier}
-  flat_params = traverse_util.flatten_dict(backbone, sep='/')
-  tensors, packed = {}, {}
-  packed_bytes = float_kernel_bytes = 0
-  for path, info in convs.items():
-    if info['bits_w'] != quant.FULL_PRECISION:
-      kernel = jnp.asarray(flat_params.pop(f'{path}/kernel'), jnp.float32)
-      axis = info['weight_range_axis']
-      lo, hi = quant.tensor_range(kernel, axis)
-      codes = np.asarray(quant.quantize(kernel, info['bits_w'], lo, hi))
-      prefix = f'{int_inference.INT_WEIGHTS}/backbone/{path}'
-      tensors[f'{prefix}/codes'] = dtq_format.pack(codes, info['bits_w'])
-      packed[f'{prefix}/codes'] = dict(bits=info['bits_w'],
-                                       shape=list(kernel.shape))
-      tensors[f'{prefix}/lo'] = _squeeze_range(lo, axis)
-      tensors[f'{prefix}/hi'] = _squeeze_range(hi, axis)
-      packed_bytes += tensors[f'{prefix}/codes'].nbytes
-      float_kernel_bytes += kernel.size * 4
-    if info['bits_a'] != quant.FULL_PRECISION:
-      if path not in flat_ranges:
-        raise ValueError(f'no activation range for {path}.')
-      for end in ('lo', 'hi'):
-        value = np.asarray(flat_ranges[path][end], np.float32).reshape(())
-        if not np.isfinite(value):
-          raise ValueError(f'the activation range of {path} is {end}='
-                           f'{value}; a non-finite range cannot be exported '
-                           '(the run diverged, or calibrate again with '
-                           '--recalibrate).')
-        tensors[f'{layers.RANGES}/backbone/{path}/{end}'] = value
-  for name, value in flat_params.items():
-    tensors[f'params/backbone/{name}'] = np.asarray(value, np.float32)
-  for name, value in traverse_util.flatten_dict(variables['batch_stats'],
-                                                sep='/').items():
-    tensors[f'batch_stats/backbone/{name}'] = np.asarray(value, np.float32)
-  for name, value in traverse_util.flatten_dict(head_params, sep='/').items():
-    tensors[f'params/head/{name}'] = np.asarray(value, np.float32)
-  tensor_bytes = sum(t.nbytes for t in tensors.values())
-  sizes = dict(
-      tensor_bytes=int(tensor_bytes),
-      float32_same_tensors_bytes=int(tensor_bytes - packed_bytes +
-                                     float_kernel_bytes),
-      packed_kernel_bytes=int(packed_bytes),
-      float32_kernel_bytes=int(float_kernel_bytes),
-      float32_student_bytes=_tree_bytes(
-          {'backbone': variables['params'], 'head': head_params,
-           'batch_stats': variables['batch_stats']}))
-  return tensors, packed, convs, sizes
-
-
-def make_export(student, variables, head_params, ranges, image_shape, *,
-                name, kwargs, bits_w, bits_a, preprocess, class_names,
-                activation_ranges, source=None, config=None):
-  """The tensors and manifest of an export (see the module docstring).
-
-  Args:
-    student: the (dynamic-range) student module.
-    variables: its ``{'params', 'batch_stats'}`` (source classifier
-      included; it is not exported).
-    head_params: the target classifier's parameters.
-    ranges: the static activation ranges (``'quant_ranges'`` tree).
-    image_shape: (H, W, C) of one input image.
-    name: the model's name for ``models.create_model``.
-    kwargs: the model's further ``create_model`` arguments.
-    bits_w: the student's weight bits.
-    bits_a: the student's activation bits.
-    preprocess: the manifest's ``preprocess`` entry.
-    class_names: the target classes in output order.
-    activation_ranges: where the ranges come from (manifest entry).
-    source: the run, step and checkpoint exported (manifest entry).
-    config: the run's config dict.
-
-  Returns:
-    ``(tensors, manifest)``: name -> numpy array (codes packed), and the
-    manifest with the tensors' checksums.
-  """
-  classifier = student.classifier_name
-  num_classes = int(np.asarray(head_params['fc']['kernel']).shape[-1])
-  if class_names is not None and len(class_names) != num_classes:
-    raise ValueError(f'{len(class_names)} class names for a classifier of '
-                     f'{num_classes} outputs.')
-  tensors, packed, convs, sizes = student_tensors(student, variables,
-                                                  head_params, ranges,
-                                                  image_shape)
-  axes = {c['weight_range_axis'] for c in convs.values()}
-  manifest = dict(
-      format=dtq_format.FORMAT, version=dtq_format.VERSION,
-      model=dict(name=name, kwargs=dict(kwargs or {}), bits_w=bits_w,
-                 bits_a=bits_a,
-                 weight_range_axis=axes.pop() if len(axes) == 1 else None,
-                 classifier_name=classifier, source_classifier='omitted',
-                 num_classes=num_classes,
-                 feature_dim=int(np.asarray(
-                     head_params['fc']['kernel']).shape[0]),
-                 image_shape=list(image_shape)),
-      class_names=None if class_names is None else list(class_names),
-      preprocess=dict(preprocess, layout='NHWC', dtype='float32'),
-      quantized_convs=convs, packed=packed,
-      activation_ranges=activation_ranges, sizes=sizes, source=source or {},
-      config=config or {},
-      checksums={k: dtq_format.tensor_checksum(v) for k, v in tensors.items()})
-  return tensors, manifest
-
-
-def output_format(path, fmt=None):
-  """'dtq' or 'onnx': ``fmt`` if given, else from the file name."""
-  if fmt is None:
-    return 'onnx' if str(path).lower().endswith('.onnx') else 'dtq'
-  if fmt not in FORMATS:
-    raise ValueError(f'--format {fmt!r}; allowed: {", ".join(FORMATS)}.')
-  return fmt
-
-
-def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
-               calibration_batch_size=0, calibration_stat='minmax',
-               recalibrate=False, data=None, verbose=True, fmt=None,
-               allow_unfinished=False):
-  """Writes the student of a finished run to ``out`` (see module docstring).
-
-  Args:
-    workdir: the run folder (``config.json``, ``seed_N/``).
-    out: the output file.
-    seed: which repeat (default: the first).
-    best: the best checkpoint instead of the latest.
-    calibration_batches: calibration batches (0: the whole training split).
-    calibration_batch_size: 0: the config's eval batch size.
-    calibration_stat: 'minmax', 'mean' or 'ema'.
-    recalibrate: calibrate even if the run collected ranges in training.
-    data: preloaded ``datasets.Data`` (loaded from the config if needed: for
-      the class names, and to calibrate).
-    verbose: print a summary.
-    fmt: 'dtq' or 'onnx' (None: 'onnx' for an ``out`` ending in .onnx).
-    allow_unfinished: export a repeat without ``result.json`` (its newest
-      checkpoint; the manifest records ``source.finished = false``).
-
-  Returns:
-    The manifest, with ``sizes['file_bytes']`` added.
-
-  Raises:
-    ValueError: an unfinished run, a folder as ``out``, bad ranges.
-    FileNotFoundError: no run in ``workdir``.
-  """
-  fmt = output_format(out, fmt)
-  if os.path.isdir(out):
-    raise ValueError(f'--out {out} is a folder; name the file to write.')
-  config = load_config(workdir)
-  seeds = seed_dirs(workdir)
-  if not seeds:
-    raise FileNotFoundError(f'no seed_N/ folder in {workdir}.')
-  seed = min(seeds) if seed is None else seed
-  if seed not in seeds:
-    raise ValueError(f'no seed_{seed} in {workdir} (have {list(seeds)}).')
-  finished = os.path.exists(os.path.join(seeds[seed], files.RESULT))
-  if not finished and not allow_unfinished:
-    raise ValueError(f'{seeds[seed]} has no {files.RESULT}: the run did not '
-                     'finish. Resume it, or export its newest checkpoint '
-                     'with --allow_unfinished.')
-  nets, variables, head, state, step = restore_run(config, seeds[seed], best)
-  student = nets.student
-  data = data or _load_data(config)
-  image_shape = data.image_shape
-  bits_w, bits_a = networks.student_bits(config)
-
-  ranges = state.get(layers.RANGES)
-  if (ranges and static_ranges.has_collected_ranges(ranges) and
-      not recalibrate):
-    range_info = dict(source='training',
-                      stat=config.quant.get('range_stat', 'ema'),
-                      momentum=config.quant.get('range_momentum', 0.9))
-  elif bits_a != quant.FULL_PRECISION:
-    ranges, range_info = calibrate_run(
-        config, student, variables, calibration_batches,
-        calibration_batch_size, calibration_stat, data)
-  else:
-    ranges, range_info = {}, dict(source='none')
-  d = config.dataset
-  tensors, manifest = make_export(
-      student, variables, head, ranges, image_shape, name=config.model,
-      kwargs=config.get('model_kwargs', {}) or {}, bits_w=bits_w,
-      bits_a=bits_a,
-      preprocess=dict(image_size=d.image_size,
-                      resize_to=d.resize_to or None, mean=list(d.mean),
-                      std=list(d.std)),
-      class_names=list(data.train.class_names), activation_ranges=range_info,
-      source=dict(workdir=os.path.abspath(workdir), seed=seed,
-                  checkpoint='best' if best else 'latest', step=step,
-                  finished=finished),
-      config=config.to_dict())
-  ckpt_dir = os.path.join(seeds[seed], 'best' if best else 'checkpoints',
-                          str(step))
-  manifest['sizes']['training_checkpoint_bytes'] = (
-      _dir_bytes(ckpt_dir) if os.path.isdir(ckpt_dir) else None)
-  if fmt == 'onnx':
-    write_onnx(out, manifest, tensors)
-  else:
-    dtq_format.write(out, tensors, manifest)
-  manifest['sizes']['file_bytes'] = os.path.getsize(out)
-  if verbose:
-    print(format_sizes(manifest, out, fmt))
-  return manifest
-
-
-def format_sizes(manifest, path, fmt='dtq'):
-  s = manifest['sizes']
-  m = manifest['model']
-  if fmt == 'onnx':
-    return (f'{path}: {s["file_bytes"]:,} bytes (ONNX opset '
-            f'{onnx_export.OPSET}, {len(manifest["quantized_convs"])} '
-            f'quantized convolutions, {m["bits_w"]}-bit weights stored as '
-            f'{np.dtype(onnx_export.code_dtype(m["bits_w"])).name} codes); '
-            f'the same tensors in float32: '
-            f'{s["float32_same_tensors_bytes"]:,} bytes '
-            f'({s["float32_same_tensors_bytes"] / s["file_bytes"]:.2f}x the '
-            'file)')
-  lines = [f'{path}: {s["file_bytes"]:,} bytes '
-           f'({len(manifest["quantized_convs"])} quantized convolutions, '
-           f'{m["bits_w"]}-bit weights packed: '
-           f'{s["packed_kernel_bytes"]:,} bytes for '
-           f'{s["float32_kernel_bytes"]:,} bytes of float32 kernels)',
-           f'  the same tensors in float32: '
-           f'{s["float32_same_tensors_bytes"]:,} bytes '
-           f'({s["float32_same_tensors_bytes"] / s["file_bytes"]:.2f}x the '
-           'file)',
-           f'  float32 student variables (params incl. the source classifier '
-           f'+ head + BatchNorm statistics): {s["float32_student_bytes"]:,} '
-           'bytes']
-  if s.get('training_checkpoint_bytes'):
-    lines.append(f'  training checkpoint on disk (state incl. momentum): '
-                 f'{s["training_checkpoint_bytes"]:,} bytes')
-  return '\n'.join(lines)
-
-
-def write_onnx(path, manifest, tensors):
-  """Writes the ONNX model of an export (onnx_export.py), atomically."""
-  model = onnx_export.build_model(
-      manifest, dtq_format.variables_of(manifest, tensors))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  files.write_text(path, model.SerializeToString(), dtq_format.FILE_MODE)
-
-
-def load_integer_model(path):
-  """Loads a ``.dtq`` export for integer inference.
-
-  Example::
-
-    from dtq_jax import export
-    manifest, predict = export.load_integer_model('model.dtq')
-    # images: float32 (N, H, W, C), preprocessed as manifest['preprocess']
-    # says: (pixels / 255 - mean) / std after resizing and centre cropping.
-    logits = predict(images)
-    labels = [manifest['class_names'][i] for i in logits.argmax(-1)]
-
-  Args:
-    path: the ``.dtq`` file.
-
-  Returns:
-    ``(manifest, predict)``; ``predict(images) -> target logits`` (N,
-    num_classes), jitted; it raises TypeError for integer (e.g. uint8) pixels.
-
-  Raises:
-    ValueError: the file is damaged or not an export (see ``read``).
-  """
-  manifest, variables = dtq_format.read(path)
-  try:
-    return manifest, integer_predictor(manifest, variables)
-  except ValueError as e:
-    raise ValueError(f'{path}: {e}') from e
-
-
-def integer_predictor(manifest, variables):
-  """``predict(images) -> target logits`` of read (manifest, variables).
-
-  Raises:
-    ValueError: the manifest's model does not fit the variables.
-  """
-  m = manifest['model']
-  try:
-    student, head = int_inference.build(manifest)
-    backbone = {col: tree['backbone'] for col, tree in variables.items()
-                if 'backbone' in tree}
-    backbone = int_inference.with_source_stub(
-        backbone, m['classifier_name'], m['feature_dim'])
-    head_params = variables['params']['head']
-    predict = int_inference.make_predict(student, head)
-    # Fails here, not at the first prediction, if the model (name, kwargs,
-    # bits) does not fit the stored tensors.
-    jax.eval_shape(predict, backbone, head_params,
-                   jnp.zeros((1,) + tuple(m['image_shape']), jnp.float32))
-  except (TypeError, ValueError, KeyError, flax_errors.FlaxError) as e:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise ValueError(f'the manifest\'s model ({m.get("name")}, kwargs '
-                     f'{m.get("kwargs")}) does not fit the stored tensors: '
-                     f'{first}') from e
-
-  def checked(images):
-    dtype = getattr(images, 'dtype', None)
-    if dtype is None:
-      images = np.asarray(images)
-      dtype = images.dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-          f'predict takes float images preprocessed as the manifest says '
-          f'((pixels / 255 - mean) / std, {manifest["preprocess"]}), not '
-          f'{dtype} pixels.')
-    return predict(backbone, head_params, images)
-
-  return checked
+# The public Python API of an export (README: Export).
+load_integer_model = export_lib.load_integer_model
+integer_predictor = export_lib.integer_predictor
 
 
 def main(argv=None):
+  """Command line: export a run and/or check an export.
+
+  Args:
+    argv: arguments (default ``sys.argv[1:]``).
+
+  Returns:
+    Process exit status: 0, or 2 after a one-line error.
+  """
   parser = argparse.ArgumentParser(
       prog='python -m dtq_jax.export',
       description='Export a trained DTQ student as packed integer weights '
@@ -519,7 +60,7 @@ def main(argv=None):
                       'run (config.json, seed_N/); exports its student')
   parser.add_argument('--out', required=True,
                       help='the .dtq (or .onnx) file')
-  parser.add_argument('--format', choices=FORMATS, default=None,
+  parser.add_argument('--format', choices=export_lib.FORMATS, default=None,
                       help='dtq (the default) or onnx; default: onnx for an '
                       '--out ending in .onnx')
   parser.add_argument('--check', action='store_true',
@@ -547,16 +88,15 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.workdir is None and not args.check:
     parser.error('give --workdir (export) and/or --check.')
-  # Imported here: export_check builds on this module.
-  from dtq_jax import export_check  # pylint: disable=g-import-not-at-top
   try:
     if args.workdir is not None:
-      export_run(args.workdir, args.out, seed=args.seed, best=args.best,
-                 calibration_batches=args.calibration_batches,
-                 calibration_batch_size=args.calibration_batch_size,
-                 calibration_stat=args.calibration_stat,
-                 recalibrate=args.recalibrate, fmt=args.format,
-                 allow_unfinished=args.allow_unfinished)
+      export_lib.export_run(
+          args.workdir, args.out, seed=args.seed, best=args.best,
+          calibration_batches=args.calibration_batches,
+          calibration_batch_size=args.calibration_batch_size,
+          calibration_stat=args.calibration_stat,
+          recalibrate=args.recalibrate, fmt=args.format,
+          allow_unfinished=args.allow_unfinished)
     if args.check:
       report = export_check.check(args.out, args.workdir,
                                   max_batches=args.max_eval_batches,

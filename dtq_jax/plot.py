@@ -22,8 +22,8 @@ import textwrap
 
 from matplotlib.figure import Figure
 
-from dtq_jax import errors
-from dtq_jax import files
+from dtq_jax.infra import errors
+from dtq_jax.infra import files
 
 METRICS = 'metrics.jsonl'
 DEFAULT_NAME = 'curves.png'

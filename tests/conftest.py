@@ -17,7 +17,7 @@ except ImportError:
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from configs import mit67
-from dtq_jax import sources
+from dtq_jax.data import sources
 
 _CHECK_REACHABLE = sources._check_reachable  # pylint: disable=protected-access
 

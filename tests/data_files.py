@@ -12,7 +12,7 @@ import struct
 import numpy as np
 import tensorflow as tf
 
-from dtq_jax import sources
+from dtq_jax.data import sources
 
 PER_CLASS = 8  # readable images per class in ``write_folder``'s folder
 

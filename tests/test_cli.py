@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from dtq_jax import distributed
+from dtq_jax.run import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, 'main.py')

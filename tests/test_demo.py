@@ -6,12 +6,12 @@ import os
 import pytest
 
 from configs import fmnist
-from dtq_jax import config_validation
-from dtq_jax import datasets
-from dtq_jax import experiment
-from dtq_jax import sources
-from dtq_jax import teacher as teacher_lib
-from dtq_jax import train
+from dtq_jax.run import config_validation
+from dtq_jax.data import datasets
+from dtq_jax.run import experiment
+from dtq_jax.data import sources
+from dtq_jax.run import teacher as teacher_lib
+from dtq_jax.run import train
 
 _FILES = os.path.join(sources.FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')
 

@@ -24,14 +24,14 @@ import pytest
 import tensorflow as tf
 
 from configs import mit67
-from dtq_jax import checkpoints
-from dtq_jax import config_validation
-from dtq_jax import errors
-from dtq_jax import experiment
-from dtq_jax import files
-from dtq_jax import input_pipeline
-from dtq_jax import splits
-from dtq_jax import train
+from dtq_jax.run import checkpoints
+from dtq_jax.run import config_validation
+from dtq_jax.infra import errors
+from dtq_jax.run import experiment
+from dtq_jax.infra import files
+from dtq_jax.data import input_pipeline
+from dtq_jax.data import splits
+from dtq_jax.run import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
@@ -584,9 +584,9 @@ def test_no_unsafe_deserialisation():
                       r'yaml\.(unsafe_)?load\(|\bimport\s+(pickle|dill|'
                       r'shelve|marshal)\b')
   for name, text in _product_sources().items():
-    if name == 'dtq_jax/torch_archive.py':
+    if name == 'dtq_jax/weights/torch_archive.py':
       # The one unpickler: restricted to the globals a state_dict needs
-      # (tests/test_torch_archive.py tries malicious pickles on it).
+      # (tests/weights/test_torch_archive.py tries malicious pickles on it).
       assert re.search(r'class _Unpickler\(pickle\.Unpickler\)', text)
       assert 'def find_class' in text
       text = text.replace('import pickle', '')

@@ -8,8 +8,8 @@ import sys
 from matplotlib.container import ErrorbarContainer
 import pytest
 
-from dtq_jax import config_validation
-from dtq_jax import experiment
+from dtq_jax.run import config_validation
+from dtq_jax.run import experiment
 from dtq_jax import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,42 @@
+"""benchmarks/accelerator_check.py runs where TensorFlow is not installed."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Runs a script with TensorFlow unimportable, as on an accelerator machine
+# that has only jax, flax, optax and orbax: ``import tensorflow`` then raises
+# ImportError.
+_WITHOUT_TF = textwrap.dedent('''
+    import runpy, sys
+    sys.modules['tensorflow'] = None
+    sys.path.insert(0, 'benchmarks')
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name='__main__')
+''')
+
+
+def test_step_path_does_not_import_tensorflow():
+  code = ('import sys, dtq_jax.method.step, dtq_jax.method.networks, dtq_jax.data.augment; '
+          "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True,
+                 timeout=120)
+
+
+def test_smoke_run_without_tensorflow(tmp_path):
+  out = tmp_path / 'accelerator.md'
+  proc = subprocess.run(
+      [sys.executable, '-c', _WITHOUT_TF, 'benchmarks/accelerator_check.py',
+       '--smoke', f'--out={out}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = out.read_text()
+  assert '- tensorflow_imported: False' in report
+  rows = [line for line in report.splitlines()
+          if line.startswith('| small_resnet b8 float32 w4a4')]
+  assert len(rows) == 2, report  # the float-input step and the uint8 one
+  assert 'On-device augmentation, small_resnet batch 8' in report
+  assert 'No accelerator: this run is on the CPU' in report
