@@ -28,10 +28,10 @@ from ml_collections import config_flags
 from ml_collections.config_flags import config_flags as config_files
 
 from dtq_jax.infra import allocator
-from dtq_jax.run import config_validation
-from dtq_jax.run import distributed
 from dtq_jax.infra import errors
 from dtq_jax.infra import files
+from dtq_jax.run import config_validation
+from dtq_jax.run import distributed
 from dtq_jax.run import run_result
 from dtq_jax.run import train
 

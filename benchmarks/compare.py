@@ -38,12 +38,12 @@ import bench_util
 bench_util.add_repo_to_path()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from dtq_jax.infra import caches
-from dtq_jax.run import config_validation
 from dtq_jax.data import datasets
+from dtq_jax.infra import caches
 from dtq_jax.infra import errors
-from dtq_jax.run import experiment
 from dtq_jax import plot
+from dtq_jax.run import config_validation
+from dtq_jax.run import experiment
 from dtq_jax.run import teacher as teacher_lib
 
 # Methods and ablations: name -> (config.method, overrides).

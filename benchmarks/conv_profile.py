@@ -58,10 +58,10 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from dtq_jax.run import config_validation  # pylint: disable=wrong-import-position
 from dtq_jax import layers  # pylint: disable=wrong-import-position
 from dtq_jax.method import networks  # pylint: disable=wrong-import-position
 from dtq_jax import quant  # pylint: disable=wrong-import-position
+from dtq_jax.run import config_validation  # pylint: disable=wrong-import-position
 from dtq_jax.run import runtime as runtime_lib  # pylint: disable=wrong-import-position
 
 import train_step as train_step_bench  # pylint: disable=wrong-import-position

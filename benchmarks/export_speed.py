@@ -38,9 +38,9 @@ import onnxruntime
 from dtq_jax.data import datasets
 from dtq_jax.deploy import dtq_format
 from dtq_jax.deploy import export
+from dtq_jax.deploy import onnx_export
 from dtq_jax import layers
 from dtq_jax.method import networks
-from dtq_jax.deploy import onnx_export
 from dtq_jax.method import static_ranges
 # pylint: enable=g-import-not-at-top,wrong-import-position
 

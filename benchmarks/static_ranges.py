@@ -43,14 +43,14 @@ import numpy as np
 import onnxruntime
 
 from configs import fmnist
-from dtq_jax.infra import caches
-from dtq_jax.run import config_validation
 from dtq_jax.data import datasets
-from dtq_jax.run import experiment
 from dtq_jax.deploy import export
 from dtq_jax.deploy import export_check
-from dtq_jax.infra import files
 from dtq_jax.deploy import onnx_export
+from dtq_jax.infra import caches
+from dtq_jax.infra import files
+from dtq_jax.run import config_validation
+from dtq_jax.run import experiment
 from dtq_jax.run import teacher as teacher_lib
 
 RANGE_SOURCES = ('ema', 'calibrated')

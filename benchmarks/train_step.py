@@ -71,10 +71,10 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import common  # pylint: disable=wrong-import-position
 from configs import fmnist  # pylint: disable=wrong-import-position
-from dtq_jax.run import config_validation  # pylint: disable=wrong-import-position
 from dtq_jax.method import networks  # pylint: disable=wrong-import-position
-from dtq_jax.run import runtime as runtime_lib  # pylint: disable=wrong-import-position
 from dtq_jax.method import step as step_lib  # pylint: disable=wrong-import-position
+from dtq_jax.run import config_validation  # pylint: disable=wrong-import-position
+from dtq_jax.run import runtime as runtime_lib  # pylint: disable=wrong-import-position
 
 VARIANTS = ('dtq', 'dtq32', 'ft')
 # The opt-in speed-ups of config.quant (same maths, other kernels).

@@ -31,11 +31,11 @@ The ``.dtq`` file format (and the manifest's fields) is ``dtq_format.py``'s.
 import argparse
 import sys
 
-from dtq_jax import layers
 from dtq_jax.deploy import export as export_lib
 from dtq_jax.deploy import export_check
 from dtq_jax.infra import errors
 from dtq_jax.infra import files
+from dtq_jax import layers
 
 # The public Python API of an export (README: Export).
 load_integer_model = export_lib.load_integer_model

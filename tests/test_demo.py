@@ -6,10 +6,10 @@ import os
 import pytest
 
 from configs import fmnist
-from dtq_jax.run import config_validation
 from dtq_jax.data import datasets
-from dtq_jax.run import experiment
 from dtq_jax.data import sources
+from dtq_jax.run import config_validation
+from dtq_jax.run import experiment
 from dtq_jax.run import teacher as teacher_lib
 from dtq_jax.run import train
 

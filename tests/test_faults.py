@@ -24,13 +24,13 @@ import pytest
 import tensorflow as tf
 
 from configs import mit67
-from dtq_jax.run import checkpoints
-from dtq_jax.run import config_validation
-from dtq_jax.infra import errors
-from dtq_jax.run import experiment
-from dtq_jax.infra import files
 from dtq_jax.data import input_pipeline
 from dtq_jax.data import splits
+from dtq_jax.infra import errors
+from dtq_jax.infra import files
+from dtq_jax.run import checkpoints
+from dtq_jax.run import config_validation
+from dtq_jax.run import experiment
 from dtq_jax.run import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,12 +14,12 @@ import pytest
 
 from configs import food101
 from configs import mit67
+from dtq_jax.data import input_pipeline
+from dtq_jax.infra import errors
+from dtq_jax.method import step as step_lib
 from dtq_jax.run import checkpoints
 from dtq_jax.run import config_validation
-from dtq_jax.infra import errors
 from dtq_jax.run import experiment
-from dtq_jax.data import input_pipeline
-from dtq_jax.method import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

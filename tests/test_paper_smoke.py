@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from configs import mit67
+from dtq_jax.infra import files
 from dtq_jax.run import config_validation
 from dtq_jax.run import experiment
-from dtq_jax.infra import files
 from dtq_jax.run import train
 
 torch = pytest.importorskip('torch')

@@ -8,9 +8,9 @@ import sys
 from matplotlib.container import ErrorbarContainer
 import pytest
 
+from dtq_jax import plot
 from dtq_jax.run import config_validation
 from dtq_jax.run import experiment
-from dtq_jax import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'

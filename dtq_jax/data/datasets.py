@@ -16,12 +16,12 @@ from typing import Optional, Tuple
 
 import jax
 
-from dtq_jax.infra import caches
-from dtq_jax.infra import errors
 from dtq_jax.data import image_cache
 from dtq_jax.data import input_pipeline
 from dtq_jax.data import sources
 from dtq_jax.data import splits
+from dtq_jax.infra import caches
+from dtq_jax.infra import errors
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,10 +35,10 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from dtq_jax.infra import files
 from dtq_jax.data import input_pipeline
-from dtq_jax.infra import locks
 from dtq_jax.data import sources
+from dtq_jax.infra import files
+from dtq_jax.infra import locks
 
 MODES = ('auto', 'memory', 'disk', 'none')
 # Part of every key: bump it when the stored pixels change meaning.

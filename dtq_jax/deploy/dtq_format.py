@@ -64,8 +64,8 @@ import numpy as np
 from safetensors import safe_open
 import safetensors.numpy
 
-from dtq_jax.infra import files
 from dtq_jax.deploy import int_inference
+from dtq_jax.infra import files
 from dtq_jax import layers
 from dtq_jax import quant
 

@@ -18,16 +18,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dtq_jax.run import checkpoints
 from dtq_jax.deploy import dtq_format
+from dtq_jax.deploy import int_inference
+from dtq_jax.deploy import onnx_export
 from dtq_jax.infra import errors
 from dtq_jax.infra import files
-from dtq_jax.deploy import int_inference
 from dtq_jax import layers
 from dtq_jax.method import networks
-from dtq_jax.deploy import onnx_export
-from dtq_jax import quant
 from dtq_jax.method import static_ranges
+from dtq_jax import quant
+from dtq_jax.run import checkpoints
 
 FORMATS = ('dtq', 'onnx')
 

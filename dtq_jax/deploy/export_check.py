@@ -16,9 +16,9 @@ import numpy as np
 
 from dtq_jax.deploy import dtq_format
 from dtq_jax.deploy import export
+from dtq_jax.deploy import onnx_export
 from dtq_jax import layers
 from dtq_jax.method import networks
-from dtq_jax.deploy import onnx_export
 from dtq_jax.method import static_ranges
 
 

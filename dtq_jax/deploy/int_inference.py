@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from dtq_jax import layers
-from dtq_jax import quant
 from dtq_jax.models import create_model
 from dtq_jax.models.head import TargetHead
+from dtq_jax import quant
 
 INT_WEIGHTS = 'int_weights'
 RANGES = layers.RANGES

@@ -57,10 +57,10 @@ import optax
 
 from dtq_jax.infra import files
 from dtq_jax.method import losses
-from dtq_jax.models import mobilenet_v2
-from dtq_jax.models import MODEL_NAMES
 from dtq_jax.models.head import TargetHead
+from dtq_jax.models import mobilenet_v2
 from dtq_jax.models.mobilenet_v2 import MobileNetV2
+from dtq_jax.models import MODEL_NAMES
 from dtq_jax.models.resnet import ResNet
 
 # config.delta fields of the channel-weight computation, with their

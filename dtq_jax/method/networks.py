@@ -13,11 +13,11 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from dtq_jax.method import attention
 from dtq_jax import layers
-from dtq_jax import quant
+from dtq_jax.method import attention
 from dtq_jax.models import create_model
 from dtq_jax.models.head import TargetHead
+from dtq_jax import quant
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dtq_jax.method import attention
 from dtq_jax.data import augment
+from dtq_jax.method import attention
 from dtq_jax.method import losses
 from dtq_jax.method import networks
 from dtq_jax.method import static_ranges

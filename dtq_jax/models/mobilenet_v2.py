@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dtq_jax import layers
-from dtq_jax import quant
 from dtq_jax.models.resnet import batch_norm
+from dtq_jax import quant
 
 # (expansion t, output channels c, repeats n, first stride s), as in the paper.
 INVERTED_RESIDUAL_SETTING = (

@@ -12,14 +12,14 @@ import os
 
 import jax
 
-from dtq_jax.method import attention
-from dtq_jax import layers
-from dtq_jax.method import losses
-from dtq_jax import quant
 from dtq_jax.data import tfds_tasks
 from dtq_jax.infra.errors import ConfigError
 from dtq_jax.infra.errors import UserError
+from dtq_jax import layers
+from dtq_jax.method import attention
+from dtq_jax.method import losses
 from dtq_jax.models import MODEL_NAMES
+from dtq_jax import quant
 
 METHODS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq')
 TFDS_DATASETS = tfds_tasks.TFDS_NAMES

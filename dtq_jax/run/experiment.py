@@ -15,10 +15,10 @@ import ml_collections
 import numpy as np
 
 from dtq_jax.data import datasets
-from dtq_jax.method import delta
 from dtq_jax.infra import errors
 from dtq_jax.infra import files
 from dtq_jax.infra import locks
+from dtq_jax.method import delta
 from dtq_jax.method import networks
 from dtq_jax.run import saved_configs
 # Not "teacher": run_single's argument of that name holds its variables.

@@ -18,19 +18,19 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from dtq_jax.infra import caches
-from dtq_jax.run import checkpoints
-from dtq_jax.weights import conversion
 from dtq_jax.data import datasets
+from dtq_jax.infra import caches
 from dtq_jax.infra import errors
 from dtq_jax.infra import files
 from dtq_jax.infra import locks
 from dtq_jax.method import networks
-from dtq_jax.weights import pretrained
+from dtq_jax.models import create_model
+from dtq_jax.run import checkpoints
 from dtq_jax.run import run_result
 from dtq_jax.run import saved_configs
 from dtq_jax.run import train
-from dtq_jax.models import create_model
+from dtq_jax.weights import conversion
+from dtq_jax.weights import pretrained
 
 
 def load_teacher(config, data):

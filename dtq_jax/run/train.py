@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dtq_jax.run import checkpoints
 from dtq_jax.infra import files
 from dtq_jax.method import networks
+from dtq_jax.method import step as step_lib
+from dtq_jax.run import checkpoints
 from dtq_jax.run import run_result
 from dtq_jax.run import runtime as runtime_lib
-from dtq_jax.method import step as step_lib
 
 
 class Interrupted(Exception):

@@ -38,10 +38,10 @@ import numpy as np
 import safetensors.numpy
 
 from dtq_jax.infra import caches
-from dtq_jax.weights import conversion
-from dtq_jax.weights import downloads
 from dtq_jax.infra import files
 from dtq_jax import models
+from dtq_jax.weights import conversion
+from dtq_jax.weights import downloads
 from dtq_jax.weights import state_dicts
 
 # torchvision's IMAGENET1K_V1 weights (the ones the paper used). The hex group

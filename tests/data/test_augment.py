@@ -10,8 +10,8 @@ import pytest
 from configs import fmnist
 from dtq_jax.data import augment
 from dtq_jax.data import input_pipeline as ip
-from dtq_jax.method import networks
 from dtq_jax.data import sources
+from dtq_jax.method import networks
 from dtq_jax.method import step as step_lib
 from dtq_jax.models import create_model
 

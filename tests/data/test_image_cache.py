@@ -13,10 +13,10 @@ import pytest
 import data_files
 from data_files import assert_one_line
 from dtq_jax.data import datasets
-from dtq_jax.infra import errors
 from dtq_jax.data import image_cache
 from dtq_jax.data import input_pipeline as ip
 from dtq_jax.data import splits
+from dtq_jax.infra import errors
 
 IDENTITY3 = {'mean': (0.0,) * 3, 'std': (1.0,) * 3}
 # A cached pixel is the uncached float resize rounded to uint8: within half a

@@ -12,11 +12,11 @@ import pytest
 import data_files
 from data_files import assert_one_line
 from configs import fmnist
-from dtq_jax.run import config_validation
 from dtq_jax.data import datasets
-from dtq_jax.infra import errors
 from dtq_jax.data import sources
 from dtq_jax.data import splits
+from dtq_jax.infra import errors
+from dtq_jax.run import config_validation
 from dtq_jax.run import teacher as teacher_lib
 
 _FILES = os.path.join(sources.FASHION_MNIST_DIR, 'train-labels-idx1-ubyte.gz')

@@ -17,11 +17,11 @@ import tensorflow_datasets as tfds
 
 import data_files
 from data_files import assert_one_line
-from dtq_jax.run import config_validation
 from dtq_jax.data import input_pipeline
 from dtq_jax.data import sources
 from dtq_jax.data import splits
 from dtq_jax.data import tfds_tasks
+from dtq_jax.run import config_validation
 
 
 @pytest.fixture(name='folder', scope='module')

@@ -17,15 +17,15 @@ import safetensors
 import safetensors.numpy
 
 import data_files
-from dtq_jax.run import config_validation
 from dtq_jax.deploy import dtq_format
-from dtq_jax.run import experiment
-from dtq_jax import export as export_cli
 from dtq_jax.deploy import export
 from dtq_jax.deploy import int_inference
+from dtq_jax import export as export_cli
 from dtq_jax import layers
-from dtq_jax import quant
 from dtq_jax.models import create_model
+from dtq_jax import quant
+from dtq_jax.run import config_validation
+from dtq_jax.run import experiment
 
 DIMS = ('NHWC', 'HWIO', 'NHWC')
 

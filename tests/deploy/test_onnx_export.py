@@ -14,18 +14,18 @@ import onnxruntime
 import pytest
 
 from configs import fmnist
-from dtq_jax.run import config_validation
-from dtq_jax.deploy import dtq_format
-from dtq_jax.run import experiment
-from dtq_jax import export as export_cli
-from dtq_jax.deploy import export
-from dtq_jax import layers
-from dtq_jax.deploy import onnx_export
-from dtq_jax import quant
 from dtq_jax.data import sources
+from dtq_jax.deploy import dtq_format
+from dtq_jax.deploy import export
+from dtq_jax.deploy import onnx_export
+from dtq_jax import export as export_cli
+from dtq_jax import layers
 from dtq_jax.method import static_ranges
 from dtq_jax.models import create_model
 from dtq_jax.models.head import TargetHead
+from dtq_jax import quant
+from dtq_jax.run import config_validation
+from dtq_jax.run import experiment
 
 
 def _session(model):

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from dtq_jax.data import datasets
-from dtq_jax.method import delta
 from dtq_jax.data import sources
+from dtq_jax.method import delta
 from dtq_jax.models import create_model
 from dtq_jax.models.head import TargetHead
 

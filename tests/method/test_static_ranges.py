@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from dtq_jax import layers
-from dtq_jax import quant
 from dtq_jax.method import static_ranges
 from dtq_jax.models import create_model
+from dtq_jax import quant
 
 TINY = dict(widths=(4, 8, 8, 8))
 

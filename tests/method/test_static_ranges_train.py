@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from dtq_jax.run import config_validation
-from dtq_jax.run import experiment
-from dtq_jax.run import checkpoints
 from dtq_jax.deploy import export
 from dtq_jax.deploy import export_check
 from dtq_jax.method import static_ranges
+from dtq_jax.run import checkpoints
+from dtq_jax.run import config_validation
+from dtq_jax.run import experiment
 
 
 def test_static_run_collects_evaluates_and_exports(tmp_path, tiny_folder):

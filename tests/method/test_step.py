@@ -14,9 +14,9 @@ import pytest
 from configs import fmnist
 from dtq_jax.method import losses
 from dtq_jax.method import networks
-from dtq_jax.run import runtime as runtime_lib
 from dtq_jax.method import step as step_lib
 from dtq_jax.models import create_model
+from dtq_jax.run import runtime as runtime_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

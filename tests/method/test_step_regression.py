@@ -36,9 +36,9 @@ import pytest
 
 from configs import fmnist
 from dtq_jax.method import networks
-from dtq_jax import quant
 from dtq_jax.method import step as step_lib
 from dtq_jax.models import create_model
+from dtq_jax import quant
 
 # method -> {metric after step 3 (or 'eval/...' after it): value}.
 RECORDED = {

@@ -8,10 +8,10 @@ import pytest
 
 from configs import fmnist
 from configs import mit67
-from dtq_jax.run import config_validation
 from dtq_jax.data import datasets
-from dtq_jax.infra import errors
 from dtq_jax.data import sources
+from dtq_jax.infra import errors
+from dtq_jax.run import config_validation
 
 # One out-of-range value for every row of config_validation.NUMERIC_RULES:
 # a row removed from (or added to) the table without its case here fails

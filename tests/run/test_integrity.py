@@ -24,12 +24,12 @@ import ml_collections
 import orbax.checkpoint as ocp
 import pytest
 
-from dtq_jax.run import checkpoints
-from dtq_jax.run import config_validation
 from dtq_jax.data import datasets
 from dtq_jax.infra import errors
-from dtq_jax.run import experiment
 from dtq_jax.infra import files
+from dtq_jax.run import checkpoints
+from dtq_jax.run import config_validation
+from dtq_jax.run import experiment
 from dtq_jax.run import run_result
 from dtq_jax.run import train
 

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from dtq_jax.infra import errors
 from dtq_jax.run import checkpoints
 from dtq_jax.run import distributed
-from dtq_jax.infra import errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 900  # all three runs together; about 3 minutes on 2 cores.

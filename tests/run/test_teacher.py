@@ -22,11 +22,11 @@ import pytest
 
 import data_files
 from configs import fmnist
-from dtq_jax.run import checkpoints
-from dtq_jax.run import config_validation
 from dtq_jax.data import datasets
 from dtq_jax.infra import errors
 from dtq_jax.infra import files
+from dtq_jax.run import checkpoints
+from dtq_jax.run import config_validation
 from dtq_jax.run import run_result
 from dtq_jax.run import teacher as teacher_lib
 from dtq_jax.run import train

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtq_jax.weights import conversion
 from dtq_jax import models
+from dtq_jax.weights import conversion
 
 # --- A hand-written generator of torchvision's state_dict names -------------
 # Each entry is (torch key, torch shape, expected Flax path or None). It

@@ -34,14 +34,14 @@ import pytest
 import safetensors.numpy
 
 from configs import mit67
+from dtq_jax.infra import errors
+from dtq_jax.method import networks
+from dtq_jax import models
+from dtq_jax.run import teacher as teacher_lib
 from dtq_jax.weights import conversion
 from dtq_jax.weights import downloads
-from dtq_jax.infra import errors
-from dtq_jax import models
-from dtq_jax.method import networks
 from dtq_jax.weights import pretrained
 from dtq_jax.weights import state_dicts
-from dtq_jax.run import teacher as teacher_lib
 from dtq_jax.weights import torch_archive
 import test_conversion  # the hand-written torchvision state_dicts
 import test_torch_archive
