@@ -209,7 +209,7 @@ def make_config(model, method, bits, dtype, switches, batch, image_size,
 # One variant to measure: ``switches`` and ``cpu_convolutions`` as for
 # make_config; ``patch``, if not None, is called with no arguments for a
 # context manager that is entered while the step is built and traced
-# (prototype_step.py patches with it).
+# (accelerator_check.py patches its on-device batches in with it).
 VariantSpec = collections.namedtuple(
     'VariantSpec',
     ('name', 'method', 'bits', 'switches', 'cpu_convolutions', 'patch'),
