@@ -1,4 +1,10 @@
-"""Model zoo: torchvision ResNets and MobileNetV2, and the demo ResNet."""
+"""Model zoo: torchvision ResNets and MobileNetV2, and the demo ResNet.
+
+resnet (ResNet-18..152 and the demo's small_resnet), mobilenet_v2, head (the
+target classifier). Each model takes its convolution as an injected ``conv``
+module (dtq_jax.layers) and returns logits plus a dict of named features;
+parameter names map one-to-one to torchvision's. Imports quant and layers.
+"""
 
 from dtq_jax.models.mobilenet_v2 import MobileNetV2
 from dtq_jax.models.resnet import ResNet
