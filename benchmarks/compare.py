@@ -66,6 +66,14 @@ VARIANTS = {
     # The KL temperature (the demo's is 4).
     'dtq_T2': ('dtq', {'dtq.temperature': 2.0}),
     'dtq_T10': ('dtq', {'dtq.temperature': 10.0}),
+    # Per-replica statistics (the authors' two-GPU nn.DataParallel: BatchNorm
+    # and activation ranges over each half of a 64-image batch), against the
+    # same evaluation batch (512 splits into groups of 32; the demo's 500
+    # does not).
+    'ft_eval512': ('ft', {'eval_batch_size': 512}),
+    'ft_groups32': ('ft', {'eval_batch_size': 512, 'stats_group_size': 32}),
+    'dtq_eval512': ('dtq', {'eval_batch_size': 512}),
+    'dtq_groups32': ('dtq', {'eval_batch_size': 512, 'stats_group_size': 32}),
 }
 # The default list of --methods: the paper's methods and the first ablations.
 DEFAULT_VARIANTS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq', 'dtq_no_kl',

@@ -143,6 +143,48 @@ def kl_temperature(config):
   return float(c.temperature_by_model[config.model])
 
 
+def apply_in_groups(apply_fn, images, group_size, rng=None):
+  """Runs the student on groups of examples, as data-parallel replicas would.
+
+  The authors' ResNet-50 runs used ``nn.DataParallel`` on two GPUs: each
+  replica normalised with the BatchNorm statistics of its own half of the
+  batch and quantized activations over its own half's range, and only the
+  first replica's BatchNorm updates survived (its module is the original;
+  the others are copies). ``group_size`` reproduces that on any number of
+  devices: the batch is cut into consecutive groups of ``group_size``
+  examples, ``apply_fn`` runs on each (``jax.vmap``, so every statistic and
+  range is the group's), the outputs are joined back in batch order and the
+  new state (BatchNorm statistics, collected ranges) is the first group's.
+
+  Args:
+    apply_fn: ``(images, rng) -> (outputs, state)``; ``outputs`` is a tree of
+      arrays with the batch as leading axis.
+    images: (B, H, W, C).
+    group_size: examples per group; 0 (or B) runs ``apply_fn`` on the whole
+      batch unchanged (the default: statistics over the global batch).
+    rng: a key for ``apply_fn`` (each group gets its own) or None.
+
+  Returns:
+    ``(outputs, state)`` as ``apply_fn`` returns them for the whole batch.
+
+  Raises:
+    ValueError: ``group_size`` does not divide the batch.
+  """
+  batch = images.shape[0]
+  if not group_size or group_size == batch:
+    return apply_fn(images, rng)
+  if batch % group_size:
+    raise ValueError(f'config.stats_group_size={group_size} must divide the '
+                     f'batch of {batch} examples (batch_size and '
+                     'eval_batch_size per step).')
+  groups = batch // group_size
+  grouped = images.reshape((groups, group_size) + images.shape[1:])
+  rngs = None if rng is None else jax.random.split(rng, groups)
+  outputs, state = jax.vmap(apply_fn)(grouped, rngs)
+  outputs = jax.tree.map(lambda x: x.reshape((batch,) + x.shape[2:]), outputs)
+  return outputs, jax.tree.map(lambda x: x[0], state)
+
+
 def _feature_extractor(backbone_params, classifier_name):
   return {k: v for k, v in backbone_params.items() if k != classifier_name}
 
@@ -224,9 +266,13 @@ def compute_losses(config, nets, params, batch_stats, images, labels, frozen,
   if quant_ranges is not None:
     variables[static_ranges.RANGES] = quant_ranges
     mutable.append(static_ranges.RANGES)
-  student_out, new_state = nets.student.apply(
-      variables, images, train=True, mutable=mutable,
-      rngs={'dropout': k_model})
+
+  def apply_student(x, rng):
+    return nets.student.apply(variables, x, train=True, mutable=mutable,
+                              rngs={'dropout': rng})
+
+  student_out, new_state = apply_in_groups(
+      apply_student, images, config.get('stats_group_size', 0), k_model)
   feats = student_out[1]
   if 'dropped' in feats and config.get('head_dropout', 'shared') == 'shared':
     # As in the authors' code, the target classifier reads the features the
@@ -314,14 +360,16 @@ def make_train_step(config, nets, tx):
   return train_step
 
 
-def make_eval_step(nets, act_ranges='dynamic', dataset=None):
+def make_eval_step(nets, act_ranges='dynamic', dataset=None,
+                   stats_group_size=0):
   """Builds ``(params, batch_stats, batch[, quant_ranges]) -> {'correct',
   'count', 'loss'}``.
 
-  Padded rows (mask 0) are replaced by a copy of the batch's first row, which
-  is always real: activation ranges are taken over the whole batch, and a
-  duplicate of a real image leaves every min and max unchanged, so padding
-  does not change any prediction.
+  Padded rows (mask 0) are replaced by a copy of the first row of their
+  group (the batch, or each ``stats_group_size`` examples), which is real
+  unless the whole group is padding: activation ranges are taken over the
+  group, and a duplicate of one of its real images leaves every min and max
+  unchanged, so padding does not change any prediction.
 
   Args:
     nets: ``networks.Networks``.
@@ -329,6 +377,8 @@ def make_eval_step(nets, act_ranges='dynamic', dataset=None):
       ``quant_ranges`` to quantize with).
     dataset: ``config.dataset``, needed for batches of uint8 pre-crop images
       (centre-cropped and normalised in the step).
+    stats_group_size: ``config.stats_group_size``: activation ranges over
+      groups of this many examples (``apply_in_groups``); 0: the batch.
 
   Returns:
     The (unjitted) step function; its outputs are sums over the batch.
@@ -338,11 +388,17 @@ def make_eval_step(nets, act_ranges='dynamic', dataset=None):
   def eval_step(params, batch_stats, batch, quant_ranges=None):
     mask = batch['mask'].astype(bool)
     images = augment.step_inputs(batch['image'], dataset)
-    images = jnp.where(mask[:, None, None, None], images, images[:1])
+    if stats_group_size and stats_group_size < images.shape[0]:
+      first = jnp.repeat(images[::stats_group_size], stats_group_size, axis=0)
+    else:
+      first = images[:1]
+    images = jnp.where(mask[:, None, None, None], images, first)
     variables = {'params': params['backbone'], 'batch_stats': batch_stats}
     if quant_ranges is not None:
       variables[static_ranges.RANGES] = quant_ranges
-    _, feats = student.apply(variables, images, train=False)
+    (_, feats), _ = apply_in_groups(
+        lambda x, _: (student.apply(variables, x, train=False), {}), images,
+        stats_group_size)
     logits = nets.head.apply({'params': params['head']}, feats['pooled'])
     weights = mask.astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits,

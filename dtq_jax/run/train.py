@@ -179,7 +179,9 @@ class _Run:
     self.train_step = self.runtime.jit_train_step(
         step_lib.make_train_step(config, self.nets, tx))
     self.eval_step = self.runtime.jit(
-        step_lib.make_eval_step(self.nets, dataset=config.dataset),
+        step_lib.make_eval_step(
+            self.nets, dataset=config.dataset,
+            stats_group_size=config.get('stats_group_size', 0)),
         out_shardings=self.runtime.replicated)
     self.static_eval_step = self.runtime.jit(
         step_lib.make_eval_step(self.nets, 'static', config.dataset),
