@@ -7,7 +7,8 @@ Command (ResNet-50, 4-bit weights and activations, DTQ):
 Variants without editing this file: ``configs/caltech256_30.py:mobilenet_v2,5bit``
 (network: resnet50 | mobilenet_v2; bits: 4bit | 5bit | 32bit; method: fp | ft |
 l2 | l2sp | delta | dtq; ``quick`` for a few steps on tiny images), and any field
-with ``--config.FIELD=VALUE`` (e.g. ``--config.repeats=5``).
+with ``--config.FIELD=VALUE`` (e.g. ``--config.repeats=1`` for one seed
+instead of the authors' five).
 
 Data: Caltech-256 as data/256_ObjectCategories/<class>/*.jpg; the split is drawn per class with dataset.data_seed.
 Schedule: 9000 iterations at batch 64 over 7710 training images = 75

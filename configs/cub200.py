@@ -7,7 +7,8 @@ Command (ResNet-50, 4-bit weights and activations, DTQ):
 Variants without editing this file: ``configs/cub200.py:mobilenet_v2,5bit``
 (network: resnet50 | mobilenet_v2; bits: 4bit | 5bit | 32bit; method: fp | ft |
 l2 | l2sp | delta | dtq; ``quick`` for a few steps on tiny images), and any field
-with ``--config.FIELD=VALUE`` (e.g. ``--config.repeats=5``).
+with ``--config.FIELD=VALUE`` (e.g. ``--config.repeats=1`` for one seed
+instead of the authors' five).
 
 Data: TFDS caltech_birds2011 (downloaded on first use, or prepared in --config.dataset.data_dir).
 Schedule: 9000 iterations at batch 64 over 5994 training images = 96

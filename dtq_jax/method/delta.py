@@ -1,32 +1,36 @@
 """DELTA's fixed channel weights (Li et al., ICLR 2019), as DELTA-Q uses them.
 
 docs/method.md ("DELTA-Q") weights the channels of each tapped map by how
-much the frozen full-precision network needs them on the target task:
+much the full-precision network needs them on the target task. The defaults
+(``DEFAULTS``) are those of DELTA's reference code (lixingjian/DELTA:
+``channel_eval.py`` and the ``run.sh`` that calls it):
 
 1. a new head (``TargetHead``, with the network's dropout) is trained on top of
-   the frozen network, which runs in inference mode (BatchNorm running
-   statistics), for ``head_epochs`` epochs of the augmented training stream:
-   SGD, lr ``head_lr``, momentum ``head_momentum``, weight decay
-   ``head_weight_decay`` (PyTorch style: added to the gradient before the
-   momentum, on the head's weight and bias), lr decayed smoothly by
-   ``head_lr_decay_factor`` every ``head_lr_decay_epochs`` epochs::
+   the network, whose weights stay frozen, for ``head_epochs`` epochs of the
+   augmented training stream in batches of ``batch_size``: SGD, lr
+   ``head_lr``, momentum ``head_momentum``, weight decay ``head_weight_decay``
+   (PyTorch style: added to the gradient before the momentum, on the head's
+   weight and bias), lr decayed by ``head_lr_decay_factor`` every
+   ``head_lr_decay_epochs`` epochs::
 
      lr(step) = head_lr * head_lr_decay_factor ** (epoch / head_lr_decay_epochs)
 
-   with ``epoch = step / steps_per_epoch`` a float (one decay per update). The
-   DELTA reference code steps ``ExponentialLR(gamma = 0.1 ** (1 / 6))`` once
-   per epoch instead; ``head_lr_staircase=True`` gives that (``epoch`` is then
-   the integer epoch). The reference code also leaves the backbone's BatchNorm
-   in training mode while it trains the head; docs/method.md (and this module)
-   keeps the whole network in inference mode.
-2. with the network and the trained head in inference mode, on the next
-   ``num_batches`` batches of the same augmented training stream (the first
-   batches of the epoch that follows the head training: the reference code
-   starts a new pass of its shuffled loader), for every tapped convolution
-   and every output channel c, the filter of c is zeroed
-   (``kernel[..., c] = 0``) and the rise of the batch-mean cross-entropy over
-   that of the unmodified network is measured; the rises are averaged over the
-   batches.
+   with ``epoch`` the integer epoch of the step (``head_lr_staircase=True``,
+   the reference's ``ExponentialLR(gamma = 0.1 ** (1 / 6))`` stepped once per
+   epoch) or the fractional ``step / steps_per_epoch`` (``False``: one decay
+   per update). ``head_batch_norm`` is the network's BatchNorm mode meanwhile:
+   ``'train'`` (the reference's ``model.train()``): batch statistics, and the
+   running statistics follow the target's batches (momentum 0.1 in PyTorch's
+   convention, as everywhere in this project); ``'frozen'``: inference mode,
+   the pretrained running statistics, unchanged.
+2. with the network (its running statistics as step 1 left them) and the
+   trained head in inference mode, on the next ``num_batches`` batches of the
+   same augmented training stream (the first batches of the epoch that
+   follows the head training: the reference code starts a new pass of its
+   shuffled loader), for every tapped convolution and every output channel
+   c, the filter of c is zeroed (``kernel[..., c] = 0``) and the rise of the
+   batch-mean cross-entropy over that of the unmodified network is measured;
+   the rises are averaged over the batches.
 3. per map, the rises are standardised (population std, ``np.std``, as the
    reference code) and ``softmax(z / temperature)`` over the channels gives
    the weights. If all rises of a map are equal (std 0) z is taken as 0: the
@@ -64,19 +68,30 @@ from dtq_jax.models import MODEL_NAMES
 from dtq_jax.models.resnet import ResNet
 
 # config.delta fields of the channel-weight computation, with their
-# defaults (docs/method.md; the DELTA reference code). Other fields of
-# config.delta (alpha, beta) are the loss weights and are not read here.
+# defaults: DELTA's reference code (lixingjian/DELTA, channel_eval.py and
+# run.sh; docs/method.md, DELTA-Q, lists what was verified there). Other
+# fields of config.delta (alpha, beta) are the loss weights and are not read
+# here.
 DEFAULTS = dict(
-    head_epochs=10,  # epochs of head training on the frozen network.
-    head_lr=0.01,  # initial learning rate of the head.
+    head_epochs=10,  # epochs of head training (channel_eval.py num_epochs).
+    head_lr=0.01,  # initial learning rate of the head (run.sh --lr_init).
     head_momentum=0.9,  # SGD momentum.
     head_weight_decay=1e-4,  # on the head's weight and bias.
     head_lr_decay_epochs=6.0,  # the lr falls by head_lr_decay_factor ...
-    head_lr_decay_factor=0.1,  # ... every head_lr_decay_epochs epochs.
-    head_lr_staircase=False,  # True: lr constant within an epoch (reference).
+    head_lr_decay_factor=0.1,  # ... every head_lr_decay_epochs epochs,
+    head_lr_staircase=True,  # ... stepped once per epoch (ExponentialLR).
+    # The network's BatchNorm while the head trains: 'train' (model.train():
+    # batch statistics; the running statistics adapt to the target and are
+    # those the rises are measured with) or 'frozen' (inference mode, the
+    # pretrained statistics).
+    head_batch_norm='train',
+    batch_size=32,  # of head training and rise batches (run.sh); 0 = the
+    # run's batch_size.
     num_batches=4,  # training batches the rises are averaged over.
     temperature=5.0,  # softmax(z / temperature) of the standardised rises.
 )
+# Values of head_batch_norm.
+BATCH_NORM_MODES = ('train', 'frozen')
 
 _RESNET_BLOCK = re.compile(r'^layer(\d+)_(\d+)$')
 _PROJECTION = re.compile(r'^conv_(\d+)$')
@@ -109,6 +124,14 @@ def settings(config=None):
   for key in ('head_momentum', 'head_weight_decay'):
     if not s[key] >= 0:
       raise ValueError(f'delta.{key}={s[key]!r}; allowed: a number >= 0.')
+  if (isinstance(s['batch_size'], bool) or int(s['batch_size']) !=
+      s['batch_size'] or s['batch_size'] < 0):
+    raise ValueError(f'delta.batch_size={s["batch_size"]!r}; allowed: an '
+                     'integer >= 1, or 0 for the run\'s batch_size.')
+  s['batch_size'] = int(s['batch_size'])
+  if s['head_batch_norm'] not in BATCH_NORM_MODES:
+    raise ValueError(f'delta.head_batch_norm={s["head_batch_norm"]!r}; '
+                     f'allowed: {", ".join(BATCH_NORM_MODES)}.')
   s['head_lr_staircase'] = bool(s['head_lr_staircase'])
   return s
 
@@ -205,7 +228,7 @@ def _replace(tree, path, value):
   return new
 
 
-# Step 1: the head on the frozen network.
+# Step 1: a head on the network, whose weights stay frozen.
 
 
 def head_lr_schedule(s, steps_per_epoch):
@@ -227,38 +250,63 @@ def _head_optimizer(s, steps_per_epoch):
                 momentum=s['head_momentum'] or None))
 
 
-def _logits(model, head, variables, head_params, images, train=False,
-            rng=None):
-  """Target logits of the frozen network (inference mode) plus the head."""
+def _logits(model, head, variables, head_params, images):
+  """Target logits of the network in inference mode plus the head."""
   _, feats = model.apply(variables, images, train=False)
   pooled = jax.lax.stop_gradient(feats['pooled'])
-  rngs = {'dropout': rng} if train and rng is not None else None
-  return head.apply({'params': head_params}, pooled, train=train, rngs=rngs)
+  return head.apply({'params': head_params}, pooled, train=False)
 
 
-def make_head_step(model, head, tx):
-  """``(head_params, opt_state, variables, images, labels, rng) -> (...)``.
+def make_head_step(model, head, tx, batch_norm='frozen'):
+  """The jitted step of head training (step 1).
 
-  Returns the jitted step; it returns ``(head_params, opt_state, loss)`` and
-  donates the head parameters and the optimizer state.
+  ``step(head_params, opt_state, batch_stats, frozen, images, labels, rng)``
+  returns ``(head_params, opt_state, batch_stats, loss)``; ``frozen`` holds
+  the network's other variables (``{'params': ...}``), never updated. With
+  ``batch_norm='train'`` the network runs in training mode: BatchNorm
+  normalises with the batch's statistics and the returned ``batch_stats`` are
+  the running statistics updated by this batch (MobileNetV2's own dropout,
+  which feeds only its source classifier, draws from ``rng`` too); with
+  ``'frozen'`` it runs in inference mode and ``batch_stats`` come back
+  unchanged. The head parameters and the optimizer state are donated.
   """
-  def step(head_params, opt_state, variables, images, labels, rng):
+  if batch_norm not in BATCH_NORM_MODES:
+    raise ValueError(f'batch_norm={batch_norm!r}; allowed: '
+                     f'{", ".join(BATCH_NORM_MODES)}.')
+
+  def step(head_params, opt_state, batch_stats, frozen, images, labels, rng):
+    variables = dict(frozen, batch_stats=batch_stats)
+    if batch_norm == 'train':
+      (_, feats), state = model.apply(
+          variables, images, train=True, mutable=['batch_stats'],
+          rngs={'dropout': jax.random.fold_in(rng, 1)})
+      batch_stats = state['batch_stats']
+    else:
+      _, feats = model.apply(variables, images, train=False)
+    pooled = jax.lax.stop_gradient(feats['pooled'])
+
     def loss_fn(p):
-      logits = _logits(model, head, variables, p, images, train=True, rng=rng)
+      logits = head.apply({'params': p}, pooled, train=True,
+                          rngs={'dropout': rng})
       return losses.cross_entropy(logits, labels)
     loss, grads = jax.value_and_grad(loss_fn)(head_params)
     updates, opt_state = tx.update(grads, opt_state, head_params)
-    return optax.apply_updates(head_params, updates), opt_state, loss
+    return (optax.apply_updates(head_params, updates), opt_state, batch_stats,
+            loss)
   return jax.jit(step, donate_argnums=(0, 1))
 
 
 def train_head(model, head, variables, batches, s, steps_per_epoch, rng):
-  """Trains a fresh ``head`` on the frozen ``model`` (step 1).
+  """Trains a fresh ``head`` on the network, whose weights stay frozen.
+
+  Step 1; ``s['head_batch_norm']`` says whether the network's BatchNorm runs
+  in training mode (its running statistics then follow the batches) or in
+  inference mode.
 
   Args:
-    model: the frozen full-precision network.
+    model: the full-precision network.
     head: a ``TargetHead``.
-    variables: the network's ``{'params', 'batch_stats'}``.
+    variables: the network's ``{'params', 'batch_stats'}`` (not modified).
     batches: iterator of ``{'image', 'label'}`` training batches; exactly
       ``head_epochs * steps_per_epoch`` are taken.
     s: ``settings(...)``.
@@ -266,11 +314,15 @@ def train_head(model, head, variables, batches, s, steps_per_epoch, rng):
     rng: PRNG key (head initialisation and dropout).
 
   Returns:
-    ``(head_params, epoch_losses)``: the trained head and the mean training
+    ``(head_params, variables, epoch_losses)``: the trained head, the
+    network's variables after the head training (new running statistics
+    with ``'train'``, the given ones with ``'frozen'``) and the mean training
     cross-entropy of every epoch.
   """
   # On the device once, not copied from the host at every step.
   variables = jax.device_put(variables)
+  frozen = {k: v for k, v in variables.items() if k != 'batch_stats'}
+  batch_stats = variables.get('batch_stats', {})
   init_rng, dropout_rng = jax.random.split(rng)
   first = next(batches)
   pooled = jax.eval_shape(
@@ -280,7 +332,7 @@ def train_head(model, head, variables, batches, s, steps_per_epoch, rng):
                                               pooled.dtype))['params']
   tx = _head_optimizer(s, steps_per_epoch)
   opt_state = tx.init(head_params)
-  step = make_head_step(model, head, tx)
+  step = make_head_step(model, head, tx, s['head_batch_norm'])
   epoch_losses, batch = [], first
   for epoch in range(s['head_epochs']):
     total = 0.0
@@ -288,13 +340,13 @@ def train_head(model, head, variables, batches, s, steps_per_epoch, rng):
       if batch is None:
         batch = next(batches)
       n = epoch * steps_per_epoch + i
-      head_params, opt_state, loss = step(
-          head_params, opt_state, variables, batch['image'], batch['label'],
-          jax.random.fold_in(dropout_rng, n))
+      head_params, opt_state, batch_stats, loss = step(
+          head_params, opt_state, batch_stats, frozen, batch['image'],
+          batch['label'], jax.random.fold_in(dropout_rng, n))
       total += loss
       batch = None
     epoch_losses.append(float(total) / steps_per_epoch)
-  return head_params, epoch_losses
+  return head_params, dict(variables, batch_stats=batch_stats), epoch_losses
 
 
 # Step 2: rise of the cross-entropy when a filter is removed.
@@ -396,19 +448,22 @@ def weights_from_rises(rises, temperature=DEFAULTS['temperature']):
 # The whole computation.
 
 
-def channel_weights(model, variables, data, config=None, *, batch_size, seed,
-                    num_classes=None, return_diagnostics=False):
+def channel_weights(model, variables, data, config=None, *, batch_size=None,
+                    seed, num_classes=None, return_diagnostics=False):
   """DELTA's per-channel weights of the four tapped maps (docs/method.md).
 
   Args:
     model: the frozen full-precision network (a ``create_model`` ResNet or
       MobileNetV2 with ``bits_w = bits_a = 32``; the teacher).
     variables: its ``{'params', 'batch_stats'}`` (host or single-device
-      arrays).
+      arrays; not modified: with ``head_batch_norm='train'`` the adapted
+      running statistics are a copy).
     data: the target task's ``datasets.Data``: ``data.train_batches`` gives
       the augmented training stream.
     config: ``config.delta`` (see ``DEFAULTS``), or None for the defaults.
-    batch_size: batch size of head training and of the rise batches.
+    batch_size: the run's batch size, used for head training and the rise
+      batches where ``config.batch_size`` is 0 (by default the settings'
+      batch size, the reference's 32, is used).
     seed: seed of the training stream (order and augmentation), the head's
       initialisation and its dropout.
     num_classes: classes of the new head (default ``data.num_classes``).
@@ -419,21 +474,27 @@ def channel_weights(model, variables, data, config=None, *, batch_size, seed,
     in the order of ``features['taps']`` (each sums to one). With
     ``return_diagnostics``, ``(weights, diagnostics)`` where diagnostics holds
     ``paths``, ``rises`` (float64 arrays), ``base_ce`` (per rise batch),
-    ``head_epoch_losses`` and ``steps_per_epoch``.
+    ``head_epoch_losses``, ``batch_size``, ``steps_per_epoch`` and
+    ``batch_stats`` (the running statistics the rises were measured with).
 
   Raises:
-    ValueError: bad settings, an unsupported model, or a split smaller than
-      one batch.
+    ValueError: bad settings, no batch size, an unsupported model, or a
+      split smaller than one batch.
     FloatingPointError: a non-finite head loss or rise.
   """
   s = settings(config)
+  if s['batch_size']:
+    batch_size = s['batch_size']
+  elif not batch_size:
+    raise ValueError('delta.batch_size=0 asks for the run\'s batch size, but '
+                     'none was given.')
   paths = tapped_convolutions(_model_name(model), variables['params'])
   num_classes = num_classes or data.num_classes
   head = TargetHead(num_classes, dropout_rate=model.dropout_rate)
   steps_per_epoch = data.steps_per_epoch(batch_size)
   # One stream: head training, then the first batches of the next epoch.
   batches = data.train_batches(batch_size, seed=seed)
-  head_params, epoch_losses = train_head(
+  head_params, variables, epoch_losses = train_head(
       model, head, variables, batches, s, steps_per_epoch,
       jax.random.PRNGKey(seed))
   if not np.all(np.isfinite(epoch_losses)):
@@ -451,7 +512,9 @@ def channel_weights(model, variables, data, config=None, *, batch_size, seed,
     return weights
   return weights, {'paths': paths, 'rises': rises, 'base_ce': base_ce,
                    'head_epoch_losses': epoch_losses,
-                   'steps_per_epoch': steps_per_epoch}
+                   'batch_size': batch_size,
+                   'steps_per_epoch': steps_per_epoch,
+                   'batch_stats': jax.device_get(variables['batch_stats'])}
 
 
 # Caching.

@@ -144,8 +144,9 @@ def _trained_setup():
   variables = dict(variables, params=params)
   split = _separable_split()
   head = TargetHead(NUM_CLASSES)
-  s = delta.settings(dict(head_epochs=5, head_lr=0.1))
-  head_params, _ = delta.train_head(
+  s = delta.settings(dict(head_epochs=5, head_lr=0.1,
+                          head_batch_norm='frozen'))
+  head_params, _, _ = delta.train_head(
       model, head, variables, iter(_batches(split, 15)), s, 3,
       jax.random.PRNGKey(0))
   return model, variables, head, head_params, split
@@ -224,14 +225,20 @@ def test_weights_from_equal_rises_are_uniform():
 
 def test_head_lr_schedule():
   s = delta.settings()
-  schedule = delta.head_lr_schedule(s, steps_per_epoch=10)
-  np.testing.assert_allclose(float(schedule(0)), 0.01, rtol=1e-6)
-  np.testing.assert_allclose(float(schedule(60)), 0.001, rtol=1e-5)
-  np.testing.assert_allclose(float(schedule(15)), 0.01 * 0.1**0.25,
-                             rtol=1e-5)  # smooth: decays within an epoch
-  stairs = delta.head_lr_schedule(dict(s, head_lr_staircase=True), 10)
+  # Default (DELTA's channel_eval.py): ExponentialLR(gamma = 0.1 ** (1 / 6))
+  # stepped once per epoch: constant within an epoch.
+  stairs = delta.head_lr_schedule(s, steps_per_epoch=10)
+  np.testing.assert_allclose(float(stairs(0)), 0.01, rtol=1e-6)
+  np.testing.assert_allclose(float(stairs(9)), 0.01, rtol=1e-6)
   np.testing.assert_allclose(float(stairs(19)), 0.01 * 0.1**(1 / 6),
                              rtol=1e-5)
+  np.testing.assert_allclose(float(stairs(60)), 0.001, rtol=1e-5)
+  np.testing.assert_allclose(float(stairs(99)), 0.01 * 0.1**(9 / 6),
+                             rtol=1e-5)
+  smooth = delta.head_lr_schedule(dict(s, head_lr_staircase=False), 10)
+  np.testing.assert_allclose(float(smooth(60)), 0.001, rtol=1e-5)
+  np.testing.assert_allclose(float(smooth(15)), 0.01 * 0.1**0.25,
+                             rtol=1e-5)  # decays within an epoch
 
 
 def test_settings():
@@ -240,28 +247,44 @@ def test_settings():
   s = delta.settings(config)
   assert s == dict(delta.DEFAULTS, num_batches=2)
   assert delta.settings() == delta.DEFAULTS
+  # DELTA's reference (lixingjian/DELTA): channel_eval.py trains the head
+  # 10 epochs in model.train(), SGD 0.01 / 0.9 / 1e-4, ExponentialLR
+  # stepped per epoch with gamma 0.1 ** (1 / 6), then zeroes filters on the
+  # first 4 training batches; run.sh calls it with --batch_size=32;
+  # train.py takes softmax(z / 5) of the standardised rises.
   assert delta.DEFAULTS == dict(
       head_epochs=10, head_lr=0.01, head_momentum=0.9, head_weight_decay=1e-4,
       head_lr_decay_epochs=6.0, head_lr_decay_factor=0.1,
-      head_lr_staircase=False, num_batches=4, temperature=5.0)
+      head_lr_staircase=True, head_batch_norm='train', batch_size=32,
+      num_batches=4, temperature=5.0)
+  assert delta.settings(dict(batch_size=0))['batch_size'] == 0
   with pytest.raises(ValueError, match='num_batches'):
     delta.settings(dict(num_batches=0))
   with pytest.raises(ValueError, match='temperature'):
     delta.settings(dict(temperature=0.0))
+  with pytest.raises(ValueError, match='batch_size'):
+    delta.settings(dict(batch_size=-1))
+  with pytest.raises(ValueError, match='batch_size'):
+    delta.settings(dict(batch_size=2.5))
+  with pytest.raises(ValueError, match='head_batch_norm.*train, frozen'):
+    delta.settings(dict(head_batch_norm='eval'))
 
 
-def test_head_training_reduces_the_cross_entropy():
+@pytest.mark.parametrize('batch_norm', ['train', 'frozen'])
+def test_head_training_reduces_the_cross_entropy(batch_norm):
   model, variables = _tiny_teacher()
   split = _separable_split()
   batches = _batches(split, 30)  # 10 epochs of 3 steps
   head = TargetHead(NUM_CLASSES)
-  head_params, epoch_losses = delta.train_head(
-      model, head, variables, iter(batches), delta.settings(), 3,
+  head_params, after, epoch_losses = delta.train_head(
+      model, head, variables, iter(batches),
+      delta.settings(dict(head_batch_norm=batch_norm)), 3,
       jax.random.PRNGKey(0))
   init = head.init(jax.random.split(jax.random.PRNGKey(0))[0],
                    jnp.zeros((1, 8)))['params']
 
-  pooled = jax.jit(lambda x: model.apply(variables, x)[1]['pooled'])
+  # Step 2 measures in inference mode, with the statistics step 1 left.
+  pooled = jax.jit(lambda x: model.apply(after, x)[1]['pooled'])
 
   def ce(p):
     return np.mean([float(optax.softmax_cross_entropy_with_integer_labels(
@@ -273,22 +296,104 @@ def test_head_training_reduces_the_cross_entropy():
   assert epoch_losses[-1] < epoch_losses[0]
 
 
+def _stats_close(a, b, **kwargs):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kwargs)
+
+
+def test_head_training_batch_norm_modes():
+  """'train' (DELTA's model.train()): batch statistics, running ones adapt.
+
+  The brute-force loop runs the network in training mode batch after batch,
+  as PyTorch's BatchNorm does under model.train(); 'frozen' keeps the
+  pretrained statistics and normalises with them.
+  """
+  model, variables = _tiny_teacher()
+  batches = _batches(_separable_split(), 6)
+  head = TargetHead(NUM_CLASSES)
+  init = head.init(jax.random.split(jax.random.PRNGKey(0))[0],
+                   jnp.zeros((1, 8)))['params']
+
+  def first_loss(v, train):
+    out = model.apply(v, batches[0]['image'], train=train,
+                      mutable=['batch_stats'] if train else False)
+    feats = (out[0] if train else out)[1]
+    return float(optax.softmax_cross_entropy_with_integer_labels(
+        head.apply({'params': init}, feats['pooled']),
+        batches[0]['label']).mean())
+
+  # The running statistics after 6 batches in training mode.
+  expected = variables['batch_stats']
+  for b in batches:
+    _, state = model.apply(dict(variables, batch_stats=expected), b['image'],
+                           train=True, mutable=['batch_stats'])
+    expected = state['batch_stats']
+
+  s = delta.settings(dict(head_epochs=6))
+  _, after, losses_train = delta.train_head(
+      model, head, variables, iter(batches), s, 1, jax.random.PRNGKey(0))
+  _stats_close(after['batch_stats'], expected, rtol=1e-5, atol=1e-6)
+  # The first update's loss: the initial head on batch-normalised features.
+  np.testing.assert_allclose(losses_train[0], first_loss(variables, True),
+                             rtol=1e-5)
+
+  _, kept, losses_frozen = delta.train_head(
+      model, head, variables, iter(batches),
+      dict(s, head_batch_norm='frozen'), 1, jax.random.PRNGKey(0))
+  _stats_close(kept['batch_stats'], variables['batch_stats'], rtol=0, atol=0)
+  np.testing.assert_allclose(losses_frozen[0], first_loss(variables, False),
+                             rtol=1e-5)
+  assert abs(losses_frozen[0] - losses_train[0]) > 1e-3
+  # The caller's statistics are untouched.
+  _stats_close(variables['batch_stats'], _tiny_teacher()[1]['batch_stats'],
+               rtol=0, atol=0)
+
+
 def test_channel_weights_end_to_end():
   model, variables = _tiny_teacher()
+  data = _data(_separable_split())  # 48 images
   config = ml_collections.ConfigDict(dict(alpha=0.01, beta=0.01,
                                           head_epochs=1, num_batches=2))
+  # The run's batch size (16) gives way to DELTA's 32 (delta.batch_size).
   weights, diag = delta.channel_weights(
-      model, variables, _data(_separable_split()), config, batch_size=16,
-      seed=3, return_diagnostics=True)
+      model, variables, data, config, batch_size=16, seed=3,
+      return_diagnostics=True)
   assert [w.shape for w in weights] == [(4,), (8,), (8,), (8,)]
   for w, r in zip(weights, diag['rises'], strict=True):
     assert w.dtype == np.float32
     np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
     np.testing.assert_allclose(w, delta.weights_from_rises(r), rtol=1e-6)
-  assert diag['steps_per_epoch'] == 3
+  assert diag['batch_size'] == 32 and diag['steps_per_epoch'] == 1
   assert len(diag['head_epoch_losses']) == 1 and len(diag['base_ce']) == 2
   assert diag['paths'] == delta.tapped_convolutions('small_resnet',
                                                     variables['params'])
+
+  # The rises are measured with the running statistics the head training
+  # left (training mode), on the next batches of the same stream.
+  stream = data.train_batches(32, seed=3)
+  head = TargetHead(NUM_CLASSES)
+  head_params, after, _ = delta.train_head(
+      model, head, variables, stream, delta.settings(config), 1,
+      jax.random.PRNGKey(3))
+  _stats_close(diag['batch_stats'], after['batch_stats'], rtol=1e-6,
+               atol=1e-7)
+  with pytest.raises(AssertionError):
+    _stats_close(diag['batch_stats'], variables['batch_stats'], rtol=1e-3,
+                 atol=1e-3)
+  rises, _ = delta.filter_removal_rises(
+      model, head, after, head_params, [next(stream), next(stream)],
+      diag['paths'])
+  for r, e in zip(diag['rises'], rises, strict=True):
+    np.testing.assert_allclose(r, e, rtol=1e-5, atol=1e-7)
+
+  # delta.batch_size = 0: the run's batch size.
+  _, diag = delta.channel_weights(
+      model, variables, data, dict(config, batch_size=0), batch_size=16,
+      seed=3, return_diagnostics=True)
+  assert diag['batch_size'] == 16 and diag['steps_per_epoch'] == 3
+  with pytest.raises(ValueError, match='batch_size=0'):
+    delta.channel_weights(model, variables, data, dict(config, batch_size=0),
+                          seed=3)
 
 
 # Caching.
