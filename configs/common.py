@@ -166,6 +166,11 @@ def paper_config(dataset, arg=None):
   # step); 'independent' draws a mask for each.
   c.head_dropout = 'shared'
   c.compute_dtype = 'float32'  # 'bfloat16' on accelerators (opt-in).
+  # Per-replica statistics (opt-in): BatchNorm statistics and activation
+  # ranges over groups of this many consecutive examples, as the authors'
+  # two-GPU nn.DataParallel runs had (32 of each batch of 64); 0: over the
+  # whole batch. Must divide batch_size and eval_batch_size.
+  c.stats_group_size = 0
   # XLA:CPU only: the kernel library of convolutions. 'eigen' is 1.3-1.5x
   # faster for the whole ResNet-50 step than jaxlib 0.10's own choice,
   # YNNPACK ('jaxlib_default'); results agree to float32 rounding

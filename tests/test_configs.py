@@ -47,15 +47,14 @@ def test_quick_variants_and_demo_run_one_seed(name):
 
 
 @pytest.mark.parametrize('arg', ['', 'quick', 'out_of_domain'])
-def test_demo_keeps_the_baseline_values_of_its_recorded_results(arg):
-  # docs/results.md and tests/method/test_step_regression.py were measured
-  # with these; docs/method.md ("The offline demo") says so.
+def test_demo_baselines_follow_the_reference_code(arg):
+  # As the paper configs (docs/method.md, "The offline demo").
   config = fmnist.get_config(arg)
-  assert (config.l2.alpha, config.l2.beta) == (0.01, 0.01)
+  assert (config.l2.alpha, config.l2.beta) == (1e-4, 0.0)
   assert (config.delta.alpha, config.delta.beta) == (0.01, 0.01)
   s = delta.settings(config.delta)
   assert (s['head_batch_norm'], s['head_lr_staircase'], s['batch_size']) == (
-      'frozen', False, 0)
+      'train', True, 32)
 
 
 @pytest.mark.parametrize('name', PAPER_CONFIGS)
