@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 
 from configs import fmnist
-from dtq_jax.method import networks
 from dtq_jax.method import step as step_lib
-from dtq_jax.models import create_model
-
-SHAPE = (28, 28, 1)
+from test_step_regression import SHAPE
+from test_step_regression import tiny_networks
 
 
 def _setup(group_size=0, method='dtq'):
@@ -24,13 +22,7 @@ def _setup(group_size=0, method='dtq'):
   config.method = method
   config.model_kwargs.widths = (4, 8, 8, 8)
   config.stats_group_size = group_size
-  teacher = dict(create_model(config.model, num_classes=5,
-                              **config.model_kwargs).init(
-                                  jax.random.PRNGKey(0),
-                                  jnp.zeros((1,) + SHAPE)))
-  nets = networks.build_networks(config, 3, 5)
-  params, batch_stats = networks.init_params(nets, jax.random.PRNGKey(1),
-                                             SHAPE, teacher)
+  teacher, nets, params, batch_stats = tiny_networks(config)
   return config, nets, params, batch_stats, teacher
 
 

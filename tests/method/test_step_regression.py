@@ -92,6 +92,28 @@ def _departures(got, want):
   return out
 
 
+SHAPE = (28, 28, 1)
+
+
+def tiny_networks(config):
+  """The demo network's teacher (5 source classes) and student (3 targets).
+
+  Args:
+    config: a ``configs/fmnist.py`` config.
+
+  Returns:
+    ``(teacher variables, nets, params, batch_stats)``, from fixed keys.
+  """
+  teacher = dict(create_model(config.model, num_classes=5,
+                              **config.model_kwargs).init(
+                                  jax.random.PRNGKey(0),
+                                  jnp.zeros((1,) + SHAPE)))
+  nets = networks.build_networks(config, 3, 5)
+  params, batch_stats = networks.init_params(nets, jax.random.PRNGKey(1),
+                                             SHAPE, teacher)
+  return teacher, nets, params, batch_stats
+
+
 def _three_steps(method, static=False, **overrides):
   """Three train steps and one evaluation of ``method`` on random batches.
 
@@ -117,14 +139,8 @@ def _three_steps(method, static=False, **overrides):
   for name, value in overrides.items():
     section, field = name.split('__')
     setattr(config[section], field, value)
-  shape = (28, 28, 1)
-  teacher = dict(create_model(config.model, num_classes=5,
-                              **config.model_kwargs).init(
-                                  jax.random.PRNGKey(0),
-                                  jnp.zeros((1,) + shape)))
-  nets = networks.build_networks(config, 3, 5)
-  params, batch_stats = networks.init_params(nets, jax.random.PRNGKey(1),
-                                             shape, teacher)
+  shape = SHAPE
+  teacher, nets, params, batch_stats = tiny_networks(config)
   tx, _ = step_lib.make_optimizer(config, params, 'fc', 10, 3)
   state = step_lib.create_train_state(config, nets, params, batch_stats, tx,
                                       jax.random.PRNGKey(2), shape)
