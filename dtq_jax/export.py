@@ -17,7 +17,9 @@ exported model on the test set: the integer inference path
 also evaluates the checkpoint with fake quantization, static ranges (the
 exported ones) and dynamic ranges (the paper's), and reports how often the
 top-1 predictions agree (export_check.py). Bad files and runs are one-line
-errors (exit 2).
+errors (exit 2). The notes of the libraries (orbax's about the checkpoints it
+reads, TensorFlow's start-up banners) are hidden unless ``--verbosity`` is
+given, as in main.py. ONNX needs the ``onnx`` extra (onnx, onnxruntime).
 
 Using an export from Python::
 
@@ -29,17 +31,94 @@ The ``.dtq`` file format (and the manifest's fields) is ``dtq_format.py``'s.
 """
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
+
+from absl import logging as absl_logging
 
 from dtq_jax.deploy import export as export_lib
 from dtq_jax.deploy import export_check
+from dtq_jax.deploy import onnx_export
 from dtq_jax.infra import errors
 from dtq_jax.infra import files
 from dtq_jax import layers
 
+TRAIN_EXTRA_HINT = "pip install 'dtq-jax[train]'"
+
 # The public Python API of an export (README: Export).
 load_integer_model = export_lib.load_integer_model
 integer_predictor = export_lib.integer_predictor
+
+
+def _hide_orbax_notes(record):
+  """A logging filter that drops orbax's records below ERROR.
+
+  Restoring a checkpoint for export, orbax warns that the directory "is read
+  only" (it opens it so, on purpose): a note that asks nothing of the user.
+
+  Args:
+    record: a ``logging.LogRecord``.
+
+  Returns:
+    Whether the record is shown.
+  """
+  return (record.levelno >= logging.ERROR or
+          f'{os.sep}orbax{os.sep}' not in record.pathname)
+
+
+@contextlib.contextmanager
+def _native_logs_hidden():
+  """Sends what C++ libraries print to stderr meanwhile to /dev/null.
+
+  TensorFlow's import prints its oneDNN start-up banner (twice) through C++
+  logging that TF_CPP_MIN_LOG_LEVEL does not reach (main.py does the same);
+  a Python exception of the import is still shown, after stderr is back.
+  """
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  os.close(devnull)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _import_data(quiet):
+  """Imports the data pipeline, which the export and the check read.
+
+  deploy/ imports it lazily (TensorFlow), so that loading an export needs
+  only the base install; imported here, once, it can be done quietly.
+
+  Args:
+    quiet: hide TensorFlow's start-up banners.
+
+  Raises:
+    errors.UserError: the training stack (the ``train`` extra) is missing.
+  """
+  try:
+    with _native_logs_hidden() if quiet else contextlib.nullcontext():
+      from dtq_jax.data import datasets  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise errors.UserError(
+        f'python -m dtq_jax.export reads the run\'s data and needs '
+        f'{e.name or "TensorFlow"}: {TRAIN_EXTRA_HINT}') from e
+
+
+def _require_extras(args):
+  """Fails at once, before any work, when ONNX's extra is missing."""
+  if export_lib.output_format(args.out, args.format) != 'onnx':
+    return
+  if args.workdir is not None:
+    onnx_export.require('onnx', 'the ONNX export (--format onnx)')
+  if args.check:
+    for module in ('onnx', 'onnxruntime'):
+      onnx_export.require(module, 'checking an ONNX export')
 
 
 def main(argv=None):
@@ -85,10 +164,23 @@ def main(argv=None):
                       help='calibrate even if the run collected ranges')
   parser.add_argument('--max_eval_batches', type=int, default=0)
   parser.add_argument('--report', help='write the --check report (JSON) here')
+  parser.add_argument('--verbosity', type=int, default=None,
+                      help='show the libraries\' logs (orbax, TensorFlow\'s '
+                      'banners), absl\'s level N (0: INFO, 1: DEBUG); hidden '
+                      'by default')
   args = parser.parse_args(argv)
   if args.workdir is None and not args.check:
     parser.error('give --workdir (export) and/or --check.')
+  # Without absl.app, absl's records reach Python's handlers through the
+  # 'absl' logger; the filter is this command's only, not its caller's.
+  absl_logger = logging.getLogger('absl')
+  if args.verbosity is None:
+    absl_logger.addFilter(_hide_orbax_notes)
+  else:
+    absl_logging.set_verbosity(args.verbosity)
   try:
+    _require_extras(args)
+    _import_data(quiet=args.verbosity is None)
     if args.workdir is not None:
       export_lib.export_run(
           args.workdir, args.out, seed=args.seed, best=args.best,
@@ -107,6 +199,8 @@ def main(argv=None):
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     print(f'error: {first}', file=sys.stderr)
     return 2
+  finally:
+    absl_logger.removeFilter(_hide_orbax_notes)
   return 0
 
 

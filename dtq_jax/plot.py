@@ -14,13 +14,12 @@ no pyplot, so nothing needs a display or touches global plotting state.
 """
 
 import argparse
+import importlib
 import json
 import os
 import re
 import sys
 import textwrap
-
-from matplotlib.figure import Figure
 
 from dtq_jax.infra import errors
 from dtq_jax.infra import files
@@ -29,9 +28,32 @@ METRICS = 'metrics.jsonl'
 DEFAULT_NAME = 'curves.png'
 # Small enough that the committed figures stay a few tens of KB.
 DPI = 90
+# matplotlib is an extra (pip install 'dtq-jax[plot]'): the figures import it
+# when drawn, so that without it the command says what to install.
+EXTRA_HINT = "pip install 'dtq-jax[plot]'"
 _SEED_DIR = re.compile(r'seed_(\d+)$')
 # The step's attention entropy of map k, as the loop logs it.
 ENTROPY_KEY = re.compile(r'train/attention_entropy_(\d+)$')
+
+
+def new_figure(what='dtq_jax.plot', **kwargs):
+  """A ``matplotlib.figure.Figure``; matplotlib is imported here.
+
+  Args:
+    what: who needs it, for the error (e.g. the command's name).
+    **kwargs: the ``Figure``'s arguments.
+
+  Returns:
+    The new ``Figure``.
+
+  Raises:
+    errors.UserError: matplotlib is not installed.
+  """
+  try:
+    figure = importlib.import_module('matplotlib.figure')
+  except ImportError as e:
+    raise errors.UserError(f'{what} needs matplotlib: {EXTRA_HINT}') from e
+  return figure.Figure(**kwargs)
 
 
 def read_metrics(path):
@@ -141,13 +163,36 @@ def _is_accuracy(key):
   return key.endswith('/accuracy')
 
 
+def _style(key, j):
+  """The line style of metric ``key``, the ``j``-th of its panel."""
+  return dict(color=f'C{j % 10}', alpha=0.85,
+              marker=None if key.startswith('train/') else 'o',
+              markersize=3, linewidth=1.2,
+              # The total equals CE for ft/fp: dashed, both show.
+              linestyle='--' if key == 'train/loss' else '-')
+
+
+def _legend_label(key):
+  """The legend's name of ``key``: an entropy curve is its map's number."""
+  m = ENTROPY_KEY.match(key)
+  return f'map {m.group(1)}' if m else key
+
+
+def _wants_log(values):
+  """Whether loss ``values`` span enough decades for a logarithmic axis."""
+  return bool(values) and min(values) > 0 and max(values) > 20 * min(values)
+
+
 def run_figure(runs, title=None):
   """Training curves: one row per run; losses, accuracy, attention entropy.
 
   Every seed of a run is a line of the metric's colour (the same colour in
-  every row). Evaluation points (test/val) carry markers. A loss axes is
-  logarithmic when its values are positive and span more than a factor of 20:
-  the terms can differ by orders of magnitude (AFA against KL).
+  every row), so each column has one legend, under its bottom panel: inside
+  the axes a legend hid the curves it names. Evaluation points (test/val)
+  carry markers. The panels of a column share their y axis, so that the rows
+  (methods) compare at a glance; the loss column is logarithmic when its
+  values are positive and span more than a factor of 20 (AFA against KL),
+  in every row alike.
 
   Args:
     runs: ``find_runs``'s dict.
@@ -162,40 +207,46 @@ def run_figure(runs, title=None):
   entropy = _keys(runs, ENTROPY_KEY.match)
   if entropy:
     panels.append(('attention entropy', entropy))
-  fig = Figure(figsize=(4.2 * len(panels), 2.6 * len(runs) + 0.6),
-               layout='constrained')
+  fig = new_figure(figsize=(4.2 * len(panels), 2.6 * len(runs) + 1.2),
+                   layout='constrained')
   axes = fig.subplots(len(runs), len(panels), squeeze=False, sharex=True)
-  for row, (name, seeds) in zip(axes, runs.items()):
-    for ax, (label, keys) in zip(row, panels):
-      values_drawn = []
+  for col, (label, keys) in enumerate(panels):
+    column = axes[:, col]
+    values_drawn, drawn, handles = [], [], {}
+    for ax, (name, seeds) in zip(column, runs.items()):
       for j, key in enumerate(keys):
-        labelled = False
         for _, records in seeds:
           steps, values = _series(records, key)
-          if not steps:
-            continue
-          values_drawn.extend(values)
-          ax.plot(steps, values, color=f'C{j % 10}', alpha=0.85,
-                  marker=None if key.startswith('train/') else 'o',
-                  markersize=3, linewidth=1.2,
-                  # The total equals CE for ft/fp: dashed, both show.
-                  linestyle='--' if key == 'train/loss' else '-',
-                  label=None if labelled else key)
-          labelled = True
-      if label == 'loss' and values_drawn and min(values_drawn) > 0 and (
-          max(values_drawn) > 20 * min(values_drawn)):
-        ax.set_yscale('log')
-      if not ax.lines:
-        ax.text(0.5, 0.5, 'not logged', ha='center', va='center',
-                transform=ax.transAxes, fontsize=8, color='gray')
-        ax.set_yticks([])
+          if steps:
+            values_drawn.extend(values)
+            handles[key], = ax.plot(steps, values, label=key,
+                                    **_style(key, j))
       n = len(seeds)
       ax.set_title(f'{name}: {label}' + (f' ({n} seeds)' if n > 1 else ''),
                    fontsize=9)
       ax.grid(alpha=0.3)
       ax.tick_params(labelsize=8)
       if ax.lines:
-        ax.legend(fontsize=7, loc='best')
+        drawn.append(ax)
+      else:
+        ax.text(0.5, 0.5, 'not logged', ha='center', va='center',
+                transform=ax.transAxes, fontsize=8, color='gray')
+        ax.set_yticks([])
+    # Shared only among the panels with curves: an empty one has no ticks.
+    for ax in drawn[1:]:
+      ax.sharey(drawn[0])
+    if label == 'loss' and _wants_log(values_drawn):
+      for ax in drawn:
+        ax.set_yscale('log')
+    if handles:
+      ordered = [handles[k] for k in keys if k in handles]
+      column[-1].legend(
+          ordered, [_legend_label(k) for k in keys if k in handles],
+          fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.22),
+          # One line for up to 4 names (the maps), else rows of 3.
+          ncols=len(ordered) if len(ordered) <= 4 else 3, frameon=False,
+          title='attention map' if label == 'attention entropy' else None,
+          title_fontsize=7)
   for ax in axes[-1]:
     ax.set_xlabel('step', fontsize=8)
   if title:
@@ -234,8 +285,8 @@ def methods_figure(rows, title, caption=''):
   methods = list(dict.fromkeys(r['method'] for r in rows))
   bits = list(dict.fromkeys(r['bits'] for r in rows))
   width = 0.7 / len(bits)
-  fig = Figure(figsize=(max(5.0, 0.75 * len(methods) + 1.5), 4.2),
-               layout='constrained')
+  fig = new_figure(figsize=(max(5.0, 0.75 * len(methods) + 1.5), 4.2),
+                   layout='constrained')
   ax = fig.subplots()
   for j, b in enumerate(bits):
     color = f'C{j}'
@@ -283,7 +334,7 @@ def shots_figure(rows, title, caption=''):
     name = r['method'] + (f' {r["bits"]}' if several_bits else '')
     series.setdefault(name, []).append(r)
   shots = sorted({r['shots'] for r in rows})
-  fig = Figure(figsize=(5.5, 4.2), layout='constrained')
+  fig = new_figure(figsize=(5.5, 4.2), layout='constrained')
   ax = fig.subplots()
   for j, (name, cells) in enumerate(series.items()):
     cells = sorted(cells, key=lambda r: r['shots'])
@@ -334,6 +385,7 @@ def main(argv=None):
   parser.add_argument('--dpi', type=int, default=DPI)
   args = parser.parse_args(argv)
   try:
+    new_figure(parser.prog)  # Before reading anything: the extra is missing.
     runs = find_runs(args.path)
     out = args.out or os.path.join(args.path, DEFAULT_NAME)
     save_png(run_figure(runs, os.path.normpath(args.path)), out, args.dpi)

@@ -2,17 +2,25 @@
 
 The wheel is built offline from a copy of the repository with the installed
 setuptools (``--no-build-isolation``; tensorflow-cpu depends on setuptools,
-and on wheel through astunparse, so requirements.txt brings both).
+and on wheel through astunparse, so requirements.txt brings both). Its base
+dependencies are a light install (the quantizer, layers, models and loading
+an export; no TensorFlow), the training stack is the ``train`` extra.
 """
 
+import ast
 import email.parser
+import importlib.metadata
+import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import zipfile
 
 from packaging.requirements import Requirement
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # What a checkout holds besides the package: copied so the wheel can be shown
@@ -42,24 +50,50 @@ def _build_wheel(tmp_path):
   return wheels[0]
 
 
-def _requirements_txt():
-  """``{name: specifier}`` of requirements.txt."""
-  reqs = {}
-  for line in (ROOT / 'requirements.txt').read_text().splitlines():
-    line = line.split('#', 1)[0].strip()
-    if line:
-      req = Requirement(line)
-      reqs[req.name.lower().replace('_', '-')] = str(req.specifier)
-  return reqs
+def _name(name):
+  """A distribution's normalized name (PEP 503)."""
+  return re.sub(r'[-_.]+', '-', name).lower()
 
 
-def test_wheel_holds_the_package_and_matches_requirements(tmp_path):
-  wheel = _build_wheel(tmp_path)
-  assert wheel.name.startswith('dtq_jax-0.1.0-')
+@pytest.fixture(name='metadata', scope='module')
+def metadata_fixture(tmp_path_factory):
+  """``(wheel path, its file names, its METADATA)``, built once."""
+  wheel = _build_wheel(tmp_path_factory.mktemp('packaging'))
   with zipfile.ZipFile(wheel) as z:
     names = z.namelist()
     metadata_file = next(n for n in names if n.endswith('.dist-info/METADATA'))
     metadata = email.parser.Parser().parsestr(z.read(metadata_file).decode())
+  return wheel, names, metadata
+
+
+def _dependencies(metadata):
+  """``{None: base, extra: ...}``, each ``{name: Requirement}``."""
+  groups = {None: {}}
+  extras = metadata.get_all('Provides-Extra') or []
+  for line in metadata.get_all('Requires-Dist'):
+    req = Requirement(line)
+    if req.marker is None:
+      groups[None][_name(req.name)] = req
+      continue
+    (extra,) = [e for e in extras if req.marker.evaluate({'extra': e})]
+    groups.setdefault(extra, {})[_name(req.name)] = req
+  return groups
+
+
+def _requirements_txt(name='requirements.txt'):
+  """``{name: specifier}`` of requirements.txt (or another such file)."""
+  reqs = {}
+  for line in (ROOT / name).read_text().splitlines():
+    line = line.split('#', 1)[0].strip()
+    if line:
+      req = Requirement(line)
+      reqs[_name(req.name)] = str(req.specifier)
+  return reqs
+
+
+def test_wheel_holds_the_package_and_matches_requirements(metadata):
+  wheel, names, metadata = metadata
+  assert wheel.name.startswith('dtq_jax-0.1.0-')
 
   # Every module of the package, subpackages included, and nothing else.
   expected = {p.relative_to(ROOT).as_posix()
@@ -71,19 +105,95 @@ def test_wheel_holds_the_package_and_matches_requirements(tmp_path):
 
   assert metadata['Name'] == 'dtq-jax'
   assert metadata['Requires-Python'] == '>=3.11'
-  runtime, extras = {}, {}
-  for line in metadata.get_all('Requires-Dist'):
-    req = Requirement(line)
-    name = req.name.lower().replace('_', '-')
-    if req.marker is None:
-      runtime[name] = str(req.specifier)
-    else:
-      extras[name] = str(req.specifier)
-  assert {'jax', 'flax', 'tensorflow-cpu'} <= set(runtime)
-  assert 'pytest' not in runtime and 'pytest' in extras
-  # Runtime and extras keep requirements.txt's ranges (pytest, chex: test).
-  pinned = _requirements_txt()
-  for name, spec in runtime.items():
-    assert pinned.get(name) == spec, (name, spec, pinned.get(name))
-  for name, spec in pinned.items():
-    assert {**runtime, **extras}.get(name) == spec, (name, spec)
+  groups = _dependencies(metadata)
+  # The base and the extras keep requirements.txt's ranges; it installs
+  # them all (the `make` path), but torch (requirements-torch.txt). 'all'
+  # names the other extras only.
+  declared = {}
+  for extra, reqs in groups.items():
+    for name, req in reqs.items():
+      if name != 'dtq-jax':
+        assert name not in declared, f'{name} is in two groups'
+        declared[name] = str(req.specifier)
+  assert declared == {**_requirements_txt(),
+                      **_requirements_txt('requirements-torch.txt')}
+  assert {'pytest', 'chex'} == set(groups['test'])
+
+
+def test_base_install_is_light_and_train_has_tensorflow(metadata):
+  groups = _dependencies(metadata[2])
+  base = set(groups[None])
+  assert {'jax', 'flax', 'safetensors'} <= base
+  # Issue #29: TensorFlow (a 2.4 GB environment) only with the training
+  # stack; the other large libraries only with their extras.
+  heavy = {n for n in base if n.startswith(('tensorflow', 'tfds', 'onnx',
+                                            'matplotlib', 'torch', 'keras'))}
+  assert not heavy, heavy
+  assert {'tensorflow-cpu', 'tensorflow-datasets', 'optax'} <= set(
+      groups['train'])
+  assert set(groups['onnx']) == {'onnx', 'onnxruntime'}
+  assert set(groups['plot']) == {'matplotlib'}
+  (everything,) = groups['all'].values()
+  assert _name(everything.name) == 'dtq-jax'
+  assert {'train', 'onnx', 'plot'} <= everything.extras
+
+
+def _closure(names):
+  """The installed distributions ``names`` need, themselves included."""
+  seen, todo = set(), [_name(n) for n in names]
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    for line in importlib.metadata.requires(name) or []:
+      req = Requirement(line)
+      # Extras' requirements carry an 'extra' marker: false for ''.
+      if req.marker is None or req.marker.evaluate({'extra': ''}):
+        todo.append(_name(req.name))
+  return seen
+
+
+# The library a user of the base install imports.
+_LIBRARY = ('dtq_jax.quant', 'dtq_jax.layers', 'dtq_jax.models',
+            'dtq_jax.export', 'dtq_jax.pretrained')
+
+
+def test_the_library_imports_only_the_base_dependencies(metadata):
+  code = textwrap.dedent(f"""
+      import importlib, json, sys
+      for name in {_LIBRARY!r}:
+        importlib.import_module(name)
+      print(json.dumps({{n: getattr(m, '__file__', None)
+                        for n, m in sys.modules.items()}}))
+      """)
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  modules = json.loads(proc.stdout.splitlines()[-1])
+  imported = {n.split('.')[0] for n in modules}
+  assert not imported & {'tensorflow', 'tensorflow_datasets', 'onnx',
+                         'onnxruntime', 'matplotlib', 'optax', 'torch'}
+  # What the package's loaded modules import at their top comes with the
+  # base dependencies (their own dependencies included).
+  base = _closure(_dependencies(metadata[2])[None])
+  providers = importlib.metadata.packages_distributions()
+  missing = {}
+  for name, path in modules.items():
+    if name.split('.')[0] != 'dtq_jax' or not path:
+      continue
+    for node in ast.parse(pathlib.Path(path).read_text()).body:
+      if isinstance(node, ast.Import):
+        tops = [a.name.split('.')[0] for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and not node.level:
+        tops = [node.module.split('.')[0]]
+      else:
+        continue
+      for top in tops:
+        if top in sys.stdlib_module_names or top == 'dtq_jax':
+          continue
+        dists = {_name(d) for d in providers.get(top, [top])}
+        if not dists & base:
+          missing.setdefault(top, []).append(name)
+  assert not missing, missing

@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
 import pytest
 
+from dtq_jax.infra import errors
 from dtq_jax import plot
 from dtq_jax.run import config_validation
 from dtq_jax.run import experiment
@@ -84,6 +86,77 @@ def test_comparison_folder_gives_one_row_per_method(dtq_run, tmp_path):
   assert not fig.axes[5].lines and fig.axes[2].lines
 
 
+def _write_metrics(folder, records):
+  folder.mkdir(parents=True)
+  with open(folder / 'metrics.jsonl', 'w') as f:
+    for record in records:
+      f.write(json.dumps(record) + '\n')
+
+
+def _synthetic_comparison(root, ft_loss=1.1):
+  """A comparison folder: 'dtq' (losses 0.05..10, four attention maps) and
+  'ft' (one loss near ``ft_loss``, no attention), 20 steps each."""
+  dtq, ft = [], []
+  for step in range(1, 21):
+    dtq.append({'step': step, 'train/loss': 11.0 - step * 0.2,
+                'train/loss_ce': 1.1 - step * 0.02,
+                'train/loss_afa': 10.0 - step * 0.2,
+                'train/loss_kl': 0.05 + step * 0.001,
+                'train/accuracy': 30.0 + step,
+                **{f'train/attention_entropy_{k}': 2.0 - step * 0.01 * k
+                   for k in range(4)}})
+    ft.append({'step': step, 'train/loss': ft_loss - step * 0.01,
+               'train/loss_ce': ft_loss - step * 0.01,
+               'train/accuracy': 35.0 + step})
+  for records in (dtq, ft):
+    records[9].update({'test/loss': 1.0, 'test/accuracy': 40.0})
+  _write_metrics(root / 'dtq' / 'seed_1', dtq)
+  _write_metrics(root / 'ft' / 'seed_1', ft)
+  return str(root)
+
+
+def test_legends_lie_outside_the_curves(tmp_path):
+  fig = plot.run_figure(plot.find_runs(_synthetic_comparison(tmp_path)))
+  FigureCanvasAgg(fig).draw()
+  legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+  # One legend per column, naming every curve of the column.
+  assert len(legends) == 3
+  names = {t.get_text() for legend in legends for t in legend.get_texts()}
+  assert {'train/loss_kl', 'test/accuracy', 'map 0', 'map 3'} <= names
+  figure_box = fig.bbox
+  for legend in legends:
+    box = legend.get_window_extent()
+    # Inside an axes a legend hides curves (issue #29): no axes holds it.
+    for ax in fig.axes:
+      assert not box.overlaps(ax.get_window_extent()), (
+          [t.get_text() for t in legend.get_texts()], ax.get_title())
+    # And it is not cut off by the figure's edge.
+    assert (box.x0 >= 0 and box.y0 >= 0 and box.x1 <= figure_box.x1 and
+            box.y1 <= figure_box.y1), box
+
+
+@pytest.mark.parametrize('ft_loss, scale', [(1.1, 'log'), (None, 'linear')])
+def test_comparable_panels_share_their_y_axis(tmp_path, ft_loss, scale):
+  root = _synthetic_comparison(tmp_path, ft_loss or 1.1)
+  if ft_loss is None:
+    # Without the small KL term the losses span less than 20x: linear.
+    for name in ('dtq', 'ft'):
+      path = tmp_path / name / 'seed_1' / 'metrics.jsonl'
+      records = [{k: v for k, v in json.loads(line).items()
+                  if k != 'train/loss_kl'} for line in path.read_text(
+                      ).splitlines()]
+      path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  fig = plot.run_figure(plot.find_runs(root))
+  FigureCanvasAgg(fig).draw()
+  rows = [fig.axes[:3], fig.axes[3:]]
+  for col in range(2):  # loss, accuracy: both rows drawn
+    top, bottom = rows[0][col], rows[1][col]
+    assert top.get_yscale() == bottom.get_yscale()
+    assert top.get_ylim() == bottom.get_ylim()
+  assert {rows[0][0].get_yscale(), rows[1][0].get_yscale()} == {scale}
+  assert rows[1][2].texts[0].get_text() == 'not logged'
+
+
 def test_methods_and_shots_figures_from_cells():
   cells = [dict(method='fp', bits='32/32', shots=None, mean=90.0, std=0.2,
                 seeds=[89.8, 90.0, 90.2]),
@@ -134,6 +207,26 @@ def test_compare_plot_only_draws_a_table(tmp_path):
   assert proc.returncode == 2
   assert [l for l in proc.stderr.splitlines() if l.startswith('error:')] == [
       f'error: {table}: no table rows (is it a compare.py table?)']
+
+
+def test_without_matplotlib_the_command_names_the_extra(tmp_path, monkeypatch):
+  # As after a plain `pip install .`: matplotlib is an extra.
+  code = ('import runpy, sys; sys.modules["matplotlib"] = None; '
+          f'sys.argv = ["plot", {str(tmp_path)!r}]; '
+          'runpy.run_module("dtq_jax.plot", run_name="__main__")')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120,
+                        check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      "error: python -m dtq_jax.plot needs matplotlib: "
+      "pip install 'dtq-jax[plot]'"]
+  # The library (benchmarks/compare.py draws with it) says the same.
+  for name in [n for n in sys.modules if n.split('.')[0] == 'matplotlib']:
+    monkeypatch.setitem(sys.modules, name, None)
+  with pytest.raises(errors.UserError, match=r"dtq-jax\[plot\]"):
+    plot.methods_figure([dict(method='dtq', bits='4/4', mean=1.0, std=0.0,
+                              seeds=[])], 'methods')
 
 
 @pytest.mark.parametrize('make', ['missing', 'empty', 'blank_metrics'])

@@ -36,18 +36,16 @@ hold ``input``, ``output``, ``class_names`` and ``preprocess`` (JSON) and the
 whole ``dtq_manifest``.
 """
 
+import importlib
 import json
 
 from flax import traverse_util
 import flax.linen as nn
 import ml_dtypes
 import numpy as np
-import onnx
-from onnx import helper
-from onnx import numpy_helper
-from onnx import TensorProto
 
 from dtq_jax.deploy import int_inference
+from dtq_jax.infra import errors
 from dtq_jax import layers
 from dtq_jax import quant
 # Classes, not modules: dtq_jax.models exports a function named ``resnet``.
@@ -60,6 +58,29 @@ OPSET = 21
 INPUT = 'images'
 OUTPUT = 'logits'
 MANIFEST_KEY = 'dtq_manifest'
+# onnx and onnxruntime are an extra: imported where used (``require``), so
+# that .dtq exports work without them and an ONNX one says what to install.
+EXTRA_HINT = "pip install 'dtq-jax[onnx]'"
+
+
+def require(module='onnx', what='the ONNX export'):
+  """Imports ``module`` (onnx, onnxruntime or one of theirs) for ``what``.
+
+  Args:
+    module: the module's name, e.g. 'onnx.helper' or 'onnxruntime'.
+    what: what needs it, for the error.
+
+  Returns:
+    The module.
+
+  Raises:
+    errors.UserError: it is not installed (one line naming the extra).
+  """
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise errors.UserError(f'{what} needs {module.split(".")[0]}: '
+                           f'{EXTRA_HINT}') from e
 
 
 def code_dtype(bits):
@@ -74,6 +95,8 @@ class _Graph:
 
   def __init__(self):
     self.nodes, self.initializers, self._names = [], [], set()
+    self._helper = require('onnx.helper')
+    self._numpy_helper = require('onnx.numpy_helper')
 
   def _unique(self, name):
     out, i = name, 1
@@ -84,13 +107,14 @@ class _Graph:
 
   def const(self, name, array):
     name = self._unique(name)
-    self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+    self.initializers.append(self._numpy_helper.from_array(np.asarray(array),
+                                                           name))
     return name
 
   def node(self, op, inputs, name, **attrs):
     name = self._unique(name)
-    self.nodes.append(helper.make_node(op, list(inputs), [name], name=name,
-                                       **attrs))
+    self.nodes.append(self._helper.make_node(op, list(inputs), [name],
+                                             name=name, **attrs))
     return name
 
 
@@ -268,6 +292,8 @@ def build_model(manifest, variables):
   Returns:
     An ``onnx.ModelProto`` that passes ``onnx.checker.check_model``.
   """
+  onnx = require('onnx')
+  helper = require('onnx.helper')
   m = manifest['model']
   student, _ = int_inference.build(manifest)
   image_shape = tuple(m['image_shape'])
@@ -296,9 +322,9 @@ def build_model(manifest, variables):
   num_classes = m['num_classes']
   onnx_graph = helper.make_graph(
       graph.nodes, f'dtq_{m["name"]}_w{m["bits_w"]}a{m["bits_a"]}',
-      [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT,
+      [helper.make_tensor_value_info(INPUT, onnx.TensorProto.FLOAT,
                                      ['N', h, w, c])],
-      [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT,
+      [helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT,
                                      ['N', num_classes])],
       graph.initializers)
   model = helper.make_model(
@@ -354,5 +380,5 @@ def ranges(model):
   for init in model.graph.initializer:
     name = init.name
     if name.startswith(prefix) and name.rsplit('/', 1)[-1] in ('lo', 'hi'):
-      flat[name[len(prefix):]] = numpy_helper.to_array(init)
+      flat[name[len(prefix):]] = require('onnx.numpy_helper').to_array(init)
   return traverse_util.unflatten_dict(flat, sep='/')

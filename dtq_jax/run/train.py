@@ -201,9 +201,10 @@ class _Run:
     """Opens the metrics log and the progress bar (process 0 only)."""
     main = self.runtime.is_main
     self.logger = files.MetricsLog(self.workdir, main, start_step)
-    self.bar = tqdm(total=self.total_steps, initial=start_step,
-                    disable=not main, dynamic_ncols=True, mininterval=2.0,
-                    desc=os.path.basename(self.workdir.rstrip('/')))
+    self.bar = ProgressBar(total=self.total_steps, initial=start_step,
+                           disable=not main, dynamic_ncols=True,
+                           mininterval=2.0,
+                           desc=os.path.basename(self.workdir.rstrip('/')))
 
   def restart_clock(self):
     """Times the bar's rate and ETA from now on.
@@ -211,7 +212,7 @@ class _Run:
     Called after the first step of an invocation: it compiled the step (tens
     of seconds), which the remaining steps do not repeat.
     """
-    restart_clock(self.bar)
+    self.bar.restart_clock()
 
   def close_logs(self):
     self.bar.close()
@@ -322,15 +323,51 @@ class _Run:
                             self.nonfinite_steps())
 
 
-def restart_clock(bar):
-  """Makes a tqdm bar time its rate and ETA from now, from its current count.
+class ProgressBar(tqdm):
+  """A tqdm bar of steps whose rate and ETA leave out the compiling step.
 
-  Args:
-    bar: a tqdm bar.
+  The first step of an invocation compiles the step (seconds to minutes):
+  a rate over it made the first ETA tens of minutes too long, and tqdm's
+  smoothed rate kept it for many steps. This bar's rate counts the steps from
+  ``restart_clock`` on (the loop calls it after the first step) over the time
+  since, and is '?' before; the elapsed time stays the bar's own, from its
+  start, so it never goes back (moving tqdm's start time to the restart made
+  it jump back to 0). The rate includes evaluations and checkpoints, which
+  recur, so the ETA does too. Nothing here waits for the device: the count
+  is of steps enqueued, as before.
   """
-  now = time.time()
-  bar.start_t = bar.last_print_t = now
-  bar.initial = bar.last_print_n = bar.n
+
+  def __init__(self, *args, **kwargs):
+    # (time, count) the rate is measured from, or None: no rate yet. Set
+    # first: tqdm's constructor draws the bar (format_dict) already.
+    self.clock = None
+    super().__init__(*args, **kwargs)
+
+  def restart_clock(self):
+    """Measures the rate from now and from the current count on."""
+    if not self.disable:  # A disabled bar (other processes) has no clock.
+      self.clock = (self._time(), self.n)
+
+  @property
+  def format_dict(self):
+    """tqdm's fields, with the rate measured since ``restart_clock``."""
+    fields = super().format_dict
+    if self.disable and not hasattr(self, 'unit'):
+      return fields  # Disabled from the start (other processes): no fields.
+    # (``close`` disables the bar before its last line, which keeps this
+    # rate, not tqdm's average over the compilation.)
+    rate = None
+    if self.clock is not None:
+      start, count = self.clock
+      seconds = self._time() - start
+      if self.n > count and seconds > 0:
+        rate = (self.n - count) / seconds
+    fields['rate'] = rate
+    if rate is None:
+      # Without a rate tqdm divides the steps since ``initial`` by the
+      # elapsed time (compilation included); none counted gives '?'.
+      fields['initial'] = self.n
+    return fields
 
 
 def train_and_evaluate(config, workdir, seed, data, teacher,

@@ -6,6 +6,8 @@ import math
 import os
 import shutil
 import stat
+import subprocess
+import sys
 
 from flax import linen as nn
 from flax import traverse_util
@@ -28,6 +30,8 @@ from dtq_jax.run import config_validation
 from dtq_jax.run import experiment
 
 DIMS = ('NHWC', 'HWIO', 'NHWC')
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 # --------------------------------------------------------------------------
@@ -215,6 +219,44 @@ def test_export_load_infer(tiny_run, tmp_path):
   _, predict = export.load_integer_model(out)
   logits = predict(jnp.zeros((2, 16, 16, 3)))
   assert logits.shape == (2, 3) and np.all(np.isfinite(logits))
+
+
+def _export_command(*args):
+  return subprocess.run([sys.executable, '-m', 'dtq_jax.export', *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        check=False)
+
+
+def test_export_command_hides_library_notes_unless_verbose(tiny_run,
+                                                           tmp_path):
+  # Issue #29: orbax's "Given directory is read only" (the checkpoints are
+  # opened read only on purpose) and TensorFlow's oneDNN banner, twice.
+  out = str(tmp_path / 'model.dtq')
+  proc = _export_command('--workdir', tiny_run, '--out', out)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'read only' not in proc.stderr, proc.stderr
+  assert 'oneDNN' not in proc.stderr, proc.stderr
+  assert proc.stdout.startswith(f'{out}: ')
+  proc = _export_command('--workdir', tiny_run, '--out', out,
+                         '--verbosity', '0')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'Given directory is read only' in proc.stderr
+
+
+def test_without_the_train_extra_the_command_names_it(tmp_path):
+  # A base install (no TensorFlow) loads exports; exporting or checking one
+  # reads the run's data with TensorFlow.
+  out = str(tmp_path / 'model.dtq')
+  code = ('import runpy, sys; sys.modules["tensorflow"] = None; '
+          f'sys.argv = ["export", "--out", {out!r}, "--check"]; '
+          'runpy.run_module("dtq_jax.export", run_name="__main__")')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      "error: python -m dtq_jax.export reads the run's data and needs "
+      "tensorflow: pip install 'dtq-jax[train]'"]
 
 
 def test_export_refuses_a_folder_without_a_run(tmp_path, capsys):

@@ -3,6 +3,8 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ from dtq_jax.deploy import dtq_format
 from dtq_jax.deploy import export
 from dtq_jax.deploy import onnx_export
 from dtq_jax import export as export_cli
+from dtq_jax.infra import errors
 from dtq_jax import layers
 from dtq_jax.method import static_ranges
 from dtq_jax.models import create_model
@@ -305,3 +308,42 @@ def test_an_unexported_padding_is_named():
       onnx_export._Graph(), {}, {'c': conv})  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="c: padding 'CIRCULAR' is not"):
     builder.conv('x', 'c')
+
+
+# --------------------------------------------------------------------------
+# Without the onnx extra.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize('blocked,args,message', [
+    ('onnx', ['--workdir', 'RUN', '--format', 'onnx'],
+     'the ONNX export (--format onnx) needs onnx'),
+    ('onnxruntime', ['--check'], 'checking an ONNX export needs onnxruntime'),
+])
+def test_without_the_onnx_extra_the_command_names_it(tmp_path, blocked, args,
+                                                     message):
+  # As after a plain `pip install .`; the command fails before any work.
+  out = str(tmp_path / 'model.onnx')
+  argv = ['export'] + [str(tmp_path) if a == 'RUN' else a for a in args] + [
+      '--out', out]
+  code = (f'import runpy, sys; sys.modules[{blocked!r}] = None; '
+          f'sys.argv = {argv!r}; '
+          'runpy.run_module("dtq_jax.export", run_name="__main__")')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      f"error: {message}: pip install 'dtq-jax[onnx]'"]
+  assert not os.path.exists(out)
+
+
+def test_the_onnx_graph_without_onnx_is_a_user_error(monkeypatch):
+  for name in [n for n in sys.modules if n.split('.')[0] == 'onnx']:
+    monkeypatch.setitem(sys.modules, name, None)
+  monkeypatch.setitem(sys.modules, 'onnx', None)
+  with pytest.raises(errors.UserError,
+                     match=r"needs onnx: pip install 'dtq-jax\[onnx\]'"):
+    onnx_export.build_model({'model': {}}, {})
