@@ -60,7 +60,7 @@ VARIANTS = {
     'dtq_reversed': ('dtq', {'dtq.attention': 'reversed'}),
     'dtq_entropy': ('dtq', {'dtq.attention_entropy_weight': 0.1}),
     # The paper's theta (the demo uses 1e-3) and DELTA at the demo's stable
-    # alpha (README "Demo results").
+    # alpha (docs/results.md).
     'dtq_theta0.01': ('dtq', {'dtq.afa_weight': 0.01}),
     'delta_1e-3': ('delta', {'delta.alpha': 1e-3}),
     # The KL temperature (the demo's is 4).

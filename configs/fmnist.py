@@ -28,7 +28,7 @@ accuracy; ``python benchmarks/compare.py --sweep=shots --shots=30
 --config=configs/fmnist.py:in_domain --methods=ft,dtq --seeds=3
 --out=results/compare_fmnist_in_domain_30shots.md``); the demo's own run is
 seed 1 of those (FT-Q 82.02, DTQ 83.69). More numbers, the out-of-domain
-ones and times: README ("Demo results").
+ones and times: docs/results.md.
 
 ``configs/fmnist.py:quick`` (composable: ``:out_of_domain,quick``) runs the
 same pipeline in a few steps: 80 s on 2 CPU cores with its teacher and a
@@ -87,13 +87,13 @@ def get_config(arg=None):
   # 10 (in_domain) or 5 source classes instead of 1000: a lower temperature
   # keeps the teacher's soft labels informative. In domain at 30 shots, T = 2,
   # 4 and 10 gave 83.74 +- 0.28, 83.70 +- 0.13 and 83.81 +- 0.33% (3 seeds;
-  # README "Demo results"): no measurable difference, T = 4 is kept.
+  # docs/results.md): no measurable difference, T = 4 is kept.
   c.dtq.temperature = 4.0
   # The paper's theta = 0.01 diverges on this network, on both splits: the
   # learned attention of the first maps collapses onto one channel within ~10
   # steps, which gives that channel C times the uniform weight in AFA, and
   # the loss overflows (NaN). 1e-3 is the largest stable power of ten
-  # (measured, see README "Demo results").
+  # (measured, see docs/results.md).
   c.dtq.afa_weight = 1e-3
   c.batch_size = 64
   c.eval_batch_size = 500

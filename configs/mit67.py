@@ -10,7 +10,7 @@ l2 | l2sp | delta | dtq; ``quick`` for a few steps on tiny images), and any fiel
 with ``--config.FIELD=VALUE`` (e.g. ``--config.repeats=1`` for one seed
 instead of the authors' five).
 
-Data: MIT Indoors 67 from its official page, arranged as data/mit67/{train,test}/<class>/*.jpg (see README, "Datasets").
+Data: MIT Indoors 67 from its official page, arranged as data/mit67/{train,test}/<class>/*.jpg (see docs/paper_settings.md, "Datasets").
 Schedule: 9000 iterations at batch 64 over 5360 training images = 107
 epochs, learning rate x0.1 at epoch 71.
 Not one of the authors' settings as far as their code shows: their run
