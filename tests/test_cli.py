@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from dtq_jax.run import distributed
+from dtq_jax.run import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, 'main.py')
@@ -75,6 +76,30 @@ def test_a_config_refused_when_the_data_loads_names_the_workdir(tmp_path):
       '300 images; use a batch size at most that.'], proc.stderr
   assert f'Workdir: {tmp_path / "run"}' in proc.stdout.splitlines()
   assert not list(tmp_path.rglob('config.json'))
+
+
+@pytest.mark.parametrize('override, expected', [
+    ('--config.batch_size=4.5',
+     'error: --config.batch_size=4.5: expected an int'),
+    ('--config.optim.lr=fast',
+     'error: --config.optim.lr=fast: expected a float (a number)'),
+])
+def test_an_override_of_the_wrong_type_is_one_line_naming_the_field(
+    tmp_path, override, expected):
+  proc = _main(tmp_path, f'--config={ROOT}/configs/fmnist.py:quick', override,
+               f'--workdir={tmp_path}/run')
+  assert _only_error_line(proc) == expected
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_run_refused_at_start_leaves_no_workdir_and_named_its_weights(
+    tmp_path):
+  # Refused when the data loads, after the workdir was made and locked.
+  proc = _main(tmp_path, f'--config={ROOT}/configs/fmnist.py:quick',
+               '--config.batch_size=1000', '--workdir=runs/refused')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'Weights: the teacher trained on the source task' in proc.stdout
+  assert not (tmp_path / 'runs').exists()
 
 
 def _free_port():
@@ -141,16 +166,15 @@ def test_launched_needs_no_runtime(monkeypatch):
 
 def test_orbax_notes_are_hidden_but_not_its_errors():
   import logging  # pylint: disable=g-import-not-at-top
-  import main  # pylint: disable=g-import-not-at-top
 
   def record(level, path):
     return logging.LogRecord('absl', level, path, 1, 'note', (), None)
 
   orbax = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint',
                        'checkpoint_manager.py')
-  assert not main._hide_orbax_notes(record(logging.WARNING, orbax))
-  assert main._hide_orbax_notes(record(logging.ERROR, orbax))
-  assert main._hide_orbax_notes(record(logging.WARNING, os.path.join(
+  assert not launch._hide_orbax_notes(record(logging.WARNING, orbax))
+  assert launch._hide_orbax_notes(record(logging.ERROR, orbax))
+  assert launch._hide_orbax_notes(record(logging.WARNING, os.path.join(
       ROOT, 'dtq_jax', 'sources.py')))
 
 
@@ -161,8 +185,11 @@ def test_command_line_tools_spell_flags_with_underscores():
   import re  # pylint: disable=g-import-not-at-top
   first_long = re.compile(r"add_argument\(\s*'(--[^']+)'")
   found = {}
-  for path in glob.glob(os.path.join(ROOT, 'dtq_jax', '*.py')) + glob.glob(
-      os.path.join(ROOT, 'benchmarks', '*.py')):
+  # Subpackages too: the tools' parsers live where their code does (the
+  # pretrained command's in dtq_jax/weights/).
+  for path in glob.glob(os.path.join(ROOT, 'dtq_jax', '**', '*.py'),
+                        recursive=True) + glob.glob(
+                            os.path.join(ROOT, 'benchmarks', '*.py')):
     with open(path) as f:
       for flag in first_long.findall(f.read()):
         found[flag] = os.path.relpath(path, ROOT)

@@ -31,6 +31,7 @@ from dtq_jax.infra import files
 from dtq_jax.run import checkpoints
 from dtq_jax.run import config_validation
 from dtq_jax.run import experiment
+from dtq_jax.run import launch
 from dtq_jax.run import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -330,12 +331,11 @@ def test_second_sigint_aborts_at_once():
 
 
 def test_sigterm_outside_the_loop_aborts_like_ctrl_c():
-  # main.py's handler while data load, a teacher trains or between seeds.
-  sys.path.insert(0, ROOT)
-  import main  # pylint: disable=g-import-not-at-top
-  previous = signal.signal(signal.SIGTERM, main._abort_on_sigterm)  # pylint: disable=protected-access
+  # main.py's handler (launch's) while data load, a teacher trains or
+  # between seeds.
+  previous = signal.signal(signal.SIGTERM, launch._abort_on_sigterm)  # pylint: disable=protected-access
   try:
-    with pytest.raises(main._Aborted) as e:  # pylint: disable=protected-access
+    with pytest.raises(launch._Aborted) as e:  # pylint: disable=protected-access
       os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(1)
     assert e.value.signum == signal.SIGTERM
@@ -344,7 +344,7 @@ def test_sigterm_outside_the_loop_aborts_like_ctrl_c():
       os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(0.01)
       assert stop.signum == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is main._abort_on_sigterm  # pylint: disable=protected-access
+    assert signal.getsignal(signal.SIGTERM) is launch._abort_on_sigterm  # pylint: disable=protected-access
   finally:
     signal.signal(signal.SIGTERM, previous)
 

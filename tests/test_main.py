@@ -4,6 +4,7 @@ import glob
 import importlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from dtq_jax.method import step as step_lib
 from dtq_jax.run import checkpoints
 from dtq_jax.run import config_validation
 from dtq_jax.run import experiment
+from dtq_jax.run import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,6 +175,45 @@ def test_tfds_dataset_with_mock_data(tmp_path, method):
   _assert_run_outputs(workdir, summary, method)
 
 
+# tiny()'s shrunk ':quick' run as a config file, for main.py.
+_TINY_CONFIG_FILE = """
+from configs import mit67
+
+def get_config():
+  c = mit67.get_config('quick')
+  c.model = 'small_resnet'
+  c.model_kwargs = dict(widths=(4, 8, 8, 8))
+  c.method = 'ft'
+  c.pretrained = 'none'
+  c.dataset.root = {root!r}
+  c.dataset.train_per_class = 6
+  c.dataset.test_per_class = 4
+  return c
+"""
+
+
+def test_a_finished_run_prints_an_export_command_that_works(image_folder,
+                                                            tmp_path):
+  # From a directory other than the repository's, as a user may run it.
+  config = tmp_path / 'tiny.py'
+  config.write_text(_TINY_CONFIG_FILE.format(root=image_folder))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'main.py'), f'--config={config}',
+       '--workdir=runs/tiny'], cwd=tmp_path, capture_output=True, text=True,
+      timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('Export: ')]
+  assert len(lines) == 1, proc.stdout
+  command = lines[0][len('Export: '):]
+  assert sys.executable in shlex.split(command)
+  assert f'--workdir {tmp_path}/runs/tiny ' in command
+  proc = subprocess.run(command, shell=True, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / 'ft.dtq').is_file()
+
+
 @pytest.mark.parametrize('field, value', [
     ('method', 'magic'),
     ('bits_w', 17),
@@ -286,17 +327,16 @@ def test_batch_not_divisible_by_devices(image_folder):
 
 def test_allocator_note_for_large_images_on_cpu_without_tcmalloc(
     monkeypatch, capsys):
-  import main  # pylint: disable=g-import-not-at-top
   monkeypatch.delenv('LD_PRELOAD', raising=False)
   # Memory kept (main.py's default): nothing to advise.
-  main._allocator_note(mit67.get_config(), 'keep (mallopt: ...)')
+  launch._allocator_note(mit67.get_config(), 'keep (mallopt: ...)')
   assert not capsys.readouterr().err
-  main._allocator_note(mit67.get_config(), 'default')  # 224 px
+  launch._allocator_note(mit67.get_config(), 'default')  # 224 px
   err = capsys.readouterr().err
   assert 'LD_PRELOAD=' in err and 'DTQ_ALLOCATOR' in err
-  main._allocator_note(mit67.get_config('quick'), 'default')  # 32 px
+  launch._allocator_note(mit67.get_config('quick'), 'default')  # 32 px
   assert not capsys.readouterr().err
   monkeypatch.setenv('LD_PRELOAD',
                      '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4')
-  main._allocator_note(mit67.get_config(), 'default')
+  launch._allocator_note(mit67.get_config(), 'default')
   assert not capsys.readouterr().err

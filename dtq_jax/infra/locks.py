@@ -16,7 +16,8 @@ from dtq_jax.infra import errors
 from dtq_jax.infra import files
 
 WORKDIR_LOCK = 'run.lock'
-_PID = '.pid'
+# The file beside a lock that names its holder: the lock's name + PID.
+PID = '.pid'
 
 
 def holder(lock_path):
@@ -29,7 +30,7 @@ def holder(lock_path):
     An int, or None when no pid was written (yet).
   """
   try:
-    with open(lock_path + _PID) as f:
+    with open(lock_path + PID) as f:
       return int(f.read().strip())
   except (OSError, ValueError):
     return None
@@ -40,11 +41,11 @@ def _process(pid):
 
 
 def _write_pid(lock):
-  files.write_text(lock.lock_file + _PID, f'{os.getpid()}\n')
+  files.write_text(lock.lock_file + PID, f'{os.getpid()}\n')
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir):
+def workdir_lock(workdir, remove_if=None):
   """Holds ``workdir`` for this process, or fails at once if another has it.
 
   Two processes writing one run would interleave their metrics and
@@ -53,6 +54,10 @@ def workdir_lock(workdir):
 
   Args:
     workdir: an existing folder.
+    remove_if: None, or a function of the exception that ends the block: if
+      it returns True, the lock files this call created (not those a
+      previous holder left) are removed. That happens before the lock is
+      released, so no other process holds the files meanwhile.
 
   Yields:
     Nothing; the lock is released on exit.
@@ -61,6 +66,7 @@ def workdir_lock(workdir):
     UserError: another process holds the workdir (naming its pid).
   """
   path = os.path.join(workdir, WORKDIR_LOCK)
+  created = [p for p in (path, path + PID) if not os.path.lexists(p)]
   lock = filelock.FileLock(path)
   try:
     lock.acquire(timeout=0)
@@ -71,6 +77,12 @@ def workdir_lock(workdir):
   try:
     _write_pid(lock)
     yield
+  except BaseException as e:
+    if remove_if is not None and remove_if(e):
+      for p in created:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(p)
+    raise
   finally:
     lock.release()
 

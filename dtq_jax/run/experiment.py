@@ -1,10 +1,12 @@
 """A whole experiment: repeats over seeds, their summary, comparisons.
 
-``run(config, workdir)`` is what ``main.py`` calls. It never overwrites a
-finished run (it prints the stored summary instead), resumes an unfinished one,
-and refuses a workdir whose run (finished or not) has a different config, or
-that another process is running in. The one difference it accepts is a larger
-``repeats``: the run's finished seeds are kept and the new ones added.
+``run(config, workdir)`` is what ``main.py`` runs (through launch.py). It
+never overwrites a finished run (it prints the stored summary instead),
+resumes an unfinished one, and refuses a workdir whose run (finished or not)
+has a different config, or that another process is running in. The one
+difference it accepts is a larger ``repeats``: the run's finished seeds are
+kept and the new ones added. A run refused before it wrote anything (its data
+or weights) leaves the workdir as it found it.
 """
 
 import contextlib
@@ -88,15 +90,65 @@ def _workdir_held(workdir):
   """The workdir, made and held by this run (process 0 takes the lock).
 
   Making it and writing the lock's pid file is also the check that the
-  workdir can be written, before any data is loaded.
+  workdir can be written, before any data is loaded. A run that ends before
+  it wrote anything (its data or teacher refused, an interrupt while they
+  load) leaves the workdir as it found it, so that no empty run folder is
+  left for the user to wonder about: the lock files and the folders it made
+  are removed; nothing that was there before is.
+
+  Yields:
+    A list of the folders this run made, outermost first; the caller adds
+    those it makes inside the workdir (a comparison's method folders), to be
+    removed when the run ends by an exception and they are still empty.
   """
-  with contextlib.ExitStack() as stack:
-    with errors.user_errors(f'workdir {workdir}', OSError):
-      os.makedirs(workdir, exist_ok=True)
-      if jax.process_index() == 0:
-        stack.enter_context(locks.workdir_lock(workdir))
-        files.remove_stale_temporaries(workdir)
-    yield
+  made = _missing_folders(workdir)
+  before = set(os.listdir(workdir)) if os.path.isdir(workdir) else set()
+  try:
+    with contextlib.ExitStack() as stack:
+      with errors.user_errors(f'workdir {workdir}', OSError):
+        os.makedirs(workdir, exist_ok=True)
+        if jax.process_index() == 0:
+          stack.enter_context(locks.workdir_lock(
+              workdir, remove_if=lambda _: _wrote_nothing(workdir, before,
+                                                          made)))
+          files.remove_stale_temporaries(workdir)
+      yield made
+  except BaseException:
+    for folder in reversed(made):
+      with contextlib.suppress(OSError):  # Not empty: the run wrote there.
+        os.rmdir(folder)
+    raise
+
+
+def _missing_folders(path):
+  """The folders ``os.makedirs(path)`` would make, outermost first."""
+  missing = []
+  path = os.path.abspath(path)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    missing.append(path)
+    path = os.path.dirname(path)
+  return missing[::-1]
+
+
+def _wrote_nothing(workdir, before, made):
+  """Whether the run added nothing to the workdir but its lock and empty
+  folders.
+
+  Args:
+    workdir: the run's folder.
+    before: the names it held when the run started.
+    made: the folders the run made (absolute paths).
+
+  Returns:
+    True if every name not in ``before`` is a lock file or an empty folder
+    in ``made``.
+  """
+  lock = locks.WORKDIR_LOCK
+  for name in set(os.listdir(workdir)) - before - {lock, lock + locks.PID}:
+    path = os.path.join(workdir, name)
+    if os.path.abspath(path) not in made or os.listdir(path):
+      return False
+  return True
 
 
 def _delta_weights(config, workdir, data, teacher):
@@ -333,11 +385,12 @@ def run(config, workdir):
   cells = {m: _cell_config(config, m) for m in methods}
   summaries = {m: _finished_summary(cells[m], os.path.join(workdir, m))
                for m in methods}
-  with _workdir_held(workdir):
+  with _workdir_held(workdir) as made:
     todo = [m for m in methods if summaries[m] is None]
     for m in todo:
       cell = os.path.join(workdir, m)
       with errors.user_errors(f'workdir {cell}', OSError):
+        made.extend(_missing_folders(cell))
         os.makedirs(cell, exist_ok=True)
         _check_same_config(cells[m], cell, write=False)
     if todo:
