@@ -17,6 +17,7 @@ from dtq_jax.infra.errors import ConfigError
 from dtq_jax.infra.errors import UserError
 from dtq_jax import layers
 from dtq_jax.method import attention
+from dtq_jax.method import delta
 from dtq_jax.method import losses
 from dtq_jax.models import MODEL_NAMES
 from dtq_jax import quant
@@ -190,6 +191,10 @@ NUMERIC_RULES = {
     'delta.head_lr_decay_epochs': _POSITIVE,
     'delta.head_lr_decay_factor': _FACTOR,
     'delta.num_batches': _AT_LEAST_1,
+    # 0: the run's batch_size.
+    'delta.batch_size': _COUNT,
+    # 0: statistics over the whole batch (see _check_stats_groups).
+    'stats_group_size': _COUNT,
     'delta.temperature': _POSITIVE,
     'quant.range_momentum': _MOMENTUM,
     # The demo teacher's budget (configs/fmnist.py); its optim fields
@@ -205,7 +210,7 @@ NUMERIC_RULES = {
 OPTIONAL_FIELDS = frozenset(
     ['max_nonfinite_fraction', 'dataset.shots_per_class',
      'dtq.temperature_by_model', 'dtq.attention_entropy_weight',
-     'quant.range_momentum'] +
+     'quant.range_momentum', 'delta.batch_size', 'stats_group_size'] +
     [f for f in NUMERIC_RULES if f.startswith('pretrain.')])
 _MISSING = object()
 
@@ -294,6 +299,9 @@ def validate(config, device_count=None, check_devices=True):
                       'number > 0, or 0 with one of '
                       f'{", ".join(sorted(by_model)) or "(none)"}.')
   _check_choice(config, 'compute_dtype', ('float32', 'bfloat16'))
+  if 'head_batch_norm' in config.delta:
+    _check_choice(config, 'delta.head_batch_norm', delta.BATCH_NORM_MODES)
+  _check_stats_groups(config)
   if 'head_dropout' in config:
     _check_choice(config, 'head_dropout', ('shared', 'independent'))
   if 'cpu_convolutions' in config:
@@ -320,7 +328,8 @@ def _check_dataset(config):
   if d.name == 'image_folder' and not os.path.isdir(d.root):
     raise ConfigError('dataset.root', d.root,
                       'no such directory; point it at <root>/<class>/<image> '
-                      'or <root>/{train,test}/<class>/<image> (see README).')
+                      'or <root>/{train,test}/<class>/<image> (see '
+                      'docs/paper_settings.md, "Your own data").')
   if d.name in TFDS_DATASETS and d.data_dir and not os.path.isdir(d.data_dir):
     raise ConfigError('dataset.data_dir', d.data_dir,
                       'no such directory; create it (TFDS then downloads and '
@@ -338,6 +347,20 @@ def _check_dataset(config):
         set(d.source_classes) & set(d.target_classes)):
       raise ConfigError('dataset.target_classes', tuple(d.target_classes),
                         'must not overlap dataset.source_classes.')
+
+
+def _check_stats_groups(config):
+  # Per-replica statistics cut every training and evaluation batch into
+  # groups of stats_group_size examples (step.apply_in_groups).
+  size = config.get('stats_group_size', 0)
+  if not size:
+    return
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] % size:
+      raise ConfigError('stats_group_size', size,
+                        f'must divide {field}={config[field]} (statistics '
+                        'over groups of that many examples); 0: over the '
+                        'whole batch.')
 
 
 def check_device_split(config, device_count):

@@ -63,6 +63,8 @@ BAD_VALUES = {
     'delta.head_lr_decay_epochs': 0.0,
     'delta.head_lr_decay_factor': 2.0,
     'delta.num_batches': 0,
+    'delta.batch_size': -32,
+    'stats_group_size': -1,
     'delta.temperature': 0.0,
     'quant.range_momentum': 1.0,
     'pretrain.batch_size': 0,
@@ -189,6 +191,26 @@ def test_a_missing_required_field_is_one_line():
     config_validation.validate(config, device_count=1)
 
 
+def test_stats_groups_must_divide_both_batches():
+  config = _demo_config()
+  config.batch_size, config.eval_batch_size = 64, 512
+  config.stats_group_size = 32
+  config_validation.validate(config, device_count=1)
+  config.eval_batch_size = 500
+  assert _error(config) == (
+      'config.stats_group_size=32 is invalid; must divide eval_batch_size=500 '
+      '(statistics over groups of that many examples); 0: over the whole '
+      'batch.')
+
+
+def test_delta_head_batch_norm_is_a_choice():
+  config = _demo_config()
+  config.delta.head_batch_norm = 'eval'
+  message = _error(config)
+  assert message.startswith('config.delta.head_batch_norm') and (
+      'train, frozen' in message), message
+
+
 def test_device_split_is_checked_on_its_own():
   config = _demo_config()
   config.batch_size = 12
@@ -247,6 +269,10 @@ def test_a_config_refused_when_the_data_loads_leaves_no_run_file(
     experiment.run(config_validation.validate(config, device_count=1),
                    str(workdir))
   assert not list(workdir.rglob('config.json'))
-  # The corrected rerun is not refused as "a different config".
+  # Nothing is left of the refused run (not even its lock files).
+  assert not workdir.exists()
+  # The corrected rerun (which makes the folder again) is not refused as "a
+  # different config".
   config.batch_size = 5
+  workdir.mkdir()
   experiment._check_same_config(config, str(workdir))
