@@ -31,7 +31,6 @@ The ``.dtq`` file format (and the manifest's fields) is ``dtq_format.py``'s.
 """
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
@@ -43,6 +42,7 @@ from dtq_jax.deploy import export_check
 from dtq_jax.deploy import onnx_export
 from dtq_jax.infra import errors
 from dtq_jax.infra import files
+from dtq_jax.infra import quiet as quiet_lib
 from dtq_jax import layers
 
 TRAIN_EXTRA_HINT = "pip install 'dtq-jax[train]'"
@@ -50,43 +50,6 @@ TRAIN_EXTRA_HINT = "pip install 'dtq-jax[train]'"
 # The public Python API of an export (README: Export).
 load_integer_model = export_lib.load_integer_model
 integer_predictor = export_lib.integer_predictor
-
-
-def _hide_orbax_notes(record):
-  """A logging filter that drops orbax's records below ERROR.
-
-  Restoring a checkpoint for export, orbax warns that the directory "is read
-  only" (it opens it so, on purpose): a note that asks nothing of the user.
-
-  Args:
-    record: a ``logging.LogRecord``.
-
-  Returns:
-    Whether the record is shown.
-  """
-  return (record.levelno >= logging.ERROR or
-          f'{os.sep}orbax{os.sep}' not in record.pathname)
-
-
-@contextlib.contextmanager
-def _native_logs_hidden():
-  """Sends what C++ libraries print to stderr meanwhile to /dev/null.
-
-  TensorFlow's import prints its oneDNN start-up banner (twice) through C++
-  logging that TF_CPP_MIN_LOG_LEVEL does not reach (main.py does the same);
-  a Python exception of the import is still shown, after stderr is back.
-  """
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  sys.stderr.flush()
-  saved = os.dup(2)
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  os.close(devnull)
-  try:
-    yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
 
 
 def _import_data(quiet):
@@ -102,7 +65,7 @@ def _import_data(quiet):
     errors.UserError: the training stack (the ``train`` extra) is missing.
   """
   try:
-    with _native_logs_hidden() if quiet else contextlib.nullcontext():
+    with quiet_lib.native_logs_hidden(quiet):
       from dtq_jax.data import datasets  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise errors.UserError(
@@ -175,7 +138,7 @@ def main(argv=None):
   # 'absl' logger; the filter is this command's only, not its caller's.
   absl_logger = logging.getLogger('absl')
   if args.verbosity is None:
-    absl_logger.addFilter(_hide_orbax_notes)
+    absl_logger.addFilter(quiet_lib.hide_orbax_notes)
   else:
     absl_logging.set_verbosity(args.verbosity)
   try:
@@ -200,7 +163,7 @@ def main(argv=None):
     print(f'error: {first}', file=sys.stderr)
     return 2
   finally:
-    absl_logger.removeFilter(_hide_orbax_notes)
+    absl_logger.removeFilter(quiet_lib.hide_orbax_notes)
   return 0
 
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from dtq_jax.infra import quiet
 from dtq_jax.run import distributed
 from dtq_jax.run import launch
 
@@ -172,9 +173,9 @@ def test_orbax_notes_are_hidden_but_not_its_errors():
 
   orbax = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint',
                        'checkpoint_manager.py')
-  assert not launch._hide_orbax_notes(record(logging.WARNING, orbax))
-  assert launch._hide_orbax_notes(record(logging.ERROR, orbax))
-  assert launch._hide_orbax_notes(record(logging.WARNING, os.path.join(
+  assert not quiet.hide_orbax_notes(record(logging.WARNING, orbax))
+  assert quiet.hide_orbax_notes(record(logging.ERROR, orbax))
+  assert quiet.hide_orbax_notes(record(logging.WARNING, os.path.join(
       ROOT, 'dtq_jax', 'sources.py')))
 
 

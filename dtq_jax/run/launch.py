@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
-import logging as python_logging
 import os
 import re
 import shlex
@@ -30,6 +29,7 @@ from dtq_jax.infra import allocator
 from dtq_jax.infra import caches
 from dtq_jax.infra import errors
 from dtq_jax.infra import files
+from dtq_jax.infra import quiet
 from dtq_jax.run import config_validation
 from dtq_jax.run import distributed
 from dtq_jax.run import run_result
@@ -244,46 +244,6 @@ def default_workdir(config_file):
       f'{name}-%Y%m%d-%H%M%S'))
 
 
-@contextlib.contextmanager
-def _native_logs_hidden(hide):
-  """Sends what C++ libraries print to stderr meanwhile to /dev/null.
-
-  TensorFlow's import prints start-up banners (oneDNN, CPU instructions)
-  through C++ logging that TF_CPP_MIN_LOG_LEVEL does not reach; a Python
-  exception of the import is still shown (after stderr is back).
-  """
-  if not hide:
-    yield
-    return
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  sys.stderr.flush()
-  saved = os.dup(2)
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  os.close(devnull)
-  try:
-    yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-
-
-def _hide_orbax_notes(record):
-  """A logging filter that drops orbax's records below ERROR.
-
-  Its notes (e.g. "Given directory is read only" when the cached teacher is
-  restored) ask nothing of the user; --verbosity shows them again.
-
-  Args:
-    record: a ``logging.LogRecord``.
-
-  Returns:
-    Whether the record is shown.
-  """
-  return (record.levelno >= python_logging.ERROR or
-          f'{os.sep}orbax{os.sep}' not in record.pathname)
-
-
 def _quiet_logs():
   """Warnings and errors only, and orbax's notes hidden (without --verbosity).
 
@@ -292,7 +252,7 @@ def _quiet_logs():
   """
   logging.set_verbosity(logging.WARNING)
   # ABSLHandler passes records on without its own filters.
-  logging.get_absl_handler().python_handler.addFilter(_hide_orbax_notes)
+  logging.get_absl_handler().python_handler.addFilter(quiet.hide_orbax_notes)
 
 
 class _Aborted(BaseException):
@@ -435,7 +395,7 @@ def _start(command, workdir):
       *processes, timeout_s=command.init_timeout_s) and not command.workdir:
     raise errors.UserError(_NEEDS_WORKDIR)  # a TPU pod, found by JAX
   config_validation.check_device_split(config, jax.device_count())
-  with _native_logs_hidden(not command.verbose):
+  with quiet.native_logs_hidden(not command.verbose):
     # The data modules import TensorFlow, whose C++ start-up banners only
     # this hides. pylint: disable=g-import-not-at-top
     from dtq_jax.run import experiment

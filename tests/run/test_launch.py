@@ -18,6 +18,7 @@ import pytest
 from configs import mit67
 from dtq_jax.infra import allocator
 from dtq_jax.infra import caches
+from dtq_jax.infra import quiet
 from dtq_jax.run import distributed
 from dtq_jax.run import experiment
 from dtq_jax.run import launch
@@ -280,10 +281,10 @@ def test_logs_are_quiet_unless_verbose(tmp_path, quiet_start, monkeypatch):
   logging.set_verbosity(logging.DEBUG)
   assert launch.run(_command(tmp_path, verbose=True)) == 0
   assert seen['verbosity'] == logging.DEBUG
-  assert launch._hide_orbax_notes not in seen['filters']
+  assert quiet.hide_orbax_notes not in seen['filters']
   assert launch.run(_command(tmp_path)) == 0
   assert seen['verbosity'] == logging.WARNING
-  assert launch._hide_orbax_notes in seen['filters']
+  assert quiet.hide_orbax_notes in seen['filters']
 
 
 def test_the_weights_line_names_what_the_run_starts_from(tmp_path):
