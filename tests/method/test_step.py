@@ -141,7 +141,7 @@ def test_eight_devices_match_one_device():
   # Runs in a subprocess: the device count is fixed when jax starts.
   script = textwrap.dedent('''
       import jax, numpy as np
-      import tests.test_train as t
+      import tests.method.test_step as t
       from dtq_jax.run import runtime as runtime_lib
       from dtq_jax.method import step as step_lib
       assert jax.device_count() == 8, jax.devices()
