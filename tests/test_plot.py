@@ -9,6 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
 import pytest
 
+import commands
 from dtq_jax.infra import errors
 from dtq_jax import plot
 from dtq_jax.run import config_validation
@@ -211,12 +212,7 @@ def test_compare_plot_only_draws_a_table(tmp_path):
 
 def test_without_matplotlib_the_command_names_the_extra(tmp_path, monkeypatch):
   # As after a plain `pip install .`: matplotlib is an extra.
-  code = ('import runpy, sys; sys.modules["matplotlib"] = None; '
-          f'sys.argv = ["plot", {str(tmp_path)!r}]; '
-          'runpy.run_module("dtq_jax.plot", run_name="__main__")')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120,
-                        check=False)
+  proc = commands.run_without('dtq_jax.plot', [str(tmp_path)], 'matplotlib')
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines() == [
       "error: python -m dtq_jax.plot needs matplotlib: "

@@ -18,6 +18,7 @@ import pytest
 import safetensors
 import safetensors.numpy
 
+import commands
 import data_files
 from dtq_jax.deploy import dtq_format
 from dtq_jax.deploy import export
@@ -247,12 +248,8 @@ def test_without_the_train_extra_the_command_names_it(tmp_path):
   # A base install (no TensorFlow) loads exports; exporting or checking one
   # reads the run's data with TensorFlow.
   out = str(tmp_path / 'model.dtq')
-  code = ('import runpy, sys; sys.modules["tensorflow"] = None; '
-          f'sys.argv = ["export", "--out", {out!r}, "--check"]; '
-          'runpy.run_module("dtq_jax.export", run_name="__main__")')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300,
-                        check=False)
+  proc = commands.run_without('dtq_jax.export', ['--out', out, '--check'],
+                              'tensorflow')
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines() == [
       "error: python -m dtq_jax.export reads the run's data and needs "

@@ -3,7 +3,6 @@
 import json
 import os
 import stat
-import subprocess
 import sys
 
 import jax
@@ -15,6 +14,7 @@ from onnx import TensorProto
 import onnxruntime
 import pytest
 
+import commands
 from configs import fmnist
 from dtq_jax.data import sources
 from dtq_jax.deploy import dtq_format
@@ -313,10 +313,6 @@ def test_an_unexported_padding_is_named():
 # --------------------------------------------------------------------------
 # Without the onnx extra.
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-
-
 @pytest.mark.parametrize('blocked,args,message', [
     ('onnx', ['--workdir', 'RUN', '--format', 'onnx'],
      'the ONNX export (--format onnx) needs onnx'),
@@ -326,14 +322,8 @@ def test_without_the_onnx_extra_the_command_names_it(tmp_path, blocked, args,
                                                      message):
   # As after a plain `pip install .`; the command fails before any work.
   out = str(tmp_path / 'model.onnx')
-  argv = ['export'] + [str(tmp_path) if a == 'RUN' else a for a in args] + [
-      '--out', out]
-  code = (f'import runpy, sys; sys.modules[{blocked!r}] = None; '
-          f'sys.argv = {argv!r}; '
-          'runpy.run_module("dtq_jax.export", run_name="__main__")')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300,
-                        check=False)
+  argv = [str(tmp_path) if a == 'RUN' else a for a in args] + ['--out', out]
+  proc = commands.run_without('dtq_jax.export', argv, blocked)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines() == [
       f"error: {message}: pip install 'dtq-jax[onnx]'"]
