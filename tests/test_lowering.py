@@ -4,7 +4,7 @@
 The DTQ train step, the evaluation step and the exported integer predictor
 are lowered for ``('cuda', 'tpu')`` for ResNet-50 and MobileNetV2 at the
 paper's batch (64) and size (224 px), in float32 and bfloat16, from abstract
-inputs (``jax.ShapeDtypeStruct``: the train and eval steps allocate nothing),
+inputs (``jax.ShapeDtypeStruct``: nothing is allocated),
 and the lowered modules are checked for what would fail or fall back to the
 host on an accelerator: host callbacks, float64, and custom calls
 (a host callback cannot be lowered for another platform at all, and
@@ -16,6 +16,7 @@ host or a CPU).
 import functools
 import re
 
+from flax import traverse_util
 import jax
 from jax import export as jax_export
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 
 from configs import caltech256_30
+from configs import fmnist
 from dtq_jax.deploy import dtq_format
 from dtq_jax.deploy import export
 from dtq_jax.deploy import int_inference
@@ -122,12 +124,75 @@ def test_eval_step_lowers_for_accelerators(model, dtype):
   assert not _problems(exported)
 
 
+def _export_layout(config, nets, shape, variables, head_params):
+  """The manifest model entry and the variables of a .dtq export, as shapes.
+
+  What ``export.make_export`` and ``dtq_format.variables_of`` give for these
+  variables, without building the tensors (for ResNet-50 that is quantizing,
+  packing and checksumming 25M weights): the quantized kernels become
+  ``int_weights`` codes (uint8) with their range ends, every quantized
+  input gets a ``quant_ranges`` pair, and the source classifier a 1-output
+  stub. ``test_export_layout_is_the_real_exports`` checks it against a real
+  export of the demo network.
+  """
+  convs = export.quantized_convs(nets.student, variables, shape)
+  classifier = nets.student.classifier_name
+  params = traverse_util.flatten_dict(
+      {k: v for k, v in variables['params'].items() if k != classifier},
+      sep='/')
+  flat = {}
+  f32 = lambda s=(): jax.ShapeDtypeStruct(s, jnp.float32)
+  for path, info in convs.items():
+    if info['bits_w'] != 32:
+      kernel = params.pop(f'{path}/kernel')
+      prefix = f'{int_inference.INT_WEIGHTS}/{path}'
+      flat[f'{prefix}/codes'] = jax.ShapeDtypeStruct(np.shape(kernel),
+                                                     jnp.uint8)
+      axis = info['weight_range_axis']
+      ends = f32() if axis is None else f32((np.shape(kernel)[-1],))
+      flat[f'{prefix}/lo'] = flat[f'{prefix}/hi'] = ends
+    if info['bits_a'] != 32:
+      flat[f'{int_inference.RANGES}/{path}/lo'] = f32()
+      flat[f'{int_inference.RANGES}/{path}/hi'] = f32()
+  flat.update({f'params/{k}': v for k, v in params.items()})
+  flat.update({f'batch_stats/{k}': v for k, v in traverse_util.flatten_dict(
+      variables['batch_stats'], sep='/').items()})
+  feature_dim = np.shape(head_params['fc']['kernel'])[0]
+  model = dict(name=config.model, kwargs=dict(config.get('model_kwargs', {})),
+               bits_w=config.bits_w, bits_a=config.bits_a,
+               weight_range_axis=next(iter(convs.values()))[
+                   'weight_range_axis'],
+               classifier_name=classifier,
+               num_classes=np.shape(head_params['fc']['kernel'])[1],
+               feature_dim=feature_dim)
+  backbone = int_inference.with_source_stub(
+      traverse_util.unflatten_dict(flat, sep='/'), classifier, feature_dim)
+  return model, _abstract(backbone)
+
+
 @pytest.mark.parametrize('model', MODELS)
 def test_exported_integer_predictor_lowers_for_accelerators(model):
   # The predictor of a .dtq export (float32 by construction: integer codes,
-  # float32 scales). Its tensors are built for real (random weights, made-up
-  # ranges: about 100 MB for ResNet-50), then only their shapes are lowered.
-  config, nets, _, shape, _, _ = _setup(model, 'float32')
+  # float32 scales), from the export's layout as shapes.
+  config, nets, _, shape, _, state = _setup(model, 'float32')
+  variables = {'params': state.params['backbone'],
+               'batch_stats': state.batch_stats}
+  manifest_model, backbone = _export_layout(config, nets, shape, variables,
+                                            state.params['head'])
+  student, head = int_inference.build({'model': manifest_model})
+  predict = int_inference.make_predict(student, head)
+  exported = _lower(predict, backbone, _abstract(state.params['head']),
+                    jax.ShapeDtypeStruct((BATCH,) + shape, jnp.float32))
+  assert not _problems(exported)
+  assert exported.out_avals[0].shape == (BATCH, NUM_CLASSES)
+
+
+def test_export_layout_is_the_real_exports():
+  # _export_layout against export.make_export on the demo network.
+  config = fmnist.get_config('quick')
+  config.model_kwargs.widths = (4, 8, 8, 8)
+  shape = (28, 28, 1)
+  nets = networks.build_networks(config, 3, 5)
   variables = networks.init_variables(nets.student, jax.random.PRNGKey(0),
                                       shape)
   head_params = networks.init_params(nets, jax.random.PRNGKey(1), shape,
@@ -140,22 +205,21 @@ def test_exported_integer_predictor_lowers_for_accelerators(model):
     node.update(lo=np.float32(0.0), hi=np.float32(4.0))
   tensors, manifest = export.make_export(
       nets.student, variables, head_params, ranges, shape,
-      name=config.model, kwargs=dict(config.get('model_kwargs', {})),
+      name=config.model, kwargs=dict(config.model_kwargs),
       bits_w=config.bits_w, bits_a=config.bits_a, preprocess={},
       class_names=None, activation_ranges='test')
-  exported_vars = dtq_format.variables_of(manifest, tensors)
-  student, head = int_inference.build(manifest)
+  real = dtq_format.variables_of(manifest, tensors)
   m = manifest['model']
-  backbone = {col: tree['backbone'] for col, tree in exported_vars.items()
-              if 'backbone' in tree}
-  backbone = int_inference.with_source_stub(backbone, m['classifier_name'],
-                                            m['feature_dim'])
-  predict = int_inference.make_predict(student, head)
-  exported = _lower(predict, _abstract(backbone),
-                    _abstract(exported_vars['params']['head']),
-                    jax.ShapeDtypeStruct((BATCH,) + shape, jnp.float32))
-  assert not _problems(exported)
-  assert exported.out_avals[0].shape == (BATCH, NUM_CLASSES)
+  real_backbone = int_inference.with_source_stub(
+      {col: tree['backbone'] for col, tree in real.items()
+       if 'backbone' in tree}, m['classifier_name'], m['feature_dim'])
+  model, backbone = _export_layout(config, nets, shape, variables,
+                                   head_params)
+  assert model == {k: m[k] for k in model}
+  assert jax.tree.structure(backbone) == jax.tree.structure(
+      _abstract(real_backbone))
+  assert jax.tree.leaves(backbone) == jax.tree.leaves(
+      _abstract(real_backbone))
 
 
 def test_the_check_sees_float64_and_host_callbacks():
