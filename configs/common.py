@@ -52,6 +52,13 @@ def method_config():
       attention='learned',
       attention_entropy_weight=0.0,  # > 0: loss -= it * sum of entropies.
       afa_normalization='final',  # 'final' (authors' final code) or 'mean'.
+      # A user's own network (model='package.module:Class') only; the zoo's
+      # are fixed. Module paths (regular expressions, each matching one
+      # module) whose outputs feed AFA; () picks the last module at each of
+      # the last four resolutions. The source classifier's path ('': the
+      # last Dense whose output the network returns).
+      taps=(),
+      source_classifier='',
   ))
   # Baselines: the DTQ authors did not publish their values (their code has
   # no baseline). docs/method.md ("Where the baselines' values come from")
@@ -84,7 +91,10 @@ def paper_config(dataset, arg=None):
   """
   tokens = parse_variant(arg)
   c = ml_collections.ConfigDict()
+  # A zoo name, or a Flax classifier of your own: 'package.module:Class'
+  # (docs/own_network.md), model_kwargs holding its further attributes.
   c.model = 'mobilenet_v2' if 'mobilenet_v2' in tokens else 'resnet50'
+  c.model_kwargs = ml_collections.ConfigDict()
   bits = next((_BITS[t] for t in tokens if t in _BITS), 4)
   c.bits_w = bits
   c.bits_a = bits
@@ -160,6 +170,13 @@ def paper_config(dataset, arg=None):
       range_stat='ema',  # how the kept ranges follow the batches: 'ema',
       # 'mean' (of the per-batch min/max) or 'minmax' (extremes so far).
       range_momentum=0.9,  # of 'ema'.
+      # A user's own network only (the zoo's first convolution and
+      # classifier are float by construction): layers whose module path
+      # matches one of these regular expressions in full stay in full
+      # precision, as do the first convolution and the source classifier;
+      # quantize_dense also quantizes its nn.Dense layers.
+      keep_float=(),
+      quantize_dense=False,
   ))
   # MobileNetV2's Dropout(0.2): 'shared' (authors' code) gives the target
   # and the source classifier the same dropped-out features (one mask per

@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # What a checkout holds besides the package: copied so the wheel can be shown
 # to leave it out.
 _COPIED = ('pyproject.toml', 'README.md', 'main.py', 'dtq_jax', 'tests',
-           'configs', 'benchmarks')
+           'configs', 'benchmarks', 'examples')
 
 
 def _build_wheel(tmp_path):

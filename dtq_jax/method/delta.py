@@ -65,6 +65,7 @@ from dtq_jax.models.head import TargetHead
 from dtq_jax.models import mobilenet_v2
 from dtq_jax.models.mobilenet_v2 import MobileNetV2
 from dtq_jax.models import MODEL_NAMES
+from dtq_jax.models import own_network
 from dtq_jax.models.resnet import ResNet
 
 # config.delta fields of the channel-weight computation, with their
@@ -156,6 +157,19 @@ def _model_name(model):
     return 'mobilenet_v2'
   raise ValueError(f'DELTA channel weights need a ResNet or MobileNetV2, got '
                    f'{type(model).__name__}.')
+
+
+def _filter_paths(model, params):
+  """Param-tree paths of the layers whose filters make the tapped maps."""
+  if not isinstance(model, own_network.OwnNetwork):
+    return tapped_convolutions(_model_name(model), params)
+  for tap, path in zip(model.plan.taps, model.plan.tap_filters):
+    if path is None:
+      raise ValueError(f'DELTA: no Conv or Dense layer at or inside the tap '
+                       f'{tap!r} outputs its channels, so it has no filters '
+                       'to remove; tap a module that ends with one.')
+  return [tuple(path.split(own_network.SEP))
+          for path in model.plan.tap_filters]
 
 
 def tapped_convolutions(model_name, params):
@@ -488,7 +502,7 @@ def channel_weights(model, variables, data, config=None, *, batch_size=None,
   elif not batch_size:
     raise ValueError('delta.batch_size=0 asks for the run\'s batch size, but '
                      'none was given.')
-  paths = tapped_convolutions(_model_name(model), variables['params'])
+  paths = _filter_paths(model, variables['params'])
   num_classes = num_classes or data.num_classes
   head = TargetHead(num_classes, dropout_rate=model.dropout_rate)
   steps_per_epoch = data.steps_per_epoch(batch_size)

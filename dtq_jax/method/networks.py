@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from dtq_jax import layers
 from dtq_jax.method import attention
 from dtq_jax.models import create_model
+from dtq_jax.models import own_network
 from dtq_jax.models.head import TargetHead
 from dtq_jax import quant
 
@@ -48,29 +49,86 @@ def student_bits(config):
   return config.bits_w, config.bits_a
 
 
-def build_networks(config, num_classes, num_source_classes):
+def own_network_settings(config):
+  """``own_network.create``'s settings of a run (empty for the zoo)."""
+  return dict(keep_float=tuple(config.quant.get('keep_float', ())),
+              quantize_dense=config.quant.get('quantize_dense', False),
+              taps=tuple(config.dtq.get('taps', ())),
+              source_classifier=config.dtq.get('source_classifier', ''))
+
+
+def create_backbone(config, num_classes, image_shape=None,
+                    bits_w=quant.FULL_PRECISION, bits_a=quant.FULL_PRECISION,
+                    conv_kwargs=None):
+  """The network ``config.model`` names: a zoo model or the user's own.
+
+  Args:
+    config: the run config (``model``, ``model_kwargs``, ``compute_dtype``
+      and, for a user's network, ``quant.keep_float``,
+      ``quant.quantize_dense``, ``dtq.taps``, ``dtq.source_classifier``).
+    num_classes: outputs of the source classifier.
+    image_shape: (H, W, C) of one image; needed for a user's network.
+    bits_w: weight bits of the quantized convolutions (32: float).
+    bits_a: input-activation bits.
+    conv_kwargs: ``layers.QuantSettings`` keyword arguments.
+
+  Returns:
+    A zoo Flax module or an ``own_network.OwnNetwork``; ``apply`` returns
+    ``(logits, {'pooled', 'taps', ...})`` either way.
+  """
+  dtype = jnp.dtype(config.get('compute_dtype', 'float32'))
+  kwargs = dict(config.get('model_kwargs', {}) or {})
+  if own_network.is_import_path(config.model):
+    if image_shape is None:
+      raise ValueError(f'model={config.model!r}: a user\'s network needs the '
+                       'image shape to be traced.')
+    return own_network.create(
+        config.model, num_classes, image_shape, bits_w=bits_w, bits_a=bits_a,
+        conv_kwargs=conv_kwargs, dtype=dtype, model_kwargs=kwargs,
+        **own_network_settings(config))
+  return create_model(config.model, num_classes=num_classes, bits_w=bits_w,
+                      bits_a=bits_a, dtype=dtype, conv_kwargs=conv_kwargs,
+                      **kwargs)
+
+
+def describe_student(config, image_shape):
+  """Lines listing a user's network's layers as the student runs them.
+
+  Args:
+    config: the run config (``config.model`` a user's network).
+    image_shape: (H, W, C) of one image.
+
+  Returns:
+    A list of strings: a title, one line per Conv/Dense layer (quantized
+    with its bits, or float and why), the taps and the source classifier.
+  """
+  bits_w, bits_a = student_bits(config)
+  network = create_backbone(config, 1, image_shape)
+  return ([f'Network: {config.model} ({config.method}), its layers as the '
+           'student runs them:'] +
+          ['  ' + line for line in own_network.describe(network.plan, bits_w,
+                                                       bits_a)])
+
+
+def build_networks(config, num_classes, num_source_classes, image_shape=None):
   """Creates the student, teacher, target head and attention modules.
 
   Args:
     config: the run config.
     num_classes: target classes.
     num_source_classes: outputs of the pretrained (source) classifier.
+    image_shape: (H, W, C) of one image (needed for a user's network).
 
   Returns:
     A ``Networks``.
   """
-  dtype = jnp.dtype(config.compute_dtype)
   settings = layers.QuantSettings.from_config(config.quant)
-  kwargs = dict(config.get('model_kwargs', {}) or {})
   bits_w, bits_a = student_bits(config)
-  student = create_model(
-      config.model, num_classes=num_source_classes, bits_w=bits_w,
-      bits_a=bits_a, dtype=dtype, conv_kwargs=settings.as_conv_kwargs(),
-      **kwargs)
+  student = create_backbone(config, num_source_classes, image_shape, bits_w,
+                            bits_a, settings.as_conv_kwargs())
   # Same maths, different kernels: the teacher runs them too.
-  teacher = create_model(
-      config.model, num_classes=num_source_classes, dtype=dtype,
-      conv_kwargs=settings.kernels_only().as_conv_kwargs(), **kwargs)
+  teacher = create_backbone(config, num_source_classes, image_shape,
+                            conv_kwargs=settings.kernels_only().as_conv_kwargs())
   head = TargetHead(num_classes, dropout_rate=student.dropout_rate)
   modules = None
   if config.method == 'dtq':
@@ -79,11 +137,13 @@ def build_networks(config, num_classes, num_source_classes):
   return Networks(student, teacher, head, modules)
 
 
-def num_source_classes(teacher):
+def num_source_classes(teacher, classifier=None):
   """Outputs of the pretrained network's source classifier.
 
   Args:
-    teacher: ``{'params', 'batch_stats'}`` of a model of ``dtq_jax.models``.
+    teacher: ``{'params', 'batch_stats'}`` of the backbone.
+    classifier: the classifier's path in the params ('a/b'); None: the zoo's
+      ('fc' or 'classifier_1').
 
   Returns:
     The classifier's output size.
@@ -91,11 +151,37 @@ def num_source_classes(teacher):
   Raises:
     ValueError: the variables have no source classifier.
   """
+  if classifier is not None:
+    node = teacher['params']
+    for key in classifier.split(own_network.SEP):
+      if key not in node:
+        raise ValueError(f'the pretrained variables have no source '
+                         f'classifier {classifier!r}.')
+      node = node[key]
+    return node['kernel'].shape[-1]
   for name in ('fc', 'classifier_1'):
     if name in teacher['params']:
       return teacher['params'][name]['kernel'].shape[-1]
   raise ValueError('the pretrained variables have no source classifier '
                    "('fc' or 'classifier_1').")
+
+
+def source_classes(config, teacher, image_shape=None):
+  """Outputs of the source classifier of ``config.model`` in ``teacher``.
+
+  Args:
+    config: the run config.
+    teacher: ``{'params', ...}`` of the pretrained network.
+    image_shape: (H, W, C) of one image (needed for a user's network, whose
+      classifier is found by tracing it).
+
+  Returns:
+    The classifier's output size.
+  """
+  if not own_network.is_import_path(config.model):
+    return num_source_classes(teacher)
+  probe = create_backbone(config, 1, image_shape)
+  return num_source_classes(teacher, probe.classifier_name)
 
 
 def init_variables(model, rng, image_shape):
@@ -113,7 +199,12 @@ def init_variables(model, rng, image_shape):
     The variables as a dict.
   """
   images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  return dict(jax.jit(functools.partial(model.init, train=False))(rng, images))
+  variables = dict(jax.jit(functools.partial(model.init, train=False))(
+      rng, images))
+  # A network without BatchNorm (a user's ConvNeXt) has no statistics; the
+  # steps handle every network alike.
+  variables.setdefault('batch_stats', {})
+  return variables
 
 
 def init_params(nets, rng, image_shape, pretrained=None):
@@ -149,7 +240,7 @@ def init_params(nets, rng, image_shape, pretrained=None):
     att = jax.jit(nets.attention.init)(k_att, [zeros(t) for t in feats['taps']])
     if 'params' in att:
       params['attention'] = att['params']
-  return params, variables['batch_stats']
+  return params, variables.get('batch_stats', {})
 
 
 def make_predict(student, head):

@@ -88,11 +88,18 @@ def create_train_state(config, nets, params, batch_stats, tx, rng,
                                image_shape)))
 
 
+def _classifier_keys(classifier_name):
+  """The source classifier's keys in the backbone params ('a/b' -> [a, b])."""
+  return classifier_name.split('/')
+
+
 def _labels(params, classifier_name):
   """'frozen' for the source classifier, 'train' for everything else."""
+  frozen = ['backbone'] + _classifier_keys(classifier_name)
+
   def label(path, _):
     keys = [getattr(p, 'key', None) for p in path]
-    return 'frozen' if keys[:2] == ['backbone', classifier_name] else 'train'
+    return 'frozen' if keys[:len(frozen)] == frozen else 'train'
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -186,7 +193,16 @@ def apply_in_groups(apply_fn, images, group_size, rng=None):
 
 
 def _feature_extractor(backbone_params, classifier_name):
-  return {k: v for k, v in backbone_params.items() if k != classifier_name}
+  """The backbone's params without the source classifier's."""
+  *parents, last = _classifier_keys(classifier_name)
+
+  def without(tree, keys):
+    if not keys:
+      return {k: v for k, v in tree.items() if k != last}
+    return {k: without(v, keys[1:]) if k == keys[0] else v
+            for k, v in tree.items()}
+
+  return without(backbone_params, parents)
 
 
 def _dtq_terms(config, nets, params, student_out, teacher_out):

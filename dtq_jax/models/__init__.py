@@ -3,7 +3,9 @@
 resnet (ResNet-18..152 and the demo's small_resnet), mobilenet_v2, head (the
 target classifier). Each model takes its convolution as an injected ``conv``
 module (dtq_jax.layers) and returns logits plus a dict of named features;
-parameter names map one-to-one to torchvision's. Imports quant and layers.
+parameter names map one-to-one to torchvision's. own_network gives a user's
+Flax classifier (named 'package.module:Class') the same interface without
+touching its code. Imports quant, layers and infra.
 """
 
 from dtq_jax.models.mobilenet_v2 import MobileNetV2

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import numbers
 import os
+import re
 
 import jax
 
@@ -20,6 +21,7 @@ from dtq_jax.method import attention
 from dtq_jax.method import delta
 from dtq_jax.method import losses
 from dtq_jax.models import MODEL_NAMES
+from dtq_jax.models import own_network
 from dtq_jax import quant
 
 METHODS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq')
@@ -271,7 +273,7 @@ def validate(config, device_count=None, check_devices=True):
   Returns:
     ``config`` unchanged.
   """
-  _check_choice(config, 'model', MODEL_NAMES)
+  _check_model(config)
   _check_choice(config, 'method', METHODS)
   for methods in (config.get('compare_methods') or ()):
     if methods not in METHODS:
@@ -312,14 +314,50 @@ def validate(config, device_count=None, check_devices=True):
   _check_choice(config, 'on_nonfinite', ('stop', 'skip'))
   _check_dataset(config)
   pretrained = config.pretrained
-  if pretrained not in SPECIAL_PRETRAINED and not os.path.isfile(pretrained):
+  own = own_network.is_import_path(config.model)
+  # A user's network's orbax checkpoint is a folder.
+  exists = os.path.exists if own else os.path.isfile
+  if pretrained not in SPECIAL_PRETRAINED and not exists(pretrained):
     raise ConfigError('pretrained', pretrained,
                       f'allowed: {", ".join(SPECIAL_PRETRAINED)}, or an '
-                      'existing .pth/.safetensors file.')
+                      + ('existing orbax folder or .msgpack/.safetensors '
+                         'file.' if own else 'existing .pth/.safetensors '
+                         'file.'))
   if pretrained == 'source_task' and config.dataset.name != 'fashion_mnist':
     raise ConfigError('pretrained', pretrained,
                       'source_task needs dataset.name=fashion_mnist.')
   return config
+
+
+# Settings that only a user's own network reads, and their defaults.
+_OWN_NETWORK_FIELDS = {'quant.keep_float': (), 'quant.quantize_dense': False,
+                       'dtq.taps': (), 'dtq.source_classifier': ''}
+
+
+def _check_model(config):
+  """A zoo name, or an importable Flax classifier and its settings."""
+  if not own_network.is_import_path(config.model):
+    _check_choice(config, 'model', MODEL_NAMES)
+    for field, default in _OWN_NETWORK_FIELDS.items():
+      value = _get(config, field, default)
+      if _plain(value) != default:
+        raise ConfigError(field, _plain(value),
+                          f'it applies to a network of your own '
+                          f"(model='package.module:Class'), not to the zoo's "
+                          f'{config.model}; leave it at {default!r}.')
+    return
+  try:
+    own_network.load_class(config.model)
+  except own_network.NetworkError as e:
+    raise ConfigError('model', config.model, str(e)) from e
+  for field in ('quant.keep_float', 'dtq.taps'):
+    for pattern in _get(config, field, ()):
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as e:
+        raise ConfigError(field, _plain(_get(config, field, ())),
+                          f'{pattern!r} is not a regular expression '
+                          f'({e}).') from e
 
 
 def _check_dataset(config):

@@ -22,6 +22,7 @@ from dtq_jax.infra import files
 from dtq_jax.infra import locks
 from dtq_jax.method import delta
 from dtq_jax.method import networks
+from dtq_jax.models import own_network
 from dtq_jax.run import saved_configs
 # Not "teacher": run_single's argument of that name holds its variables.
 from dtq_jax.run import teacher as teacher_lib
@@ -161,8 +162,10 @@ def _delta_weights(config, workdir, data, teacher):
     return delta.load_weights(path)
   print('DELTA: training a head on the frozen network and measuring filter '
         'removal for the channel weights.')
-  nets = networks.build_networks(config, data.num_classes,
-                                 networks.num_source_classes(teacher))
+  nets = networks.build_networks(
+      config, data.num_classes,
+      networks.source_classes(config, teacher, data.image_shape),
+      data.image_shape)
   weights = delta.channel_weights(nets.teacher, teacher, data, config.delta,
                                   batch_size=config.batch_size,
                                   seed=config.seed)
@@ -295,6 +298,8 @@ def run_single(config, workdir, data=None, teacher=None):
     teacher = teacher or teacher_lib.load_teacher(config, data)
     with errors.user_errors(f'workdir {workdir}', OSError):
       _check_same_config(config, workdir)
+    if own_network.is_import_path(config.model):
+      print('\n'.join(networks.describe_student(config, data.image_shape)))
     delta_weights = None
     if config.method == 'delta':
       delta_weights = _delta_weights(config, workdir, data, teacher)

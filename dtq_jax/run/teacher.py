@@ -14,6 +14,7 @@ import os
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -24,12 +25,13 @@ from dtq_jax.infra import errors
 from dtq_jax.infra import files
 from dtq_jax.infra import locks
 from dtq_jax.method import networks
-from dtq_jax.models import create_model
+from dtq_jax.models import own_network
 from dtq_jax.run import checkpoints
 from dtq_jax.run import run_result
 from dtq_jax.run import saved_configs
 from dtq_jax.run import train
 from dtq_jax.weights import conversion
+from dtq_jax.weights import flax_checkpoint
 from dtq_jax.weights import pretrained
 
 
@@ -46,9 +48,12 @@ def load_teacher(config, data):
   if config.pretrained == 'source_task':
     return train_source_teacher(config, data)
   if config.pretrained == 'none':
-    model = create_model(config.model, **dict(config.get('model_kwargs', {})))
+    model = networks.create_backbone(config, _RANDOM_SOURCE_CLASSES,
+                                     data.image_shape)
     return networks.init_variables(model, jax.random.PRNGKey(config.seed),
-                                data.image_shape)
+                                   data.image_shape)
+  if own_network.is_import_path(config.model):
+    return _own_network_weights(config, data)
   channels = data.image_shape[-1] if data is not None else None
   if channels not in (None, conversion.INPUT_CHANNELS):
     raise errors.ConfigError(
@@ -60,6 +65,31 @@ def load_teacher(config, data):
     return pretrained.load_pretrained(
         config.model, config.pretrained,
         cache_dir=os.path.join(caches.root(config), 'pretrained'))
+
+
+# A random network's source classifier: ImageNet's width, as torchvision's.
+_RANDOM_SOURCE_CLASSES = 1000
+
+
+def _own_network_weights(config, data):
+  """A user's network's variables from its own Flax checkpoint."""
+  if config.pretrained == 'torchvision':
+    raise errors.ConfigError(
+        'pretrained', config.pretrained,
+        f'torchvision has no weights for model={config.model!r}; give its '
+        'Flax checkpoint (an orbax folder, .msgpack or .safetensors), '
+        "'source_task' or 'none'.")
+  probe = networks.create_backbone(config, 1, data.image_shape)
+  classes = flax_checkpoint.output_width(config.pretrained,
+                                         probe.classifier_name)
+  model = networks.create_backbone(config, classes, data.image_shape)
+  images = jax.ShapeDtypeStruct((1,) + tuple(data.image_shape), jnp.float32)
+  expected = jax.eval_shape(
+      lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+  variables = flax_checkpoint.load_variables(config.pretrained, expected)
+  # A network without BatchNorm has no statistics (see init_variables).
+  variables.setdefault('batch_stats', {})
+  return variables
 
 
 # Fields the students read but the teacher's training does not: the teacher
@@ -141,11 +171,13 @@ def train_source_teacher(config, data):
   """
   pre = teacher_config(config)
   key = _teacher_key(pre, config.dataset)
-  root = os.path.join(caches.root(config), 'teachers', f'{config.model}-{key}')
+  # A user's network is named 'package.module:Class'.
+  name = config.model.replace(':', '.')
+  root = os.path.join(caches.root(config), 'teachers', f'{name}-{key}')
   run_dir = os.path.join(root, 'run')
   result_path = os.path.join(run_dir, files.RESULT)
-  model = create_model(config.model, num_classes=data.source.num_classes,
-                       **dict(config.get('model_kwargs', {})))
+  model = networks.create_backbone(config, data.source.num_classes,
+                                   data.source.image_shape)
   with contextlib.ExitStack() as stack:
     with _cache_write_errors(root):
       if jax.process_index() == 0:
@@ -182,12 +214,22 @@ def train_source_teacher(config, data):
     raise errors.UserError(
         f'the cached teacher in {root} is damaged ({e}); delete that folder '
         'to train it again.') from e
-  params = dict(restored['params']['backbone'])
-  params[model.classifier_name] = restored['params']['head']['fc']
+  params = _with_classifier(restored['params']['backbone'],
+                            model.classifier_name,
+                            restored['params']['head']['fc'])
   variables = {'params': params, 'batch_stats': restored['batch_stats']}
   accuracy = run_result.read(result_path)['final_test_accuracy']
   print(f'Teacher: source-test accuracy {accuracy:.2f}% ({root}).')
   return variables
+
+
+def _with_classifier(params, path, classifier):
+  """A copy of ``params`` whose module at ``path`` ('a/b') is replaced."""
+  first, _, rest = path.partition('/')
+  params = dict(params)
+  params[first] = (_with_classifier(params[first], rest, classifier) if rest
+                   else classifier)
+  return params
 
 
 def _check_cached_config(pre, root):

@@ -156,7 +156,9 @@ class _Run:
     self.runtime = runtime_lib.Runtime(
         compiler_options=runtime_lib.compiler_options(config))
     self.nets = networks.build_networks(
-        config, data.num_classes, networks.num_source_classes(teacher))
+        config, data.num_classes,
+        networks.source_classes(config, teacher, data.image_shape),
+        data.image_shape)
     self.steps_per_epoch, self.num_epochs, self.total_steps = (
         schedule_lengths(config, data))
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
