@@ -39,6 +39,7 @@ from dtq_jax.data import datasets
 from dtq_jax.deploy import dtq_format
 from dtq_jax.deploy import export
 from dtq_jax.deploy import onnx_export
+from dtq_jax.deploy import runs
 from dtq_jax import layers
 from dtq_jax.method import networks
 from dtq_jax.method import static_ranges
@@ -69,7 +70,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.ERROR)
 
-  config = export.load_config(args.workdir)
+  config = runs.load_config(args.workdir)
   data = datasets.load(config)
   with tempfile.TemporaryDirectory() as tmp:
     onnx_path = os.path.join(tmp, 'model.onnx')
@@ -85,8 +86,8 @@ def main(argv=None):
     _, exported = dtq_format.read(dtq_path)
 
   src = manifest['source']
-  nets, variables, head, _, _ = export.restore_run(
-      config, export.seed_dirs(args.workdir)[src['seed']],
+  nets, variables, head, _, _ = runs.restore_run(
+      config, runs.seed_dirs(args.workdir)[src['seed']],
       src['checkpoint'] == 'best')
   static_vars = dict(variables,
                      **{layers.RANGES: exported[layers.RANGES]['backbone']})

@@ -5,15 +5,22 @@
   python -m dtq_jax.export --out model.dtq --check
   python -m dtq_jax.export --workdir runs/fmnist/dtq --format onnx \
       --out model.onnx --check
+  python -m dtq_jax.export --workdir runs/own_network/dtq \
+      --out model.stablehlo --check
 
 ``--workdir`` is the folder of a finished single-method run (``config.json``
 and ``seed_N/``, whose ``result.json`` marks it finished; an unfinished one
 needs ``--allow_unfinished``); the student of its first seed (``--seed``),
 latest checkpoint (``--best``: the best one) is written to ``--out``, as a
 ``.dtq`` file (the default) or, with ``--format onnx`` (or an ``--out``
-ending in ``.onnx``), as an ONNX model (onnx_export.py). ``--check`` runs the
-exported model on the test set: the integer inference path
-(int_inference.py) of a ``.dtq``, onnxruntime for ONNX; with ``--workdir`` it
+ending in ``.onnx``), as an ONNX model (onnx_export.py; for a user's own
+network, converted from the predictor's jaxpr by jaxpr_onnx.py, which names
+the first operation it cannot translate), or, with ``--format stablehlo`` (or
+an ``--out`` ending in ``.stablehlo``), as a portable ``jax.export`` module
+for CPU, CUDA and TPU that any network exports to (stablehlo_export.py).
+``--check`` runs the exported model on the test set: the integer inference
+path (int_inference.py) of a ``.dtq``, onnxruntime for ONNX, the
+deserialized module of a ``.stablehlo``; with ``--workdir`` it
 also evaluates the checkpoint with fake quantization, static ranges (the
 exported ones) and dynamic ranges (the paper's), and reports how often the
 top-1 predictions agree (export_check.py). Bad files and runs are one-line
@@ -26,6 +33,7 @@ Using an export from Python::
   manifest, predict = export.load_integer_model('model.dtq')
   logits = predict(images)  # float32 NHWC, as manifest['preprocess'] says
   names = [manifest['class_names'][i] for i in logits.argmax(-1)]
+  manifest, predict = export.load_stablehlo('model.stablehlo')  # jax only
 
 The ``.dtq`` file format (and the manifest's fields) is ``dtq_format.py``'s.
 """
@@ -40,6 +48,7 @@ from absl import logging as absl_logging
 from dtq_jax.deploy import export as export_lib
 from dtq_jax.deploy import export_check
 from dtq_jax.deploy import onnx_export
+from dtq_jax.deploy import stablehlo_export
 from dtq_jax.infra import errors
 from dtq_jax.infra import files
 from dtq_jax.infra import quiet as quiet_lib
@@ -49,6 +58,7 @@ TRAIN_EXTRA_HINT = "pip install 'dtq-jax[train]'"
 
 # The public Python API of an export (README: Export).
 load_integer_model = export_lib.load_integer_model
+load_stablehlo = stablehlo_export.load
 integer_predictor = export_lib.integer_predictor
 
 
@@ -96,15 +106,15 @@ def main(argv=None):
   parser = argparse.ArgumentParser(
       prog='python -m dtq_jax.export',
       description='Export a trained DTQ student as packed integer weights '
-      '(.dtq) or ONNX (--workdir, --out) and/or evaluate the exported model '
-      '(--check).')
+      '(.dtq), ONNX or a jax.export StableHLO module (--workdir, --out) '
+      'and/or evaluate the exported model (--check).')
   parser.add_argument('--workdir', help='folder of a finished single-method '
                       'run (config.json, seed_N/); exports its student')
   parser.add_argument('--out', required=True,
-                      help='the .dtq (or .onnx) file')
+                      help='the .dtq, .onnx or .stablehlo file')
   parser.add_argument('--format', choices=export_lib.FORMATS, default=None,
-                      help='dtq (the default) or onnx; default: onnx for an '
-                      '--out ending in .onnx')
+                      help='dtq (the default), onnx or stablehlo; default: from '
+                      'an --out ending in .onnx or .stablehlo')
   parser.add_argument('--check', action='store_true',
                       help='evaluate the exported model on the test set (and '
                       'compare with fake quantization when --workdir is '

@@ -218,8 +218,8 @@ def _export_block():
                     reason=f'{FMNIST_FILES} is absent')
 def test_export_guide_python_block_runs(tmp_path):
   # A short FT-Q run of the demo's network, exported as the guide's commands
-  # do (dtq.dtq, dtq.onnx), then the guide's Python block in a fresh
-  # interpreter next to those files.
+  # do (dtq.dtq, dtq.onnx, dtq.stablehlo), then the guide's Python block in
+  # a fresh interpreter next to those files.
   from configs import fmnist  # pylint: disable=import-outside-toplevel
   from dtq_jax import export as export_cli  # pylint: disable=import-outside-toplevel
   from dtq_jax.run import config_validation  # pylint: disable=import-outside-toplevel
@@ -236,13 +236,13 @@ def test_export_guide_python_block_runs(tmp_path):
   c.max_eval_batches = 1
   workdir = str(tmp_path / 'run')
   experiment.run(config_validation.validate(c), workdir)
-  for out in ('dtq.dtq', 'dtq.onnx'):
+  for out in ('dtq.dtq', 'dtq.onnx', 'dtq.stablehlo'):
     assert export_cli.main(['--workdir', workdir, '--out',
                             str(tmp_path / out), '--calibration_batches',
                             '1']) == 0
   script = tmp_path / 'example.py'
   script.write_text(_export_block() + '\nassert len(labels) == len('
-                    'onnx_labels) == 8\n')
+                    'onnx_labels) == len(hlo_labels) == 8\n')
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, str(script)], cwd=tmp_path,
                           env=env, capture_output=True, text=True,

@@ -180,7 +180,7 @@ def test_exported_integer_predictor_lowers_for_accelerators(model):
   manifest_model, backbone = _export_layout(config, nets, shape, variables,
                                             state.params['head'])
   student, head = int_inference.build({'model': manifest_model})
-  predict = int_inference.make_predict(student, head)
+  predict = networks.make_predict(student, head)
   exported = _lower(predict, backbone, _abstract(state.params['head']),
                     jax.ShapeDtypeStruct((BATCH,) + shape, jnp.float32))
   assert not _problems(exported)

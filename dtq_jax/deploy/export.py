@@ -1,9 +1,11 @@
-"""Builds a trained student's export: packed integer weights or ONNX.
+"""Builds a trained student's export: packed integers, ONNX or StableHLO.
 
 ``export_run(workdir, out)`` reads a finished run (``config.json`` and
 ``seed_N/``), restores its student, calibrates static activation ranges where
 the run did not collect them, and writes the packed ``.dtq`` file
-(``dtq_format.py``) or the ONNX model (``onnx_export.py``).
+(``dtq_format.py``), the ONNX model (``onnx_export.py`` for the zoo's
+networks, ``jaxpr_onnx.py`` for a user's own) or the portable StableHLO
+module (``stablehlo_export.py``).
 ``load_integer_model(path)`` reads a ``.dtq`` back for integer inference
 (``int_inference.py``). The command line is ``python -m dtq_jax.export``
 (dtq_jax/export.py); checking an export against its run is export_check.py.
@@ -15,69 +17,24 @@ from flax import errors as flax_errors
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from dtq_jax.deploy import dtq_format
 from dtq_jax.deploy import int_inference
+from dtq_jax.deploy import jaxpr_onnx
 from dtq_jax.deploy import onnx_export
-from dtq_jax.infra import errors
+from dtq_jax.deploy import runs
+from dtq_jax.deploy import stablehlo_export
 from dtq_jax.infra import files
 from dtq_jax import layers
 from dtq_jax.method import networks
 from dtq_jax.method import static_ranges
+from dtq_jax.models import own_network as own_network_lib
 from dtq_jax import quant
-from dtq_jax.run import checkpoints
 
-FORMATS = ('dtq', 'onnx')
-
-
-# --------------------------------------------------------------------------
-# Reading a run.
-
-
-def load_config(workdir):
-  """The run's config (``workdir/config.json``) as a ConfigDict."""
-  path = os.path.join(workdir, files.CONFIG)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: --workdir must be the folder '
-                            'of one method (with config.json and seed_N/).')
-  return ml_collections.ConfigDict(files.read_json(path))
-
-
-def seed_dirs(workdir):
-  """``{seed: folder}`` of the run's repeats."""
-  out = {}
-  for name in os.listdir(workdir):
-    if name.startswith('seed_') and name[5:].isdigit():
-      out[int(name[5:])] = os.path.join(workdir, name)
-  return dict(sorted(out.items()))
-
-
-def restore_run(config, seed_dir, best=False):
-  """A seed's checkpoint and the networks it was trained with.
-
-  Args:
-    config: the run's config (``load_config``).
-    seed_dir: its ``seed_N`` folder.
-    best: the best checkpoint instead of the newest.
-
-  Returns:
-    ``(nets, variables, head_params, state, step)``: the networks built for
-    the checkpoint's class counts, the student backbone's
-    ``{'params', 'batch_stats'}``, the target head's parameters, the whole
-    restored state (its other collections, e.g. activation ranges) and the
-    checkpoint's step.
-  """
-  state, step = checkpoints.restore_state(seed_dir, best)
-  params = state['params']
-  head = params['head']
-  nets = networks.build_networks(
-      config, int(np.asarray(head['fc']['kernel']).shape[-1]),
-      networks.num_source_classes({'params': params['backbone']}))
-  variables = {'params': params['backbone'],
-               'batch_stats': state['batch_stats']}
-  return nets, variables, head, state, step
+FORMATS = ('dtq', 'onnx', 'stablehlo')
+# File name endings that choose the format when --format is not given.
+_SUFFIXES = {'.onnx': 'onnx', '.stablehlo': 'stablehlo'}
 
 
 def quantized_convs(student, variables, image_shape):
@@ -116,47 +73,6 @@ def _tree_bytes(tree):
   return int(sum(np.asarray(x).size * 4 for x in jax.tree.leaves(tree)))
 
 
-def _dir_bytes(path):
-  total = 0
-  for root, _, names in os.walk(path):
-    total += sum(os.path.getsize(os.path.join(root, f)) for f in names)
-  return total
-
-
-def _load_data(config):
-  # Imported lazily: the input pipeline pulls in TensorFlow.
-  from dtq_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  return datasets.load(config)
-
-
-def calibrate_run(config, student, variables, num_batches=0, batch_size=0,
-                  stat='minmax', data=None):
-  """Static ranges from training images (no augmentation, BN in inference).
-
-  Args:
-    config: the run config (dataset and preprocessing).
-    student: the (dynamic-range) student.
-    variables: ``{'params', 'batch_stats'}`` of the student.
-    num_batches: batches to use; 0: one pass over the training split.
-    batch_size: 0: ``config.eval_batch_size``.
-    stat: 'minmax', 'mean' or 'ema' (see static_ranges.calibrate).
-    data: preloaded ``datasets.Data``.
-
-  Returns:
-    ``(ranges, info)``; ``info`` describes the calibration for the manifest.
-  """
-  batch_size = batch_size or config.eval_batch_size
-  data = data or _load_data(config)
-  batches = data.eval_batches(data.train, batch_size)
-  total = data.num_eval_batches(data.train, batch_size)
-  used = min(num_batches, total) if num_batches else total
-  ranges = static_ranges.calibrate(student, variables, batches, used, stat)
-  return ranges, dict(source='calibration', stat=stat, batches=used,
-                      batch_size=batch_size,
-                      images=min(used * batch_size, len(data.train)),
-                      split='train', augment=False)
-
-
 def _squeeze_range(x, axis):
   x = np.asarray(x, np.float32)
   return x.reshape(-1) if axis is not None else x.reshape(())
@@ -179,9 +95,10 @@ def student_tensors(student, variables, head_params, ranges, image_shape):
   """
   convs = quantized_convs(student, variables, image_shape)
   flat_ranges = static_ranges.layer_ranges(ranges or {})
-  classifier = student.classifier_name
-  backbone = {k: v for k, v in variables['params'].items() if k != classifier}
-  flat_params = traverse_util.flatten_dict(backbone, sep='/')
+  # The source classifier is not exported ('a/b' for a user's network).
+  classifier = student.classifier_name + '/'
+  flat_params = {k: v for k, v in traverse_util.flatten_dict(
+      variables['params'], sep='/').items() if not k.startswith(classifier)}
   tensors, packed = {}, {}
   packed_bytes = float_kernel_bytes = 0
   for path, info in convs.items():
@@ -231,7 +148,8 @@ def student_tensors(student, variables, head_params, ranges, image_shape):
 
 def make_export(student, variables, head_params, ranges, image_shape, *,
                 name, kwargs, bits_w, bits_a, preprocess, class_names,
-                activation_ranges, source=None, config=None):
+                activation_ranges, source=None, config=None,
+                own_network=None):
   """The tensors and manifest of an export (see the module docstring).
 
   Args:
@@ -250,6 +168,8 @@ def make_export(student, variables, head_params, ranges, image_shape, *,
     activation_ranges: where the ranges come from (manifest entry).
     source: the run, step and checkpoint exported (manifest entry).
     config: the run's config dict.
+    own_network: for a user's network, the settings that rebuild its student
+      (``keep_float``, ``quantize_dense``, ``taps``, ``source_classifier``).
 
   Returns:
     ``(tensors, manifest)``: name -> numpy array (codes packed), and the
@@ -273,7 +193,8 @@ def make_export(student, variables, head_params, ranges, image_shape, *,
                  num_classes=num_classes,
                  feature_dim=int(np.asarray(
                      head_params['fc']['kernel']).shape[0]),
-                 image_shape=list(image_shape)),
+                 image_shape=list(image_shape),
+                 **({'own_network': own_network} if own_network else {})),
       class_names=None if class_names is None else list(class_names),
       preprocess=dict(preprocess, layout='NHWC', dtype='float32'),
       quantized_convs=convs, packed=packed,
@@ -284,9 +205,9 @@ def make_export(student, variables, head_params, ranges, image_shape, *,
 
 
 def output_format(path, fmt=None):
-  """'dtq' or 'onnx': ``fmt`` if given, else from the file name."""
+  """'dtq', 'onnx' or 'stablehlo': ``fmt`` if given, else from the name."""
   if fmt is None:
-    return 'onnx' if str(path).lower().endswith('.onnx') else 'dtq'
+    return _SUFFIXES.get(os.path.splitext(str(path))[1].lower(), 'dtq')
   if fmt not in FORMATS:
     raise ValueError(f'--format {fmt!r}; allowed: {", ".join(FORMATS)}.')
   return fmt
@@ -310,7 +231,8 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
     data: preloaded ``datasets.Data`` (loaded from the config if needed: for
       the class names, and to calibrate).
     verbose: print a summary.
-    fmt: 'dtq' or 'onnx' (None: 'onnx' for an ``out`` ending in .onnx).
+    fmt: 'dtq', 'onnx' or 'stablehlo' (None: from ``out``'s ending, .onnx or
+      .stablehlo, else 'dtq').
     allow_unfinished: export a repeat without ``result.json`` (its newest
       checkpoint; the manifest records ``source.finished = false``).
 
@@ -324,8 +246,8 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
   fmt = output_format(out, fmt)
   if os.path.isdir(out):
     raise ValueError(f'--out {out} is a folder; name the file to write.')
-  config = load_config(workdir)
-  seeds = seed_dirs(workdir)
+  config = runs.load_config(workdir)
+  seeds = runs.seed_dirs(workdir)
   if not seeds:
     raise FileNotFoundError(f'no seed_N/ folder in {workdir}.')
   seed = min(seeds) if seed is None else seed
@@ -336,10 +258,11 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
     raise ValueError(f'{seeds[seed]} has no {files.RESULT}: the run did not '
                      'finish. Resume it, or export its newest checkpoint '
                      'with --allow_unfinished.')
-  nets, variables, head, state, step = restore_run(config, seeds[seed], best)
-  student = nets.student
-  data = data or _load_data(config)
+  data = data or runs.load_data(config)
   image_shape = data.image_shape
+  nets, variables, head, state, step = runs.restore_run(
+      config, seeds[seed], best, image_shape)
+  student = nets.student
   bits_w, bits_a = networks.student_bits(config)
 
   ranges = state.get(layers.RANGES)
@@ -349,7 +272,7 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
                       stat=config.quant.get('range_stat', 'ema'),
                       momentum=config.quant.get('range_momentum', 0.9))
   elif bits_a != quant.FULL_PRECISION:
-    ranges, range_info = calibrate_run(
+    ranges, range_info = runs.calibrate_run(
         config, student, variables, calibration_batches,
         calibration_batch_size, calibration_stat, data)
   else:
@@ -366,13 +289,18 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
       source=dict(workdir=os.path.abspath(workdir), seed=seed,
                   checkpoint='best' if best else 'latest', step=step,
                   finished=finished),
-      config=config.to_dict())
+      config=config.to_dict(),
+      own_network=(networks.own_network_settings(config)
+                   if own_network_lib.is_import_path(config.model) else None))
   ckpt_dir = os.path.join(seeds[seed], 'best' if best else 'checkpoints',
                           str(step))
   manifest['sizes']['training_checkpoint_bytes'] = (
-      _dir_bytes(ckpt_dir) if os.path.isdir(ckpt_dir) else None)
+      runs.dir_bytes(ckpt_dir) if os.path.isdir(ckpt_dir) else None)
   if fmt == 'onnx':
     write_onnx(out, manifest, tensors)
+  elif fmt == 'stablehlo':
+    stablehlo_export.write(out, manifest,
+                           dtq_format.variables_of(manifest, tensors))
   else:
     dtq_format.write(out, tensors, manifest)
   manifest['sizes']['file_bytes'] = os.path.getsize(out)
@@ -384,6 +312,12 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
 def format_sizes(manifest, path, fmt='dtq'):
   s = manifest['sizes']
   m = manifest['model']
+  if fmt == 'stablehlo':
+    return (f'{path}: {s["file_bytes"]:,} bytes (jax.export StableHLO module '
+            f'for {", ".join(stablehlo_export.PLATFORMS)}, '
+            f'{len(manifest["quantized_convs"])} quantized convolutions, '
+            f'{m["bits_w"]}-bit weights as uint8 codes); the same tensors '
+            f'in float32: {s["float32_same_tensors_bytes"]:,} bytes')
   if fmt == 'onnx':
     return (f'{path}: {s["file_bytes"]:,} bytes (ONNX opset '
             f'{onnx_export.OPSET}, {len(manifest["quantized_convs"])} '
@@ -412,9 +346,24 @@ def format_sizes(manifest, path, fmt='dtq'):
 
 
 def write_onnx(path, manifest, tensors):
-  """Writes the ONNX model of an export (onnx_export.py), atomically."""
-  model = onnx_export.build_model(
-      manifest, dtq_format.variables_of(manifest, tensors))
+  """Writes the ONNX model of an export, atomically.
+
+  The zoo's networks have a hand-written graph (onnx_export.py); a user's
+  network is converted from the predictor's jaxpr (jaxpr_onnx.py), which
+  refuses, naming it, an operation it has no translation for.
+  """
+  variables = dtq_format.variables_of(manifest, tensors)
+  m = manifest['model']
+  if own_network_lib.is_import_path(m['name']):
+    model = jaxpr_onnx.convert(
+        int_inference.predictor(manifest, integer=False), variables,
+        tuple(m['image_shape']), input_name=onnx_export.INPUT,
+        output_name=onnx_export.OUTPUT, opset=onnx_export.OPSET,
+        graph_name=f'dtq_own_network_w{m["bits_w"]}a{m["bits_a"]}')
+    onnx_export.require('onnx.helper').set_model_props(
+        model, onnx_export.metadata(manifest))
+  else:
+    model = onnx_export.build_model(manifest, variables)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   files.write_text(path, model.SerializeToString(), dtq_format.FILE_MODE)
 
@@ -456,16 +405,10 @@ def integer_predictor(manifest, variables):
   """
   m = manifest['model']
   try:
-    student, head = int_inference.build(manifest)
-    backbone = {col: tree['backbone'] for col, tree in variables.items()
-                if 'backbone' in tree}
-    backbone = int_inference.with_source_stub(
-        backbone, m['classifier_name'], m['feature_dim'])
-    head_params = variables['params']['head']
-    predict = int_inference.make_predict(student, head)
+    predict = jax.jit(int_inference.predictor(manifest))
     # Fails here, not at the first prediction, if the model (name, kwargs,
     # bits) does not fit the stored tensors.
-    jax.eval_shape(predict, backbone, head_params,
+    jax.eval_shape(predict, variables,
                    jnp.zeros((1,) + tuple(m['image_shape']), jnp.float32))
   except (TypeError, ValueError, KeyError, flax_errors.FlaxError) as e:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -483,6 +426,6 @@ def integer_predictor(manifest, variables):
           f'predict takes float images preprocessed as the manifest says '
           f'((pixels / 255 - mean) / std, {manifest["preprocess"]}), not '
           f'{dtype} pixels.')
-    return predict(backbone, head_params, images)
+    return predict(variables, images)
 
   return checked

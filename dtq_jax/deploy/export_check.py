@@ -4,7 +4,8 @@
 (int_inference.py) or an ONNX file through onnxruntime on its task's test
 set; given the run's folder, it also evaluates the same checkpoint with fake
 quantization, with the exported static ranges and with the paper's dynamic
-ranges, and reports how often the top-1 predictions agree.
+ranges, and reports how often the top-1 predictions agree. A ``.stablehlo``
+file runs as the deserialized jax.export module.
 ``python -m dtq_jax.export ... --check`` calls it.
 """
 
@@ -17,6 +18,8 @@ import numpy as np
 from dtq_jax.deploy import dtq_format
 from dtq_jax.deploy import export
 from dtq_jax.deploy import onnx_export
+from dtq_jax.deploy import runs
+from dtq_jax.deploy import stablehlo_export
 from dtq_jax import layers
 from dtq_jax.method import networks
 from dtq_jax.method import static_ranges
@@ -53,7 +56,7 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
 
   Args:
     path: the exported model (``.dtq``: the integer path; ONNX:
-      onnxruntime).
+      onnxruntime; ``.stablehlo``: the deserialized jax.export module).
     workdir: the run it came from; if given, the same checkpoint is also
       evaluated with fake quantization (static ranges as exported, and the
       paper's dynamic ranges) and the top-1 predictions are compared.
@@ -62,17 +65,21 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
     max_batches: stop after this many test batches (0: all).
     data: preloaded ``datasets.Data``.
     verbose: print the report.
-    fmt: 'dtq' or 'onnx' (None: from the file name).
+    fmt: 'dtq', 'onnx' or 'stablehlo' (None: from the file name).
 
   Returns:
     A report dict (accuracies in %, agreements as fractions); the exported
-    model's entry is ``'int'`` (``.dtq``) or ``'onnx'``.
+    model's entry is ``'int'`` (``.dtq``), ``'onnx'`` or ``'stablehlo'``.
   """
   from dtq_jax.data import datasets  # pylint: disable=g-import-not-at-top
   fmt = export.output_format(path, fmt)
   if fmt == 'onnx':
     key = 'onnx'
     manifest, predict_exported, exported_ranges = _onnx_predictor(path)
+  elif fmt == 'stablehlo':
+    key = 'stablehlo'
+    manifest, predict_exported = stablehlo_export.load(path)
+    exported_ranges = stablehlo_export.ranges(manifest)
   else:
     key = 'int'
     manifest, exported = dtq_format.read(path)
@@ -87,12 +94,13 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
   paths = {key: predict_exported}
   if workdir is not None:
     src = manifest['source']
-    seeds = export.seed_dirs(workdir)
+    seeds = runs.seed_dirs(workdir)
     if src['seed'] not in seeds:
       raise ValueError(f'{path} was exported from seed_{src["seed"]}, which '
                        f'{workdir} does not have.')
-    nets, fq_vars, head, _, _ = export.restore_run(
-        config, seeds[src['seed']], src['checkpoint'] == 'best')
+    nets, fq_vars, head, _, _ = runs.restore_run(
+        config, seeds[src['seed']], src['checkpoint'] == 'best',
+        data.image_shape)
     static_vars = dict(fq_vars, **{layers.RANGES: exported_ranges})
     static = networks.make_predict(
         static_ranges.with_act_ranges(nets.student, 'static'), nets.head)
@@ -143,13 +151,14 @@ def format_report(report):
            f'(batch {report["batch_size"]}):']
   names = {'int': 'integer inference (exported)',
            'onnx': 'ONNX, onnxruntime (exported)',
+           'stablehlo': 'StableHLO, jax.export (exported)',
            'static_fake_quant': 'fake quant, static ranges',
            'dynamic_fake_quant': 'fake quant, dynamic ranges (paper)'}
   for key, label in names.items():
     if key in report:
       lines.append(f'  {label:38s} top-1 {report[key]["accuracy"]:.2f}%')
   key = report.get('exported', 'int')
-  what = 'integer' if key == 'int' else 'ONNX'
+  what = {'int': 'integer', 'onnx': 'ONNX', 'stablehlo': 'StableHLO'}[key]
   if f'agreement_{key}_vs_static' in report:
     lines.append(f'  same top-1, {what} vs static fake quant: '
                  f'{100 * report[f"agreement_{key}_vs_static"]:.2f}% '

@@ -22,7 +22,17 @@ border exact). A, B, C, D are exact int32 sums (``preferred_element_type``);
 the four products are formed in float32, then BatchNorm, ReLU, residual
 additions, pooling, the full-precision stem and the classifiers run in
 float32 on the dequantized outputs, as in training.
+
+``build(manifest, integer=False)`` gives the same network computing in
+float32 on the dequantized codes instead (``dequantize``, then the static
+fake quantizer of the input, then a float convolution): the static-range
+fake-quant network of training, with the kernels read from their codes. It
+is what the portable exports trace (stablehlo_export.py, and the ONNX graph
+of a user's network, jaxpr_onnx.py): float convolutions run on every
+accelerator, int32 ones do not.
 """
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -30,6 +40,7 @@ import jax.numpy as jnp
 
 from dtq_jax import layers
 from dtq_jax.models import create_model
+from dtq_jax.models import own_network
 from dtq_jax.models.head import TargetHead
 from dtq_jax import quant
 
@@ -126,9 +137,13 @@ class IntConv(layers.QuantConv):
   A full-precision convolution (the stem) reads ``params/kernel``. A
   quantized one reads ``int_weights/{codes, lo, hi}`` and
   ``quant_ranges/{lo, hi}`` and runs ``int_conv``; with codes wider than 8
-  bits or a full-precision input it dequantizes the kernel and convolves in
-  float32 instead.
+  bits, a full-precision input or ``integer=False`` it dequantizes the kernel
+  and convolves in float32 instead.
+
+  Attributes:
+    integer: run the integer convolution where the bit widths allow it.
   """
+  integer: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -156,7 +171,7 @@ class IntConv(layers.QuantConv):
       if tuple(codes.shape) != shape:
         raise ValueError(f'{self.name}: stored codes {codes.shape}, the '
                          f'layer needs {shape}.')
-    integer = (self.bits_w != quant.FULL_PRECISION and
+    integer = (self.integer and self.bits_w != quant.FULL_PRECISION and
                self.bits_a != quant.FULL_PRECISION and
                max(self.bits_w, self.bits_a) <= MAX_INT_BITS)
     if integer:
@@ -181,42 +196,88 @@ class IntConv(layers.QuantConv):
     return value
 
 
-def build(manifest):
+def build(manifest, integer=True):
   """The integer student and the target head of an exported model.
 
   Args:
     manifest: the export manifest (``dtq_format.read``).
+    integer: integer convolutions (False: float32 on the dequantized codes,
+      see the module docstring).
 
   Returns:
-    ``(student, head)`` Flax modules; ``student.apply(variables, images)``
-    with the exported ``params``, ``batch_stats``, ``int_weights`` and
-    ``quant_ranges``.
+    ``(student, head)``; ``student.apply(variables, images)`` with the
+    exported ``params``, ``batch_stats``, ``int_weights`` and
+    ``quant_ranges`` (``with_source_stub`` adds the source classifier).
   """
   m = manifest['model']
   settings = layers.QuantSettings(weight_range_axis=m['weight_range_axis'],
                                   act_ranges='static')
+  conv = IntConv if integer else functools.partial(IntConv, integer=False)
   # The source classifier is not exported: a 1-output zero layer stands in
   # for it (its logits are unused).
-  student = create_model(m['name'], num_classes=1, bits_w=m['bits_w'],
-                         bits_a=m['bits_a'], conv=IntConv,
-                         conv_kwargs=settings.as_conv_kwargs(), **m['kwargs'])
+  if own_network.is_import_path(m['name']):
+    own = m.get('own_network') or {}
+    student = own_network.create(
+        m['name'], 1, tuple(m['image_shape']), bits_w=m['bits_w'],
+        bits_a=m['bits_a'], conv_kwargs=settings.as_conv_kwargs(),
+        model_kwargs=m['kwargs'], conv=conv,
+        keep_float=tuple(own.get('keep_float', ())),
+        quantize_dense=own.get('quantize_dense', False),
+        taps=tuple(own.get('taps', ())),
+        source_classifier=own.get('source_classifier', ''))
+  else:
+    student = create_model(m['name'], num_classes=1, bits_w=m['bits_w'],
+                           bits_a=m['bits_a'], conv=conv,
+                           conv_kwargs=settings.as_conv_kwargs(),
+                           **m['kwargs'])
   return student, TargetHead(m['num_classes'])
 
 
 def with_source_stub(variables, classifier_name, feature_dim):
-  """Adds the zero 1-output source classifier that ``build`` expects."""
+  """Adds the zero 1-output source classifier that ``build`` expects.
+
+  Args:
+    variables: the exported backbone variables.
+    classifier_name: the classifier's path in the params ('fc', 'a/b').
+    feature_dim: its input width.
+
+  Returns:
+    The variables with ``params[classifier_name]`` set.
+  """
   params = dict(variables['params'])
-  params[classifier_name] = {'kernel': jnp.zeros((feature_dim, 1)),
-                             'bias': jnp.zeros((1,))}
+  node = params
+  *parents, name = classifier_name.split(own_network.SEP)
+  for key in parents:
+    node[key] = dict(node.get(key, {}))
+    node = node[key]
+  node[name] = {'kernel': jnp.zeros((feature_dim, 1)),
+                'bias': jnp.zeros((1,))}
   return dict(variables, params=params)
 
 
-def make_predict(student, head):
-  """``(variables, head_params, images) -> target logits`` (jitted)."""
+def predictor(manifest, integer=True):
+  """``predict(variables, images) -> target logits`` of an export.
 
-  def predict(variables, head_params, images):
-    _, feats = student.apply(variables, images, train=False)
-    return head.apply({'params': head_params}, feats['pooled'])
+  Args:
+    manifest: the export manifest.
+    integer: integer convolutions (False: float32 on the dequantized codes).
 
-  return jax.jit(predict)
+  Returns:
+    The (unjitted) function of the exported variables as
+    ``dtq_format.read`` returns them (``{collection: {'backbone': ...,
+    'head': ...}}``) and float32 NHWC images; the source classifier's stub
+    is added inside it.
+  """
+  m = manifest['model']
+  student, head = build(manifest, integer)
 
+  def predict(variables, images):
+    backbone = {col: tree['backbone'] for col, tree in variables.items()
+                if 'backbone' in tree}
+    backbone = with_source_stub(backbone, m['classifier_name'],
+                                m['feature_dim'])
+    _, feats = student.apply(backbone, images, train=False)
+    return head.apply({'params': variables['params']['head']},
+                      feats['pooled'])
+
+  return predict

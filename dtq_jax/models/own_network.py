@@ -414,8 +414,8 @@ _CONV_FIELDS = ('features', 'kernel_size', 'strides', 'padding',
                 'use_bias', 'dtype', 'param_dtype')
 
 
-def _quant_conv(module, bits_w, bits_a, settings):
-  """The ``layers.QuantConv`` that computes ``module`` (an ``nn.Conv``)."""
+def _quant_conv(module, bits_w, bits_a, settings, conv=layers.QuantConv):
+  """The ``conv`` (a ``layers.QuantConv``) that computes ``module``."""
   path = _path(module)
   unsupported = [name for name in ('mask', 'conv_general_dilated',
                                    'conv_general_dilated_cls', 'precision')
@@ -437,8 +437,8 @@ def _quant_conv(module, bits_w, bits_a, settings):
   for name in ('strides', 'input_dilation', 'kernel_dilation'):
     if attrs[name] is None:
       attrs[name] = 1
-  return layers.QuantConv(bits_w=bits_w, bits_a=bits_a, **attrs,
-                          **settings.as_conv_kwargs())
+  return conv(bits_w=bits_w, bits_a=bits_a, **attrs,
+              **settings.as_conv_kwargs())
 
 
 def _dense_promote(bits_w, bits_a, settings):
@@ -460,22 +460,24 @@ def _dense_promote(bits_w, bits_a, settings):
   return promote
 
 
-def _run_quantized(module, x, bits_w, bits_a, settings):
+def _run_quantized(module, x, bits_w, bits_a, settings, conv_cls):
   """Runs a Conv/Dense call of the user's network fake-quantized.
 
-  The layer's own variables are read from its scope, and a ``QuantConv``
+  The layer's own variables are read from its scope, and a ``conv_cls``
   (or a Dense with a quantizing ``promote_dtype``) computes with them; the
-  static activation ranges, when kept, live in the layer's own scope.
+  static activation ranges, when kept, live in the layer's own scope, as do
+  an export's integer weights (``int_inference.IntConv``).
   """
-  variables = {'params': module.variables['params']}
   if isinstance(module, nn.Dense):
     dense = module.clone(parent=None, promote_dtype=_dense_promote(
         bits_w, bits_a, settings))
-    return dense.apply(variables, x)
-  conv = _quant_conv(module, bits_w, bits_a, settings)
+    return dense.apply({'params': module.variables['params']}, x)
+  conv = _quant_conv(module, bits_w, bits_a, settings, conv_cls)
   ranges = layers.RANGES
-  if module.has_variable(ranges, 'lo'):
-    variables[ranges] = module.variables[ranges]
+  # Every collection the layer's scope holds: params (an exported one may
+  # have none: its kernel is stored as integer codes), ranges, codes.
+  variables = {col: tree for col, tree in module.variables.items()
+               if col != 'intermediates'}
   if not module.is_mutable_collection(ranges):
     return conv.apply(variables, x)
   y, state = conv.apply(variables, x, mutable=[ranges])
@@ -495,12 +497,16 @@ class OwnNetwork:
     bits_a: input-activation bit width of the quantized layers.
     conv_kwargs: the ``layers.QuantSettings`` of the quantized layers, as
       keyword arguments (the zoo models' attribute of the same name).
+    conv: the class that computes a quantized ``nn.Conv`` (the zoo models'
+      attribute of the same name: ``layers.QuantConv``, or the export's
+      ``int_inference.IntConv``).
   """
   module: Any
   plan: Plan
   bits_w: int = quant.FULL_PRECISION
   bits_a: int = quant.FULL_PRECISION
   conv_kwargs: Optional[dict] = None
+  conv: Any = layers.QuantConv
   # The features the source classifier reads already carry the network's
   # own dropout in training; the target head adds none ('shared').
   dropout_rate = 0.0
@@ -534,9 +540,49 @@ class OwnNetwork:
       if path not in quantized or module.is_initializing():
         return next_fun(*args, **kwargs)
       return _run_quantized(module, args[0], self.bits_w, self.bits_a,
-                            settings)
+                            settings, self.conv)
 
     return intercept
+
+  def module_paths(self, rngs, x, train=False):
+    """``{path: module}`` of the quantized convolutions the student runs.
+
+    As ``flax.linen.Module.module_paths`` (which ``layers.modules_called``
+    calls) for the layers that matter to an export: each quantized
+    ``nn.Conv`` of the user's network as the ``conv`` that computes it, an
+    unbound copy with its attributes; the other layers as the user's own
+    modules. Traced on abstract inputs (no FLOPs).
+
+    Args:
+      rngs: unused (the layers are found by an abstract trace).
+      x: images (their shape and dtype are used).
+      train: training mode.
+
+    Returns:
+      ``{'a/b': module}`` in call order.
+    """
+    del rngs
+    settings = layers.QuantSettings(**(self.conv_kwargs or {}))
+    quantized = self.plan.quantized if self._quantizes() else frozenset()
+    found = {}
+
+    def record(next_fun, args, kwargs, context):
+      module = context.module
+      if context.method_name == '__call__' and module.path:
+        path = _path(module)
+        if path in quantized and isinstance(module, nn.Conv):
+          found[path] = _quant_conv(module, self.bits_w, self.bits_a,
+                                    settings, self.conv)
+        elif path not in found:
+          found[path] = module.clone(parent=None)
+      return next_fun(*args, **kwargs)
+
+    def forward(images):
+      with nn.intercept_methods(record):
+        return self.module.init(jax.random.key(0), images, train=train)
+
+    jax.eval_shape(forward, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return found
 
   def init(self, rngs, x, train=False, **kwargs):
     """The network's variables (as ``flax.linen.Module.init``)."""
@@ -585,7 +631,7 @@ class OwnNetwork:
 def create(spec, num_classes, image_shape, *, bits_w=quant.FULL_PRECISION,
            bits_a=quant.FULL_PRECISION, conv_kwargs=None, dtype=None,
            model_kwargs=None, keep_float=(), quantize_dense=False, taps=(),
-           source_classifier=''):
+           source_classifier='', conv=layers.QuantConv):
   """An ``OwnNetwork`` for the class that ``spec`` names.
 
   Args:
@@ -601,6 +647,7 @@ def create(spec, num_classes, image_shape, *, bits_w=quant.FULL_PRECISION,
     quantize_dense: see ``resolve``.
     taps: see ``resolve``.
     source_classifier: see ``resolve``.
+    conv: the class that computes the quantized convolutions.
 
   Returns:
     The ``OwnNetwork``.
@@ -612,4 +659,4 @@ def create(spec, num_classes, image_shape, *, bits_w=quant.FULL_PRECISION,
   plan = resolve(module, image_shape, keep_float=tuple(keep_float),
                  quantize_dense=quantize_dense, taps=tuple(taps),
                  source_classifier=source_classifier)
-  return OwnNetwork(module, plan, bits_w, bits_a, conv_kwargs)
+  return OwnNetwork(module, plan, bits_w, bits_a, conv_kwargs, conv)

@@ -22,6 +22,7 @@ import commands
 import data_files
 from dtq_jax.deploy import dtq_format
 from dtq_jax.deploy import export
+from dtq_jax.deploy import runs
 from dtq_jax.deploy import int_inference
 from dtq_jax import export as export_cli
 from dtq_jax import layers
@@ -222,6 +223,31 @@ def test_export_load_infer(tiny_run, tmp_path):
   assert logits.shape == (2, 3) and np.all(np.isfinite(logits))
 
 
+def test_zoo_network_exports_to_stablehlo_too(tiny_run, tmp_path):
+  out = str(tmp_path / 'model.stablehlo')
+  report_path = str(tmp_path / 'report.json')
+  assert export_cli.main(['--workdir', tiny_run, '--out', out, '--check',
+                          '--report', report_path]) == 0
+  with open(report_path) as f:
+    report = json.load(f)
+  assert report['agreement_stablehlo_vs_static'] == 1.0
+  assert report['max_abs_logit_diff_stablehlo_vs_static'] < 1e-3
+  manifest, predict = export_cli.load_stablehlo(out)
+  assert len(manifest['stablehlo']['activation_ranges']) == 11
+  _, int_predict = export.load_integer_model(
+      _export_dtq(tiny_run, tmp_path))
+  images = np.random.RandomState(1).normal(size=(4, 16, 16, 3))
+  images = images.astype(np.float32)
+  np.testing.assert_allclose(predict(images), int_predict(images),
+                             rtol=1e-4, atol=1e-4)
+
+
+def _export_dtq(workdir, tmp_path):
+  out = str(tmp_path / 'model.dtq')
+  export.export_run(workdir, out, verbose=False)
+  return out
+
+
 def _export_command(*args):
   return subprocess.run([sys.executable, '-m', 'dtq_jax.export', *args],
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -393,7 +419,7 @@ def test_export_refuses_a_folder_as_out(tiny_run, tmp_path, capsys):
 def _copy_run(tiny_run, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(tiny_run, workdir)
-  (seed,) = export.seed_dirs(workdir).values()
+  (seed,) = runs.seed_dirs(workdir).values()
   return workdir, seed
 
 
