@@ -14,8 +14,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 demo: setup data
 	$(PY) main.py $(ARGS)
 
+# The test files run in TEST_WORKERS processes (pytest-xdist; each file's
+# tests in one process, so module fixtures are built once): most of a test's
+# time is XLA compiling, on one core.
+TEST_WORKERS ?= 2
 test: setup data
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(ARGS)
 
 # TensorBoard on the runs' event files (every seed_N/ below LOGDIR);
 # e.g. make tensorboard LOGDIR=runs/fmnist ARGS="--port 6007 --bind_all".

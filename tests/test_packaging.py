@@ -117,7 +117,7 @@ def test_wheel_holds_the_package_and_matches_requirements(metadata):
         declared[name] = str(req.specifier)
   assert declared == {**_requirements_txt(),
                       **_requirements_txt('requirements-torch.txt')}
-  assert {'pytest', 'chex'} == set(groups['test'])
+  assert {'pytest', 'pytest-xdist', 'chex'} == set(groups['test'])
 
 
 def test_base_install_is_light_and_train_has_tensorflow(metadata):
