@@ -12,7 +12,7 @@ from dtq_jax.run.config_validation import DEFAULT_CPU_CONVOLUTIONS
 from dtq_jax.run.config_validation import METHODS
 
 NETWORKS = ('resnet50', 'mobilenet_v2')
-_BITS = {'4bit': 4, '5bit': 5, '32bit': 32}
+_BITS = {'2bit': 2, '3bit': 3, '4bit': 4, '5bit': 5, '32bit': 32}
 # Softmax temperature of the KL term per network (authors' defaults).
 TEMPERATURE = {'resnet50': 60.0, 'mobilenet_v2': 30.0}
 
@@ -152,6 +152,16 @@ def paper_config(dataset, arg=None):
   c.dtq.temperature_by_model = ml_collections.ConfigDict(TEMPERATURE)
 
   c.quant = ml_collections.ConfigDict(dict(
+      # The quantizer: 'minmax' (paper: ranges from each tensor's extremes)
+      # or 'lsq' (opt-in, issue #27): learned steps, LSQ for weights, LSQ or
+      # LSQ+ (with a learned offset, for inputs that can be negative) for
+      # activations, started from the pretrained weights and the first
+      # training batch (docs/method.md, "Learned quantizers").
+      method='minmax',
+      # lsq: the learned steps' and offsets' learning rate, times optim.lr
+      # (and its schedule); no weight decay. 1.0: LSQ's recipe, one lr for
+      # weights and steps, its gradient scale balancing their updates.
+      lsq_lr_scale=1.0,
       per_channel_weights=False,  # opt-in: one range per output channel.
       range_grad=True,  # paper: gradient reaches the range ends.
       # Opt-in speed-ups with the same maths (each measured in benchmarks/;

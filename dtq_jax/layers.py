@@ -4,6 +4,12 @@ Models take the convolution class as a ``conv`` attribute, so the same network
 definition builds the full-precision teacher (``bits_w = bits_a = 32``) and the
 quantized student.
 
+The quantizer is the paper's min-max one (``method='minmax'``) or, opt-in,
+LSQ with learned steps (``method='lsq'``, docs/method.md, "Learned
+quantizers"): the convolution then owns its quantizer parameters as Flax
+params beside its kernel (``lsq_step_w``, ``lsq_step_a`` and, for an input
+that can be negative, LSQ+'s ``lsq_offset_a``).
+
 Activation ranges (docs/method.md: dynamic, the paper's) can also be *static*,
 opt-in: every quantized convolution keeps running statistics of its input's
 min and max in the ``'quant_ranges'`` variable collection (``lo``, ``hi``,
@@ -19,12 +25,32 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dtq_jax import learned_quant
 from dtq_jax import quant
 
 # The variable collection of the static activation ranges.
 RANGES = 'quant_ranges'
 ACT_RANGES = ('dynamic', 'static')
 RANGE_STATS = ('ema', 'mean', 'minmax')
+# The quantizers: the paper's min-max one, or LSQ (learned steps; LSQ+ with a
+# learned offset for inputs that can be negative).
+QUANT_METHODS = ('minmax', 'lsq')
+# LSQ's parameters, in the ``'params'`` collection of each quantized
+# convolution: the kernel's step (a scalar, or (1, 1, 1, C_out) per output
+# channel), the input's step and, where the input can be negative, its
+# offset (scalars).
+STEP_W = 'lsq_step_w'
+STEP_A = 'lsq_step_a'
+OFFSET_A = 'lsq_offset_a'
+LEARNED_PARAMS = (STEP_W, STEP_A, OFFSET_A)
+# Collections that, when mutable, switch an LSQ convolution into one of the
+# two passes that start its parameters (method/learned_params.py): the probe
+# computes at full precision and records the input's minimum (which decides
+# LSQ+ or unsigned LSQ) and zero placeholders of the parameters' shapes; the
+# initialisation pass computes the parameters' first values from the kernel
+# and the input, quantizes with them and records them.
+LSQ_PROBE = 'lsq_probe'
+LSQ_INIT = 'lsq_init'
 
 PaddingLike = Union[str, int, Sequence[Tuple[int, int]]]
 
@@ -46,6 +72,7 @@ class QuantSettings:
   act_ranges: str = 'dynamic'
   range_stat: str = 'ema'
   range_momentum: float = 0.9
+  method: str = 'minmax'
 
   @classmethod
   def from_config(cls, quant_config):
@@ -69,7 +96,8 @@ class QuantSettings:
                depthwise_as_shifts=q.depthwise_as_shifts,
                fused_vjp=q.fused_vjp,
                range_stat=q.get('range_stat', cls.range_stat),
-               range_momentum=q.get('range_momentum', cls.range_momentum))
+               range_momentum=q.get('range_momentum', cls.range_momentum),
+               method=q.get('method', cls.method))
 
   def kernels_only(self):
     """The same kernel choices, quantizer settings at their defaults.
@@ -198,6 +226,18 @@ class QuantConv(nn.Module):
       'minmax' (the extreme over all batches seen). The first batch sets the
       range in all three; ``count`` counts the batches.
     range_momentum: ``m`` of 'ema'.
+    method: the quantizer. 'minmax' (paper: ranges from each tensor's
+      extremes, the attributes above) or 'lsq' (opt-in): the kernel with
+      LSQ's learned step (per tensor, or per output channel with
+      ``weight_range_axis=-1``; signed codes), the input with unsigned LSQ,
+      or with LSQ+ (learned step and offset) when the params hold an
+      ``lsq_offset_a`` (an input that can be negative; the choice is made
+      from data by ``method/learned_params.py`` and is the params' structure,
+      static under jit). 'lsq' ignores ``range_grad``, ``fused_vjp`` and the
+      ``'quant_ranges'`` collection and refuses ``act_ranges='static'``.
+      ``model.init`` gives placeholder steps (unsigned LSQ, from the
+      initialising call's data); ``learned_params.init_learned_quant`` sets
+      the real start.
     dtype: computation dtype (``None``: that of the inputs and parameters).
       Ranges are still computed in float32.
     param_dtype: parameter dtype.
@@ -222,6 +262,7 @@ class QuantConv(nn.Module):
   act_ranges: str = 'dynamic'
   range_stat: str = 'ema'
   range_momentum: float = 0.9
+  method: str = 'minmax'
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
@@ -250,10 +291,17 @@ class QuantConv(nn.Module):
     bias = (self.param('bias', self.bias_init, (self.features,),
                        self.param_dtype) if self.use_bias else None)
 
-    x = self._quantize_input(x)
-    kernel = quant.fake_quant(kernel, self.bits_w, axis=self.weight_range_axis,
-                              range_grad=self.range_grad,
-                              fused_vjp=self.fused_vjp)
+    if self.method not in QUANT_METHODS:
+      raise ValueError(f'{self.name}: method={self.method!r}; allowed: '
+                       f'{", ".join(QUANT_METHODS)}.')
+    if self.method == 'lsq':
+      x, kernel = self._learned_quantize(x, kernel)
+    else:
+      x = self._quantize_input(x)
+      kernel = quant.fake_quant(kernel, self.bits_w,
+                                axis=self.weight_range_axis,
+                                range_grad=self.range_grad,
+                                fused_vjp=self.fused_vjp)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias,
                                               dtype=self.dtype)
     y = self._convolve(x, kernel)
@@ -287,6 +335,98 @@ class QuantConv(nn.Module):
         lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=self.feature_group_count)
+
+  def _learned_quantize(self, x, kernel):
+    """LSQ on the kernel, LSQ or LSQ+ on the input (``method='lsq'``).
+
+    Args:
+      x: the NHWC input.
+      kernel: the HWIO kernel.
+
+    Returns:
+      ``(x, kernel)`` fake-quantized; unchanged in the probe pass (the
+      ``LSQ_PROBE`` collection mutable), which records what the parameters'
+      start needs instead.
+    """
+    if self.act_ranges != 'dynamic':
+      raise ValueError(f'{self.name}: act_ranges={self.act_ranges!r} is for '
+                       "the min-max quantizer; method='lsq' learns its "
+                       'ranges.')
+    quantize_w = self.bits_w != quant.FULL_PRECISION
+    quantize_a = self.bits_a != quant.FULL_PRECISION
+    per_channel = self.weight_range_axis is not None
+    if self._in_pass(LSQ_PROBE):
+      # Full precision: the probe only asks whether each input can be
+      # negative, which the ReLU in front of a convolution (or its absence)
+      # decides, not the quantizers upstream.
+      if quantize_w:
+        shape = (1, 1, 1, self.features) if per_channel else ()
+        self.put_variable(LSQ_PROBE, STEP_W, jnp.zeros(shape, jnp.float32))
+      if quantize_a:
+        self.put_variable(LSQ_PROBE, STEP_A, jnp.zeros((), jnp.float32))
+        self.put_variable(LSQ_PROBE, 'input_min',
+                          jnp.min(jax.lax.stop_gradient(x).astype(
+                              jnp.float32)))
+      return x, kernel
+    if quantize_w:
+      axis = self.weight_range_axis
+
+      def init_step_w():
+        step = learned_quant.lsq_init_step(
+            jax.lax.stop_gradient(kernel), self.bits_w, signed=True,
+            axis=axis)
+        return step if per_channel else step.reshape(())
+
+      step_w = self._learned_param(STEP_W, init_step_w)
+      kernel = learned_quant.lsq_fake_quant(kernel, step_w, self.bits_w,
+                                            signed=True)
+    if quantize_a:
+      x = self._learned_input_quantize(x)
+    return x, kernel
+
+  def _learned_input_quantize(self, x):
+    """The input with LSQ+ (an offset in the params) or unsigned LSQ."""
+    bits = self.bits_a
+    xs = jax.lax.stop_gradient(x)
+    if self.has_variable('params', OFFSET_A):
+      if self._in_pass(LSQ_INIT):
+        step, offset = learned_quant.lsq_plus_init(xs, bits)
+        self.put_variable(LSQ_INIT, STEP_A, step)
+        self.put_variable(LSQ_INIT, OFFSET_A, offset)
+      else:
+        step = self.param(STEP_A, nn.initializers.zeros, (), jnp.float32)
+        offset = self.param(OFFSET_A, nn.initializers.zeros, (), jnp.float32)
+      return learned_quant.lsq_plus_fake_quant(x, step, offset, bits)
+    step = self._learned_param(STEP_A, lambda: learned_quant.lsq_init_step(
+        xs, bits, signed=False).reshape(()))
+    return learned_quant.lsq_fake_quant(x, step, bits, signed=False)
+
+  @nn.nowrap
+  def _in_pass(self, collection):
+    """Whether this call is the probe or start pass ``collection`` names."""
+    # model.init makes every collection mutable; it is neither pass.
+    return (self.is_mutable_collection(collection) and
+            not self.is_initializing())
+
+  @nn.nowrap
+  def _learned_param(self, name, init):
+    """A learned quantizer parameter; its start in the initialisation pass.
+
+    Args:
+      name: the parameter's name.
+      init: ``() -> value``: the start from this call's kernel or input
+        (LSQ's rule).
+
+    Returns:
+      In the initialisation pass (``LSQ_INIT`` mutable) the start, also
+      recorded there; otherwise the parameter, which ``model.init`` creates
+      with the start on its own call's data (a placeholder).
+    """
+    if self._in_pass(LSQ_INIT):
+      value = init()
+      self.put_variable(LSQ_INIT, name, value)
+      return value
+    return self.param(name, lambda _: init())
 
   def _quantize_input(self, x):
     """Fake-quantizes the input with a dynamic or stored range."""

@@ -561,3 +561,56 @@ def lsq_plus_codes(x, step, offset, bits):
   s, _ = _effective(step)
   return _codes_f32(x.astype(jnp.float32), s, offset.astype(jnp.float32), qn,
                     qp).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------
+# Static ranges: the min-max quantizer's range that gives the same function.
+# On a range [lo, hi] the paper's quantizer (quant.fake_quant_range) has the
+# step (hi - lo) / (2**bits - 1) and the grid lo + codes * step. With
+# lo = beta + Qn * s and hi = beta + Qp * s that grid is LSQ's (LSQ+'s), the
+# clip is the same, and round((x - lo) / s) = round((x - beta) / s) - Qn
+# because Qn is an even integer (half to even rounds alike): the two
+# quantizers agree up to the float32 rounding of the step and of x - lo.
+
+
+def lsq_range(step, bits, *, signed):
+  """``(lo, hi)`` of ``lsq_fake_quant``: ``Qn * s`` and ``Qp * s``.
+
+  Args:
+    step: the learned step (scalar or per-channel array); used as
+      ``max(|step|, EPS)``, as the quantizer uses it.
+    bits: 2..16.
+    signed: as in ``lsq_fake_quant``.
+
+  Returns:
+    float32 ``(lo, hi)`` of ``step``'s shape: ``quant.fake_quant_range(x,
+    bits, lo, hi)`` equals ``lsq_fake_quant(x, step, bits, signed=signed)``
+    up to float32 rounding.
+  """
+  quant.check_bits(bits)
+  if bits == quant.FULL_PRECISION:
+    raise ValueError('lsq_range needs bits < 32.')
+  qn, qp = levels(bits, signed=signed)
+  s, _ = _effective(_as_param(step, 'lsq_range'))
+  return qn * s, qp * s
+
+
+def lsq_plus_range(step, offset, bits):
+  """``(lo, hi)`` of ``lsq_plus_fake_quant``: ``beta`` and ``beta + p * s``.
+
+  Args:
+    step: the learned step, used as ``max(|step|, EPS)``.
+    offset: the learned offset ``beta``.
+    bits: 2..16.
+
+  Returns:
+    float32 ``(lo, hi)``: ``quant.fake_quant_range(x, bits, lo, hi)`` equals
+    ``lsq_plus_fake_quant(x, step, offset, bits)`` up to float32 rounding.
+  """
+  quant.check_bits(bits)
+  if bits == quant.FULL_PRECISION:
+    raise ValueError('lsq_plus_range needs bits < 32.')
+  _, qp = levels(bits, signed=False)
+  s, _ = _effective(_as_param(step, 'lsq_plus_range'))
+  beta = _as_param(offset, 'lsq_plus_range').astype(jnp.float32)
+  return beta, beta + qp * s

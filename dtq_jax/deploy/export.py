@@ -247,6 +247,13 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
   if os.path.isdir(out):
     raise ValueError(f'--out {out} is a folder; name the file to write.')
   config = runs.load_config(workdir)
+  method = config.quant.get('method', 'minmax')
+  if method != 'minmax':
+    # The formats hold min-max ranges; a learned step maps to one
+    # (learned_params.learned_ranges) but the exporters do not read it yet.
+    raise ValueError(f'{workdir} was trained with quant.method={method!r}; '
+                     'exporting learned quantizer steps is not supported '
+                     'yet (only the paper\'s minmax quantizer).')
   seeds = runs.seed_dirs(workdir)
   if not seeds:
     raise FileNotFoundError(f'no seed_N/ folder in {workdir}.')

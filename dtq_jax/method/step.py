@@ -16,6 +16,7 @@ import optax
 
 from dtq_jax.data import augment
 from dtq_jax.method import attention
+from dtq_jax.method import learned_params
 from dtq_jax.method import losses
 from dtq_jax.method import networks
 from dtq_jax.method import static_ranges
@@ -94,18 +95,25 @@ def _classifier_keys(classifier_name):
 
 
 def _labels(params, classifier_name):
-  """'frozen' for the source classifier, 'train' for everything else."""
+  """'frozen' for the source classifier, 'quant' for learned quantizer
+  parameters (``learned_params``), 'train' for everything else."""
   frozen = ['backbone'] + _classifier_keys(classifier_name)
 
   def label(path, _):
     keys = [getattr(p, 'key', None) for p in path]
-    return 'frozen' if keys[:len(frozen)] == frozen else 'train'
+    if keys[:len(frozen)] == frozen:
+      return 'frozen'
+    return 'quant' if learned_params.is_learned(path) else 'train'
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(config, params, classifier_name, steps_per_epoch,
                    num_epochs):
   """SGD with momentum, head-only weight decay, one step decay of the lr.
+
+  Learned quantizer parameters (``quant.method='lsq'``) get their own
+  transformation: the same SGD at ``quant.lsq_lr_scale`` times the
+  learning rate (schedule included), and no weight decay.
 
   Args:
     config: the run config (``config.optim``).
@@ -127,9 +135,15 @@ def make_optimizer(config, params, classifier_name, steps_per_epoch,
   train = optax.chain(
       optax.add_decayed_weights(o.head_weight_decay, mask=head_only),
       optax.sgd(schedule, momentum=o.momentum))
-  tx = optax.multi_transform(
-      {'train': train, 'frozen': optax.set_to_zero()},
-      _labels(params, classifier_name))
+  labels = _labels(params, classifier_name)
+  transforms = {'train': train, 'frozen': optax.set_to_zero()}
+  # Only a tree that has learned parameters gets the 'quant' transformation:
+  # the optimizer state of every other run keeps its layout (checkpoints).
+  if 'quant' in jax.tree.leaves(labels):
+    scale = config.quant.get('lsq_lr_scale', 1.0)
+    transforms['quant'] = optax.sgd(lambda count: scale * schedule(count),
+                                    momentum=o.momentum)
+  tx = optax.multi_transform(transforms, labels)
   return tx, schedule
 
 
@@ -245,7 +259,10 @@ def _weight_decay_terms(config, params, start_params, classifier_name):
   """L2's or L2-SP's term on the feature extractor and the head's L2 term."""
   method = config.method
   c = config[method]
-  extractor = _feature_extractor(params['backbone'], classifier_name)
+  # Learned quantizer steps are not weights: no decay pulls them to zero or
+  # to a start the pretrained network does not have.
+  extractor = learned_params.without_learned(
+      _feature_extractor(params['backbone'], classifier_name))
   if method == 'l2':
     terms = {'l2': c.alpha / 2 * losses.l2(extractor)}
   else:

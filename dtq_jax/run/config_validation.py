@@ -199,6 +199,7 @@ NUMERIC_RULES = {
     'stats_group_size': _COUNT,
     'delta.temperature': _POSITIVE,
     'quant.range_momentum': _MOMENTUM,
+    'quant.lsq_lr_scale': _POSITIVE,
     # The demo teacher's budget (configs/fmnist.py); its optim fields
     # replace those of optim.
     'pretrain.batch_size': _AT_LEAST_1,
@@ -212,7 +213,8 @@ NUMERIC_RULES = {
 OPTIONAL_FIELDS = frozenset(
     ['max_nonfinite_fraction', 'dataset.shots_per_class',
      'dtq.temperature_by_model', 'dtq.attention_entropy_weight',
-     'quant.range_momentum', 'delta.batch_size', 'stats_group_size'] +
+     'quant.range_momentum', 'quant.lsq_lr_scale', 'delta.batch_size',
+     'stats_group_size'] +
     [f for f in NUMERIC_RULES if f.startswith('pretrain.')])
 _MISSING = object()
 
@@ -311,6 +313,7 @@ def validate(config, device_count=None, check_devices=True):
   if 'act_ranges' in config.quant:
     _check_choice(config, 'quant.act_ranges', layers.ACT_RANGES)
     _check_choice(config, 'quant.range_stat', layers.RANGE_STATS)
+  _check_quant_method(config)
   _check_choice(config, 'on_nonfinite', ('stop', 'skip'))
   _check_dataset(config)
   pretrained = config.pretrained
@@ -385,6 +388,31 @@ def _check_dataset(config):
         set(d.source_classes) & set(d.target_classes)):
       raise ConfigError('dataset.target_classes', tuple(d.target_classes),
                         'must not overlap dataset.source_classes.')
+
+
+def _check_quant_method(config):
+  """``quant.method``, and the min-max-only settings it excludes."""
+  if 'method' not in config.quant:
+    return
+  _check_choice(config, 'quant.method', layers.QUANT_METHODS)
+  method = config.quant.method
+  if method == 'minmax':
+    return
+  if own_network.is_import_path(config.model):
+    raise ConfigError('quant.method', method,
+                      "learned quantizers are wired into the zoo's networks "
+                      'only, not yet into a network of your own; allowed '
+                      "here: 'minmax'.")
+  # Settings of the min-max quantizer that a learned one has no use for:
+  # silently ignoring them would run something else than the config says.
+  for field, paper in (('act_ranges', 'dynamic'), ('range_grad', True),
+                       ('fused_vjp', False)):
+    value = config.quant.get(field, paper)
+    if value != paper:
+      raise ConfigError(f'quant.{field}', value,
+                        f"it applies to quant.method='minmax' only; with "
+                        f'{method!r} (learned ranges) leave it at '
+                        f'{paper!r}.')
 
 
 def _check_stats_groups(config):

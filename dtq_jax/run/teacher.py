@@ -100,6 +100,10 @@ _STUDENT_ONLY = ('pretrain', 'compare_methods', 'repeats', 'cache_dir', 'l2',
 # source task is Fashion-MNIST's other classes (split 'out_of_domain').
 _TARGET_ONLY = ('target_classes', 'shots_per_class', 'data_seed',
                 'train_per_class', 'test_per_class', 'val_fraction')
+# Fields of config.quant that only a quantized student reads (the learned
+# quantizers'): the full-precision teacher is the same whatever they are, and
+# leaving them out keeps the cache entries written before they existed.
+_QUANTIZER_ONLY = ('method', 'lsq_lr_scale')
 _TEACHER_FORMAT = 2  # The cache layout and key; older entries are not read.
 TEACHER_CONFIG = 'teacher_config.json'
 
@@ -123,6 +127,8 @@ def teacher_config(config):
     tree.pop(name, None)
   # Of DTQ's settings, an 'fp' run reads only whether attention is built.
   tree['dtq'] = {'attention': config.dtq.attention}
+  for name in _QUANTIZER_ONLY:
+    tree['quant'].pop(name, None)
   d = tree['dataset']
   d.pop('cache_dir', None)  # Where decoded images are kept.
   # Neither split's teacher images depend on the target's fields (in domain:

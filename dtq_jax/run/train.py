@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from dtq_jax.data import augment
 from dtq_jax.infra import files
+from dtq_jax.method import learned_params
 from dtq_jax.method import networks
 from dtq_jax.method import step as step_lib
 from dtq_jax.run import checkpoints
@@ -161,15 +163,21 @@ class _Run:
         data.image_shape)
     self.steps_per_epoch, self.num_epochs, self.total_steps = (
         schedule_lengths(config, data))
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    init_rng, self.state_rng = jax.random.split(jax.random.PRNGKey(seed))
     params, batch_stats = networks.init_params(self.nets, init_rng,
                                                data.image_shape, teacher)
-    tx, self.schedule = step_lib.make_optimizer(
+    self.learned_quant = learned_params.uses_learned_quant(config)
+    if self.learned_quant:
+      # The structure only (the probe): restore fills the values, or
+      # start_learned_quant when there is nothing to restore.
+      params['backbone'] = learned_params.learned_quant_template(
+          self.nets.student, {'params': params['backbone'],
+                              'batch_stats': batch_stats},
+          self._first_images(), self.state_rng)
+    self.tx, self.schedule = step_lib.make_optimizer(
         config, params, self.nets.student.classifier_name,
         self.steps_per_epoch, self.num_epochs)
-    self.state = self.runtime.replicate(step_lib.create_train_state(
-        config, self.nets, params, batch_stats, tx, state_rng,
-        data.image_shape))
+    self._set_initial_state(params, batch_stats)
     self.frozen = self.runtime.replicate({'teacher': teacher,
                                           'delta_weights': delta_weights})
     self.meta = {'history': [], 'best_accuracy': -1.0, 'wall_time_s': 0.0}
@@ -179,7 +187,7 @@ class _Run:
     self.best = checkpoints.manager(os.path.join(workdir, checkpoints.BEST),
                                     max_to_keep=1, barrier_prefix='best')
     self.train_step = self.runtime.jit_train_step(
-        step_lib.make_train_step(config, self.nets, tx))
+        step_lib.make_train_step(config, self.nets, self.tx))
     self.eval_step = self.runtime.jit(
         step_lib.make_eval_step(
             self.nets, dataset=config.dataset,
@@ -191,12 +199,45 @@ class _Run:
     self.logger = None
     self.bar = None
 
+  def _set_initial_state(self, params, batch_stats):
+    """The state before the first step, from ``params`` (replicated)."""
+    self.state = self.runtime.replicate(step_lib.create_train_state(
+        self.config, self.nets, params, batch_stats, self.tx, self.state_rng,
+        self.data.image_shape))
+
+  def _first_images(self):
+    """The first training batch's images, as the first step feeds them.
+
+    The global batch (every process computes the same starts from it),
+    augmented on the device with the first step's key when the step does
+    that itself.
+    """
+    batch = next(self.data.train_batches(
+        self.config.batch_size, seed=self.seed, start_step=0,
+        on_device=self.data.on_device))
+    _, step_rng = jax.random.split(self.state_rng)
+    return augment.step_inputs(jnp.asarray(batch['image']),
+                               self.config.get('dataset'), step_rng)
+
+  def start_learned_quant(self):
+    """Starts the learned quantizers from the pretrained weights and the
+    first training batch (a run's first invocation only)."""
+    state = jax.device_get(self.state)
+    started = learned_params.init_learned_quant(
+        self.nets.student, {'params': state.params['backbone'],
+                            'batch_stats': state.batch_stats},
+        self._first_images(), self.state_rng)
+    params = dict(state.params, backbone=started['params'])
+    self._set_initial_state(params, state.batch_stats)
+
   def restore(self):
     """Continues from the newest intact checkpoint, if there is one."""
     restored = checkpoints.restore_latest_good(self.latest, self.state)
     if restored is not None:
       self.state, self.meta = restored.state, restored.meta
       print(f'Resuming {self.workdir} at step {int(self.state.step)}.')
+    elif self.learned_quant:
+      self.start_learned_quant()
     return int(self.state.step)
 
   def open_logs(self, start_step):

@@ -67,6 +67,7 @@ BAD_VALUES = {
     'stats_group_size': -1,
     'delta.temperature': 0.0,
     'quant.range_momentum': 1.0,
+    'quant.lsq_lr_scale': 0.0,
     'pretrain.batch_size': 0,
     'pretrain.num_epochs': 0,
     'pretrain.steps_per_epoch': -1,
