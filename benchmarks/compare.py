@@ -74,6 +74,10 @@ VARIANTS = {
     'ft_groups32': ('ft', {'eval_batch_size': 512, 'stats_group_size': 32}),
     'dtq_eval512': ('dtq', {'eval_batch_size': 512}),
     'dtq_groups32': ('dtq', {'eval_batch_size': 512, 'stats_group_size': 32}),
+    # Learned step sizes (LSQ weights, LSQ+/unsigned LSQ inputs) instead of
+    # the paper's min-max quantizer (issue #27's map).
+    'ft_lsq': ('ft', {'quant.method': 'lsq'}),
+    'dtq_lsq': ('dtq', {'quant.method': 'lsq'}),
 }
 # The default list of --methods: the paper's methods and the first ablations.
 DEFAULT_VARIANTS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq', 'dtq_no_kl',
