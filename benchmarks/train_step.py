@@ -17,14 +17,18 @@ For each model, in one process, the variants are (``--variants``):
   ft     FT-Q at --bits (CE only, no teacher, no transfer terms): the cost of
          transfer is t(dtq) / t(ft)
 
-each once per value of ``config.cpu_convolutions`` (``--cpu_convolutions``)
+each once per quantizer (``--quantizers``: minmax, the paper's, and lsq,
+learned steps started as a run starts them; dtq32 quantizes nothing and is
+measured once, a variant with lsq is named ``dtq_w4a4_lsq``), once per value
+of ``config.cpu_convolutions`` (``--cpu_convolutions``)
 and per set of the product's opt-in speed-ups (``--speedups``: a
 comma-separated list of switch sets, each 'none', 'all' or a '+'-joined subset
 of the ``config.quant`` switches pointwise_as_dot, depthwise_as_shifts and
 fused_vjp; same maths, other kernels). A variant's name carries its set
 (``dtq_w4a4``, ``dtq_w4a4+all``, ``dtq_w4a4+pointwise_as_dot+fused_vjp``)
 and its JSON line the value of every switch. The summary gives, per set, the
-cost of quantization (dtq vs dtq32) and of transfer (dtq vs ft), and per
+cost of quantization (dtq vs dtq32), of transfer (dtq vs ft) and of learned
+steps (lsq vs minmax), and per
 non-empty set the speed-up of each variant over the same variant with none
 (when 'none' is measured too).
 
@@ -49,6 +53,8 @@ Examples:
       --steps=3 --speedups=none,all --out=results/train_step_cpu.md
   python benchmarks/train_step.py --model=mobilenet_v2 --batch=16 --steps=3 \
       --variants=dtq --speedups=none,depthwise_as_shifts,all
+  python benchmarks/train_step.py --model=resnet50 --batch=16 --steps=3 \
+      --variants=dtq,ft --quantizers=minmax,lsq
 """
 
 import argparse
@@ -71,6 +77,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from configs import common  # pylint: disable=wrong-import-position
 from configs import fmnist  # pylint: disable=wrong-import-position
+from dtq_jax import layers  # pylint: disable=wrong-import-position
+from dtq_jax.method import learned_params  # pylint: disable=wrong-import-position
 from dtq_jax.method import networks  # pylint: disable=wrong-import-position
 from dtq_jax.method import step as step_lib  # pylint: disable=wrong-import-position
 from dtq_jax.run import config_validation  # pylint: disable=wrong-import-position
@@ -121,6 +129,11 @@ def parse_args(argv=None):
                  help='comma-separated switch sets, each measured for every '
                  'variant: none (default), all, or a +-joined subset of ' +
                  ', '.join(SWITCHES) + ' (config.quant switches)')
+  p.add_argument('--quantizers', default='minmax',
+                 help='comma-separated config.quant.method values, each '
+                 'measured for every quantized variant: ' +
+                 ', '.join(layers.QUANT_METHODS) + ' (the first is the '
+                 'baseline of the comparison lines)')
   p.add_argument('--cpu_convolutions', default=DEFAULT_CPU_CONVOLUTIONS,
                  help='comma-separated values of config.cpu_convolutions, '
                  'each measured for every variant and switch set: ' +
@@ -161,25 +174,32 @@ def parse_args(argv=None):
     args.speedups.append(switches)
   if not args.speedups:
     p.error('--speedups: give at least one set (none: the product default)')
-  args.cpu_convolutions = [c.strip() for c in args.cpu_convolutions.split(',')
-                           if c.strip()]
-  for c in args.cpu_convolutions:
-    if c not in config_validation.CPU_CONVOLUTIONS:
-      p.error(f'--cpu_convolutions: unknown {c!r}; allowed: '
-              f'{", ".join(config_validation.CPU_CONVOLUTIONS)}')
-  if not args.cpu_convolutions or len(set(args.cpu_convolutions)) != len(
-      args.cpu_convolutions):
-    p.error('--cpu_convolutions: give each value once')
+  args.quantizers = _choices(p, 'quantizers', args.quantizers,
+                             layers.QUANT_METHODS)
+  args.cpu_convolutions = _choices(p, 'cpu_convolutions',
+                                   args.cpu_convolutions,
+                                   config_validation.CPU_CONVOLUTIONS)
   return args
 
 
+def _choices(parser, flag, text, allowed):
+  """``--flag``'s comma-separated values, each in ``allowed`` and once."""
+  values = [v.strip() for v in text.split(',') if v.strip()]
+  for v in values:
+    if v not in allowed:
+      parser.error(f'--{flag}: unknown {v!r}; allowed: {", ".join(allowed)}')
+  if not values or len(set(values)) != len(values):
+    parser.error(f'--{flag}: give each value once')
+  return values
+
+
 def make_config(model, method, bits, dtype, switches, batch, image_size,
-                lr=None, cpu_convolutions=None):
+                lr=None, cpu_convolutions=None, quantizer='minmax'):
   """The run config main.py would use, with the benchmark's overrides.
 
   ``switches``: {name: bool} for config.quant's speed-ups (SWITCHES); those
   not named keep the config's default (off). ``cpu_convolutions``: None keeps
-  the config's.
+  the config's. ``quantizer``: ``config.quant.method``.
   """
   if model == 'small_resnet':
     config = fmnist.get_config()
@@ -191,6 +211,7 @@ def make_config(model, method, bits, dtype, switches, batch, image_size,
     config.dtq.temperature = common.TEMPERATURE.get(model, 60.0)
   config.method = method
   config.bits_w, config.bits_a = bits
+  config.quant.method = quantizer
   config.compute_dtype = dtype
   for name, on in (switches or {}).items():
     if name not in SWITCHES:
@@ -212,12 +233,14 @@ def make_config(model, method, bits, dtype, switches, batch, image_size,
 # (accelerator_check.py patches its on-device batches in with it).
 VariantSpec = collections.namedtuple(
     'VariantSpec',
-    ('name', 'method', 'bits', 'switches', 'cpu_convolutions', 'patch'),
-    defaults=(None, None))
+    ('name', 'method', 'bits', 'switches', 'cpu_convolutions', 'patch',
+     'quantizer'),
+    defaults=(None, None, 'minmax'))
 
 
 def variant_list(args):
-  """The VariantSpecs to measure: every variant, switch set and library."""
+  """The VariantSpecs to measure: every variant, quantizer, switch set and
+  library."""
   out = []
   for convs in args.cpu_convolutions:
     for switches in args.speedups:
@@ -225,10 +248,15 @@ def variant_list(args):
       for v in args.variants:
         method = 'ft' if v == 'ft' else 'dtq'
         bits = (32, 32) if v == 'dtq32' else args.bits
-        name = f'{method}_w{bits[0]}a{bits[1]}' + (
-            '' if label == 'none' else '+' + label) + (
-                '' if convs == DEFAULT_CPU_CONVOLUTIONS else '@' + convs)
-        out.append(VariantSpec(name, method, bits, switches, convs))
+        # A full-precision student has no quantizer to choose.
+        for quantizer in args.quantizers[:1] if v == 'dtq32' else (
+            args.quantizers):
+          name = f'{method}_w{bits[0]}a{bits[1]}' + (
+              '' if quantizer == 'minmax' else f'_{quantizer}') + (
+                  '' if label == 'none' else '+' + label) + (
+                      '' if convs == DEFAULT_CPU_CONVOLUTIONS else '@' + convs)
+          out.append(VariantSpec(name, method, bits, switches, convs,
+                                 quantizer=quantizer))
   return out
 
 
@@ -327,7 +355,8 @@ class Variant:
     self.args, self.image_size = args, image_size
     config = make_config(model, spec.method, spec.bits, args.dtype,
                          spec.switches, args.batch, image_size, args.lr,
-                         spec.cpu_convolutions)
+                         spec.cpu_convolutions, spec.quantizer)
+    self.quantizer = config.quant.method
     self.switches = {s: bool(config.quant[s]) for s in SWITCHES}
     self.cpu_convolutions = config.cpu_convolutions
     # As train.train_and_evaluate: the config's compiler options.
@@ -338,6 +367,13 @@ class Variant:
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(args.seed))
     params, batch_stats = networks.init_params(nets, init_rng, image_shape,
                                                teacher_vars)
+    if learned_params.uses_learned_quant(config):
+      # As a run starts: the learned steps from the kernels and one batch.
+      params['backbone'] = learned_params.init_learned_quant(
+          nets.student, {'params': params['backbone'],
+                         'batch_stats': batch_stats},
+          random_batch(args.seed, args.batch, image_shape,
+                       num_classes)['image'])['params']
     # Schedule lengths only place the learning-rate drop; any values do.
     tx, _ = step_lib.make_optimizer(
         config, params, nets.student.classifier_name, steps_per_epoch=100,
@@ -422,6 +458,7 @@ class Variant:
         'method': self.method,
         'bits_w': self.bits[0],
         'bits_a': self.bits[1],
+        'quant_method': self.quantizer,
         **self.switches,
         'cpu_convolutions': self.cpu_convolutions,
         'batch': args.batch,
@@ -473,10 +510,14 @@ COLUMNS = [
 
 
 def variant_kind(record):
-  """'dtq', 'dtq32' or 'ft' (VARIANTS) of a record."""
+  """'dtq', 'dtq32' or 'ft' (VARIANTS) of a record; '_lsq' etc. appended
+  for a learned quantizer."""
+  quantizer = record.get('quant_method', 'minmax')
+  suffix = '' if quantizer == 'minmax' else f'_{quantizer}'
   if record['method'] == 'ft':
-    return 'ft'
-  return 'dtq32' if (record['bits_w'], record['bits_a']) == (32, 32) else 'dtq'
+    return 'ft' + suffix
+  return 'dtq32' if (record['bits_w'], record['bits_a']) == (32, 32) else (
+      'dtq' + suffix)
 
 
 def summary_lines(records):
@@ -516,6 +557,12 @@ def summary_lines(records):
           lines.append(f'- {tag}: teacher + transfer terms cost x'
                        f'{q["step_ms"] / ft["step_ms"]:.2f} '
                        f'({q["variant"]} vs {ft["variant"]})')
+        for kind, r in kinds.items():
+          base = kinds.get(kind.partition('_')[0])
+          if '_' in kind and base:
+            lines.append(f'- {tag}: learned steps ({r["quant_method"]}) '
+                         f'cost x{r["step_ms"] / base["step_ms"]:.2f} '
+                         f'({r["variant"]} vs {base["variant"]})')
       for label, kinds in sets.items():
         for kind, r in kinds.items():
           if label != 'none' and kind in sets.get('none', {}):

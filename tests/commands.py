@@ -1,11 +1,14 @@
-"""The package's commands run in a subprocess, some modules made missing.
+"""The package's commands as the tests run them.
 
+``export_report`` runs ``python -m dtq_jax.export --check`` in-process and
+returns its report.
 ``python -m dtq_jax.export`` and ``python -m dtq_jax.plot`` must end in one
 line naming the extra to install when an optional library is absent; a
 subprocess with ``sys.modules[name] = None`` is that install, as far as the
 command can tell.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -31,3 +34,23 @@ def run_without(module, argv, blocked, timeout=300):
   return subprocess.run([sys.executable, '-c', code], cwd=ROOT,
                         capture_output=True, text=True, timeout=timeout,
                         check=False)
+
+
+def export_report(workdir, out, report_dir, *extra):
+  """Exports a run with ``--check`` (command line, in-process); its report.
+
+  Args:
+    workdir: the run's method folder.
+    out: the file to write (its ending picks the format).
+    report_dir: a folder for the report's JSON.
+    *extra: further command-line arguments.
+
+  Returns:
+    The check's report dict.
+  """
+  from dtq_jax import export  # pylint: disable=g-import-not-at-top
+  report_path = os.path.join(str(report_dir), 'report.json')
+  assert export.main(['--workdir', str(workdir), '--out', str(out),
+                      '--check', '--report', report_path, *extra]) == 0
+  with open(report_path) as f:
+    return json.load(f)

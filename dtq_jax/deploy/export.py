@@ -27,6 +27,7 @@ from dtq_jax.deploy import runs
 from dtq_jax.deploy import stablehlo_export
 from dtq_jax.infra import files
 from dtq_jax import layers
+from dtq_jax.method import learned_params
 from dtq_jax.method import networks
 from dtq_jax.method import static_ranges
 from dtq_jax.models import own_network as own_network_lib
@@ -78,7 +79,8 @@ def _squeeze_range(x, axis):
   return x.reshape(-1) if axis is not None else x.reshape(())
 
 
-def student_tensors(student, variables, head_params, ranges, image_shape):
+def student_tensors(student, variables, head_params, ranges, image_shape,
+                    weight_ranges=None):
   """The tensors of the export file for a student's variables.
 
   Args:
@@ -87,6 +89,9 @@ def student_tensors(student, variables, head_params, ranges, image_shape):
     head_params: the target classifier's parameters.
     ranges: the static activation ranges (``'quant_ranges'`` tree).
     image_shape: (H, W, C) of one input image.
+    weight_ranges: ``{path: (lo, hi)}`` of every quantized kernel, for a
+      student with learned steps (``learned_params.learned_ranges``); None:
+      each kernel's own extremes, the paper's quantizer.
 
   Returns:
     ``(tensors, packed, convs, sizes)``: name -> numpy array, the packed
@@ -105,7 +110,12 @@ def student_tensors(student, variables, head_params, ranges, image_shape):
     if info['bits_w'] != quant.FULL_PRECISION:
       kernel = jnp.asarray(flat_params.pop(f'{path}/kernel'), jnp.float32)
       axis = info['weight_range_axis']
-      lo, hi = quant.tensor_range(kernel, axis)
+      if weight_ranges is None:
+        lo, hi = quant.tensor_range(kernel, axis)
+      elif path in weight_ranges:
+        lo, hi = (jnp.asarray(r, jnp.float32) for r in weight_ranges[path])
+      else:
+        raise ValueError(f'no learned weight step for {path}.')
       codes = np.asarray(quant.quantize(kernel, info['bits_w'], lo, hi))
       prefix = f'{int_inference.INT_WEIGHTS}/backbone/{path}'
       tensors[f'{prefix}/codes'] = dtq_format.pack(codes, info['bits_w'])
@@ -149,7 +159,7 @@ def student_tensors(student, variables, head_params, ranges, image_shape):
 def make_export(student, variables, head_params, ranges, image_shape, *,
                 name, kwargs, bits_w, bits_a, preprocess, class_names,
                 activation_ranges, source=None, config=None,
-                own_network=None):
+                own_network=None, weight_ranges=None):
   """The tensors and manifest of an export (see the module docstring).
 
   Args:
@@ -170,6 +180,7 @@ def make_export(student, variables, head_params, ranges, image_shape, *,
     config: the run's config dict.
     own_network: for a user's network, the settings that rebuild its student
       (``keep_float``, ``quantize_dense``, ``taps``, ``source_classifier``).
+    weight_ranges: learned kernel ranges (see ``student_tensors``).
 
   Returns:
     ``(tensors, manifest)``: name -> numpy array (codes packed), and the
@@ -182,7 +193,7 @@ def make_export(student, variables, head_params, ranges, image_shape, *,
                      f'{num_classes} outputs.')
   tensors, packed, convs, sizes = student_tensors(student, variables,
                                                   head_params, ranges,
-                                                  image_shape)
+                                                  image_shape, weight_ranges)
   axes = {c['weight_range_axis'] for c in convs.values()}
   manifest = dict(
       format=dtq_format.FORMAT, version=dtq_format.VERSION,
@@ -247,13 +258,10 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
   if os.path.isdir(out):
     raise ValueError(f'--out {out} is a folder; name the file to write.')
   config = runs.load_config(workdir)
-  method = config.quant.get('method', 'minmax')
-  if method != 'minmax':
-    # The formats hold min-max ranges; a learned step maps to one
-    # (learned_params.learned_ranges) but the exporters do not read it yet.
-    raise ValueError(f'{workdir} was trained with quant.method={method!r}; '
-                     'exporting learned quantizer steps is not supported '
-                     'yet (only the paper\'s minmax quantizer).')
+  if recalibrate and learned_params.uses_learned_quant(config):
+    raise ValueError(f'{workdir} was trained with learned quantizer steps '
+                     f'(quant.method={config.quant.method!r}): they are its '
+                     'ranges, --recalibrate does not apply.')
   seeds = runs.seed_dirs(workdir)
   if not seeds:
     raise FileNotFoundError(f'no seed_N/ folder in {workdir}.')
@@ -273,8 +281,16 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
   bits_w, bits_a = networks.student_bits(config)
 
   ranges = state.get(layers.RANGES)
-  if (ranges and static_ranges.has_collected_ranges(ranges) and
-      not recalibrate):
+  weight_ranges = None
+  if learned_params.uses_learned_quant(config):
+    # Learned steps are static ranges already: the exported quantizers are
+    # the trained ones, with nothing to calibrate.
+    variables, ranges, weight_ranges = runs.learned_export_ranges(
+        config, variables)
+    range_info = dict(source='learned',
+                      method=config.quant.get('method', 'minmax'))
+  elif (ranges and static_ranges.has_collected_ranges(ranges) and
+        not recalibrate):
     range_info = dict(source='training',
                       stat=config.quant.get('range_stat', 'ema'),
                       momentum=config.quant.get('range_momentum', 0.9))
@@ -298,7 +314,8 @@ def export_run(workdir, out, seed=None, best=False, calibration_batches=0,
                   finished=finished),
       config=config.to_dict(),
       own_network=(networks.own_network_settings(config)
-                   if own_network_lib.is_import_path(config.model) else None))
+                   if own_network_lib.is_import_path(config.model) else None),
+      weight_ranges=weight_ranges)
   ckpt_dir = os.path.join(seeds[seed], 'best' if best else 'checkpoints',
                           str(step))
   manifest['sizes']['training_checkpoint_bytes'] = (

@@ -4,7 +4,9 @@
 (int_inference.py) or an ONNX file through onnxruntime on its task's test
 set; given the run's folder, it also evaluates the same checkpoint with fake
 quantization, with the exported static ranges and with the paper's dynamic
-ranges, and reports how often the top-1 predictions agree. A ``.stablehlo``
+ranges, and reports how often the top-1 predictions agree (a run with
+learned steps, ``quant.method='lsq'``, is compared with its student as it
+trained: its quantizers have static ranges). A ``.stablehlo``
 file runs as the deserialized jax.export module.
 ``python -m dtq_jax.export ... --check`` calls it.
 """
@@ -21,6 +23,7 @@ from dtq_jax.deploy import onnx_export
 from dtq_jax.deploy import runs
 from dtq_jax.deploy import stablehlo_export
 from dtq_jax import layers
+from dtq_jax.method import learned_params
 from dtq_jax.method import networks
 from dtq_jax.method import static_ranges
 
@@ -101,12 +104,17 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
     nets, fq_vars, head, _, _ = runs.restore_run(
         config, seeds[src['seed']], src['checkpoint'] == 'best',
         data.image_shape)
-    static_vars = dict(fq_vars, **{layers.RANGES: exported_ranges})
-    static = networks.make_predict(
-        static_ranges.with_act_ranges(nets.student, 'static'), nets.head)
     dynamic = networks.make_predict(nets.student, nets.head)
-    paths['static_fake_quant'] = lambda x: static(static_vars, head, x)
-    paths['dynamic_fake_quant'] = lambda x: dynamic(fq_vars, head, x)
+    if learned_params.uses_learned_quant(config):
+      # Learned steps are static ranges: the reference is the student as
+      # it trained, and there is no dynamic-range variant of it.
+      paths['static_fake_quant'] = lambda x: dynamic(fq_vars, head, x)
+    else:
+      static_vars = dict(fq_vars, **{layers.RANGES: exported_ranges})
+      static = networks.make_predict(
+          static_ranges.with_act_ranges(nets.student, 'static'), nets.head)
+      paths['static_fake_quant'] = lambda x: static(static_vars, head, x)
+      paths['dynamic_fake_quant'] = lambda x: dynamic(fq_vars, head, x)
   preds = {k: [] for k in paths}
   logits_diff = 0.0
   labels = []
@@ -138,8 +146,9 @@ def check(path, workdir=None, batch_size=0, max_batches=0, data=None,
   if workdir is not None:
     report[f'agreement_{key}_vs_static'] = float(
         np.mean(preds[key] == preds['static_fake_quant']))
-    report['agreement_static_vs_dynamic'] = float(
-        np.mean(preds['static_fake_quant'] == preds['dynamic_fake_quant']))
+    if 'dynamic_fake_quant' in preds:
+      report['agreement_static_vs_dynamic'] = float(
+          np.mean(preds['static_fake_quant'] == preds['dynamic_fake_quant']))
     report[f'max_abs_logit_diff_{key}_vs_static'] = logits_diff
   if verbose:
     print(format_report(report))
@@ -152,7 +161,9 @@ def format_report(report):
   names = {'int': 'integer inference (exported)',
            'onnx': 'ONNX, onnxruntime (exported)',
            'stablehlo': 'StableHLO, jax.export (exported)',
-           'static_fake_quant': 'fake quant, static ranges',
+           'static_fake_quant': (
+               'fake quant, learned steps' if report['activation_ranges'].get(
+                   'source') == 'learned' else 'fake quant, static ranges'),
            'dynamic_fake_quant': 'fake quant, dynamic ranges (paper)'}
   for key, label in names.items():
     if key in report:
@@ -164,6 +175,7 @@ def format_report(report):
                  f'{100 * report[f"agreement_{key}_vs_static"]:.2f}% '
                  f'(max |logit difference| '
                  f'{report[f"max_abs_logit_diff_{key}_vs_static"]:.2g})')
+  if 'agreement_static_vs_dynamic' in report:
     lines.append(f'  same top-1, static vs dynamic fake quant: '
                  f'{100 * report["agreement_static_vs_dynamic"]:.2f}%')
   return '\n'.join(lines)

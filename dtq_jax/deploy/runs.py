@@ -2,16 +2,19 @@
 
 ``load_config`` and ``seed_dirs`` find a run's parts, ``restore_run`` its
 student and target head as trained, ``calibrate_run`` the static activation
-ranges of a run that did not collect them in training. export.py builds the
+ranges of a run that did not collect them in training,
+``learned_export_ranges`` those of a run with learned steps. export.py builds the
 export from them; export_check.py compares an export with its run.
 """
 
 import os
 
+from flax import traverse_util
 import ml_collections
 import numpy as np
 
 from dtq_jax.infra import files
+from dtq_jax.method import learned_params
 from dtq_jax.method import networks
 from dtq_jax.method import static_ranges
 from dtq_jax.run import checkpoints
@@ -103,3 +106,34 @@ def calibrate_run(config, student, variables, num_batches=0, batch_size=0,
                       batch_size=batch_size,
                       images=min(used * batch_size, len(data.train)),
                       split='train', augment=False)
+
+
+def learned_export_ranges(config, variables):
+  """The ranges of a run trained with learned quantizer steps (``lsq``).
+
+  Each learned quantizer is the paper's on a fixed range
+  (``learned_params.learned_ranges``), so the export formats, which hold
+  min-max ranges, carry it as it was trained.
+
+  Args:
+    config: the run's config (bits, ``quant.method``).
+    variables: the student's ``{'params', 'batch_stats'}`` with its learned
+      parameters.
+
+  Returns:
+    ``(variables, ranges, weight_ranges)``: the variables without the
+    learned parameters, the input ranges as a ``'quant_ranges'`` tree and
+    ``{path: (lo, hi)}`` of the kernels.
+  """
+  bits_w, bits_a = networks.student_bits(config)
+  learned = learned_params.learned_ranges(variables['params'], bits_w,
+                                          bits_a)
+  ranges = traverse_util.unflatten_dict(
+      {tuple(path.split('/')) + (end,): value
+       for path, r in learned.items() if 'input' in r
+       for end, value in zip(('lo', 'hi'), r['input'])})
+  weight_ranges = {path: r['weight'] for path, r in learned.items()
+                   if 'weight' in r}
+  return (dict(variables,
+               params=learned_params.without_learned(variables['params'])),
+          ranges, weight_ranges)

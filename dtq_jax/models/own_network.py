@@ -473,17 +473,25 @@ def _run_quantized(module, x, bits_w, bits_a, settings, conv_cls):
         bits_w, bits_a, settings))
     return dense.apply({'params': module.variables['params']}, x)
   conv = _quant_conv(module, bits_w, bits_a, settings, conv_cls)
-  ranges = layers.RANGES
   # Every collection the layer's scope holds: params (an exported one may
-  # have none: its kernel is stored as integer codes), ranges, codes.
+  # have none: its kernel is stored as integer codes; learned quantizer
+  # steps sit beside the kernel), ranges, codes.
   variables = {col: tree for col, tree in module.variables.items()
                if col != 'intermediates'}
-  if not module.is_mutable_collection(ranges):
+  # What the layer writes, kept in the user's layer's own scope: static
+  # activation ranges, and the learned quantizers' probe and start passes
+  # (method/learned_params.py).
+  written = [c for c in _WRITTEN if module.is_mutable_collection(c)]
+  if not written:
     return conv.apply(variables, x)
-  y, state = conv.apply(variables, x, mutable=[ranges])
-  for name, value in state.get(ranges, {}).items():
-    module.put_variable(ranges, name, value)
+  y, state = conv.apply(variables, x, mutable=written)
+  for collection in written:
+    for name, value in state.get(collection, {}).items():
+      module.put_variable(collection, name, value)
   return y
+
+
+_WRITTEN = (layers.RANGES, layers.LSQ_PROBE, layers.LSQ_INIT)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

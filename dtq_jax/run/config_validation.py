@@ -398,11 +398,12 @@ def _check_quant_method(config):
   method = config.quant.method
   if method == 'minmax':
     return
-  if own_network.is_import_path(config.model):
-    raise ConfigError('quant.method', method,
-                      "learned quantizers are wired into the zoo's networks "
-                      'only, not yet into a network of your own; allowed '
-                      "here: 'minmax'.")
+  if config.quant.get('quantize_dense', False):
+    # A user's Dense layers are quantized through their promote_dtype hook,
+    # which has no parameters of its own to learn.
+    raise ConfigError('quant.quantize_dense', True,
+                      f'quantized Dense layers use the min-max quantizer; '
+                      f'with quant.method={method!r} leave it False.')
   # Settings of the min-max quantizer that a learned one has no use for:
   # silently ignoring them would run something else than the config says.
   for field, paper in (('act_ranges', 'dynamic'), ('range_grad', True),

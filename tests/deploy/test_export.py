@@ -549,14 +549,3 @@ def test_quantized_convs_take_an_int_stride_and_check_the_kernel_rank():
   with pytest.raises(ValueError, match='convolution QuantConv_0: the stored '
                      r'kernel \(3, 3, 4\)'):
     export.quantized_convs(net, damaged, (8, 8, 3))
-
-
-def test_a_run_with_learned_steps_is_refused_in_one_line(tmp_path, capsys):
-  # The formats hold min-max ranges; an lsq run must not export silently
-  # wrong ranges.
-  config = {'quant': {'method': 'lsq'}}
-  (tmp_path / 'config.json').write_text(json.dumps(config))
-  assert export_cli.main(['--workdir', str(tmp_path), '--out',
-                          str(tmp_path / 'm.dtq')]) == 2
-  err = capsys.readouterr().err.strip()
-  assert "quant.method='lsq'" in err and len(err.splitlines()) == 1, err

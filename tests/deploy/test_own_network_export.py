@@ -5,7 +5,6 @@ trains on random images; each format is exported with the command, reloaded
 and checked against the run's static-range fake quantization.
 """
 
-import json
 import re
 import zipfile
 
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import commands
 from dtq_jax.deploy import dtq_format
 from dtq_jax.deploy import export
 from dtq_jax.deploy import stablehlo_export
@@ -40,17 +40,9 @@ def own_run(tmp_path_factory, tiny_folder):
   return workdir
 
 
-def _export_and_check(workdir, out, tmp_path):
-  report_path = str(tmp_path / 'report.json')
-  assert export_cli.main(['--workdir', workdir, '--out', out, '--check',
-                          '--report', report_path]) == 0
-  with open(report_path) as f:
-    return json.load(f)
-
-
 def test_stablehlo_export_reloads_and_predicts_as_the_run(own_run, tmp_path):
   out = str(tmp_path / 'model.stablehlo')
-  report = _export_and_check(own_run, out, tmp_path)
+  report = commands.export_report(own_run, out, tmp_path)
   assert report['format'] == 'stablehlo'
   assert report['test_images'] == 9
   assert report['agreement_stablehlo_vs_static'] == 1.0
@@ -73,7 +65,7 @@ def test_stablehlo_export_reloads_and_predicts_as_the_run(own_run, tmp_path):
                              logits[:2], rtol=1e-5, atol=1e-5)
   # The same classes as the integer inference path of a .dtq export.
   dtq_out = str(tmp_path / 'model.dtq')
-  report = _export_and_check(own_run, dtq_out, tmp_path)
+  report = commands.export_report(own_run, dtq_out, tmp_path)
   assert report['agreement_int_vs_static'] == 1.0
   _, int_predict = export.load_integer_model(dtq_out)
   np.testing.assert_array_equal(
@@ -142,7 +134,7 @@ def test_dtq_export_keeps_only_the_quantized_kernels_as_codes(own_run,
 def test_onnx_export_of_own_network_agrees_with_the_run(own_run, tmp_path):
   onnx = pytest.importorskip('onnx')
   out = str(tmp_path / 'model.onnx')
-  report = _export_and_check(own_run, out, tmp_path)
+  report = commands.export_report(own_run, out, tmp_path)
   assert report['agreement_onnx_vs_static'] == 1.0
   assert report['max_abs_logit_diff_onnx_vs_static'] < 1e-4
   model = onnx.load(out)

@@ -166,6 +166,10 @@ def test_config_validation_of_the_quantizer():
     with pytest.raises(errors.ConfigError, match=f'quant.{field}'):
       config_validation.validate(config, device_count=1)
   config = _config('dtq')
+  config.quant.quantize_dense = True  # A user's Dense: min-max only.
+  with pytest.raises(errors.ConfigError, match='quant.quantize_dense'):
+    config_validation.validate(config, device_count=1)
+  config = _config('dtq')
   config.quant.lsq_lr_scale = 0.0
   with pytest.raises(errors.ConfigError, match='quant.lsq_lr_scale'):
     config_validation.validate(config, device_count=1)
