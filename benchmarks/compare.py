@@ -207,8 +207,13 @@ def draw(out, rows, title, num_seeds):
                f'over {num_seeds} seeds, as the table gives them; it holds no '
                'per-seed values, so single seeds are not drawn.')
   shots = any(r['shots'] is not None for r in rows)
-  figure = (plot.shots_figure if shots else plot.methods_figure)(
-      rows, title, caption)
+  quantized_bits = {r['bits'] for r in rows if r['bits'] != '32/32'}
+  if shots and len(quantized_bits) > 1:
+    # Methods x bits x shots (the quantizer map): accuracy against bits.
+    draw_figure = plot.bits_figure
+  else:
+    draw_figure = plot.shots_figure if shots else plot.methods_figure
+  figure = draw_figure(rows, title, caption)
   path = os.path.splitext(out)[0] + '.png'
   plot.save_png(figure, path)
   return path

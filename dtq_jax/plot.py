@@ -7,7 +7,7 @@ loss terms, the train and test accuracy and (DTQ) the attention entropy of
 each map over the steps: one row of panels per run, so a ``main.py`` comparison
 folder (one folder per method) gives one row per method. The default output is
 ``curves.png`` in the folder. ``benchmarks/compare.py`` draws its tables with
-``methods_figure`` and ``shots_figure``.
+``methods_figure``, ``shots_figure`` and ``bits_figure``.
 
 Figures are ``matplotlib.figure.Figure`` objects saved by the Agg renderer:
 no pyplot, so nothing needs a display or touches global plotting state.
@@ -354,6 +354,66 @@ def shots_figure(rows, title, caption=''):
   ax.legend(fontsize=8, title=None if several_bits else f'{bits[0]} bits (w/a)',
             title_fontsize=8)
   ax.set_title(title, fontsize=10)
+  _caption(fig, caption)
+  return fig
+
+
+def bits_figure(rows, title, caption=''):
+  """Final test accuracy against the bit width, one panel per shots value.
+
+  One line per method (quantizer variants included) over the quantized bit
+  widths; a full-precision row (bits '32/32') is the dashed ceiling of its
+  panel, its band one std.
+
+  Args:
+    rows: dicts as for ``shots_figure`` (``shots`` may be None: one panel).
+    title: the figure's title.
+    caption: text under the plot.
+
+  Returns:
+    The ``Figure`` (one axes per shots value, sharing y; an error bar
+    container per method in each).
+  """
+  shots = sorted({r['shots'] for r in rows}, key=lambda s: s or 0)
+  methods = list(dict.fromkeys(r['method'] for r in rows
+                               if r['bits'] != '32/32'))
+  bits = sorted({int(r['bits'].split('/')[0]) for r in rows
+                 if r['bits'] != '32/32'})
+  fig = new_figure(figsize=(3.2 * len(shots) + 0.6, 4.4),
+                   layout='constrained')
+  axes = fig.subplots(1, len(shots), sharey=True, squeeze=False)[0]
+  for ax, n in zip(axes, shots):
+    panel = [r for r in rows if r['shots'] == n]
+    for r in panel:
+      if r['bits'] == '32/32':
+        ax.axhline(r['mean'], color='0.3', linestyle='--', linewidth=1,
+                   label=f'{r["method"]} (full precision)')
+        ax.axhspan(r['mean'] - r['std'], r['mean'] + r['std'], color='0.3',
+                   alpha=0.12, linewidth=0)
+    for j, method in enumerate(methods):
+      cells = sorted((r for r in panel if r['method'] == method and
+                      r['bits'] != '32/32'),
+                     key=lambda r: int(r['bits'].split('/')[0]))
+      if not cells:
+        continue
+      color = f'C{j % 10}'
+      xs = [int(r['bits'].split('/')[0]) for r in cells]
+      for x, r in zip(xs, cells):
+        _points(ax, x, r['seeds'], color)
+      ax.errorbar(xs, [r['mean'] for r in cells],
+                  yerr=[r['std'] for r in cells], fmt='-o', color=color,
+                  capsize=3, markersize=4, label=method)
+    ax.set_xticks(bits, [str(b) for b in bits])
+    ax.set_xlabel('bits (weights = activations)', fontsize=9)
+    ax.set_title(f'{n} shots' if n else title, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel('final test accuracy (%)', fontsize=9)
+  # One legend for all panels, below them: it covers no curve.
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='outside lower center', fontsize=8,
+             ncols=min(len(labels), 5))
+  fig.suptitle(title, fontsize=10)
   _caption(fig, caption)
   return fig
 

@@ -179,6 +179,35 @@ def test_methods_and_shots_figures_from_cells():
   assert list(bars[0].lines[0].get_xdata()) == [5, 10, 30]
 
 
+def test_bits_figure_one_panel_per_shots_with_the_fp_ceiling():
+  cells = []
+  for n in (10, 30):
+    cells.append(dict(method='fp', bits='32/32', shots=n, mean=85.0 + n / 10,
+                      std=0.2, seeds=[84.8, 85.2]))
+    for m, base in (('ft', 60.0), ('dtq_lsq', 70.0)):
+      for b in (2, 3, 4):
+        cells.append(dict(method=m, bits=f'{b}/{b}', shots=n,
+                          mean=base + 4 * b, std=0.5, seeds=[]))
+  fig = plot.bits_figure(cells, 'map', 'caption')
+  FigureCanvasAgg(fig).draw()
+  assert [ax.get_title() for ax in fig.axes] == ['10 shots', '30 shots']
+  assert fig.axes[0].get_ylim() == fig.axes[1].get_ylim()  # shared y
+  for ax, n in zip(fig.axes, (10, 30)):
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert [c.get_label() for c in bars] == ['ft', 'dtq_lsq']
+    assert list(bars[0].lines[0].get_xdata()) == [2, 3, 4]
+    assert list(bars[1].lines[0].get_ydata()) == [78.0, 82.0, 86.0]
+    # The full-precision ceiling: a horizontal line at its mean.
+    ceiling, = [l for l in ax.get_lines() if l.get_linestyle() == '--']
+    assert list(ceiling.get_ydata()) == [85.0 + n / 10] * 2
+  # One legend, below the panels: it covers no curve.
+  legend, = fig.legends
+  assert {t.get_text() for t in legend.get_texts()} == {
+      'fp (full precision)', 'ft', 'dtq_lsq'}
+  for ax in fig.axes:
+    assert not legend.get_window_extent().overlaps(ax.get_window_extent())
+
+
 TABLE = """# tiny: shots comparison
 
 Seeds: 2 per cell (seed+1..seed+2); total time 1 s.

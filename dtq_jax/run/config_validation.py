@@ -160,6 +160,7 @@ NUMERIC_RULES = {
     'log_every_steps': _AT_LEAST_1,
     'eval_every_epochs': _AT_LEAST_1,
     'checkpoint_every_steps': _COUNT,
+    'prefetch_batches': _COUNT,
     # 0 would delete every checkpoint as soon as it is written.
     'keep_checkpoints': _AT_LEAST_1,
     'max_nonfinite_fraction': _FACTOR,

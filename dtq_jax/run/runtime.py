@@ -5,6 +5,9 @@ Training is data-parallel over a one-axis ``('data',)`` mesh of every device
 split along its first axis.
 """
 
+import collections
+import itertools
+
 import jax
 import numpy as np
 
@@ -88,6 +91,31 @@ class Runtime:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.batch, x),
         local_batch)
+
+  def prefetch(self, batches, ahead=1):
+    """``put_batch`` of each of ``batches``, ``ahead`` transfers early.
+
+    When the loop takes batch ``n`` (and dispatches its step), the
+    transfers of batches ``n + 1 .. n + ahead`` are already issued, so a
+    step never waits for its input's host-to-device copy, and the input
+    pipeline's next batch is read while the step runs. The batches and
+    their order are those of ``batches``; batches fetched ahead of a stop
+    are dropped (a resumed run rebuilds its batches from its step).
+
+    Args:
+      batches: an iterator of this process's slices of global batches.
+      ahead: batches in flight beyond the current one (0: none, the
+        transfer is issued when the batch is taken).
+
+    Yields:
+      Global device arrays, as ``put_batch`` returns them.
+    """
+    batches = iter(batches)
+    queue = collections.deque(
+        self.put_batch(b) for b in itertools.islice(batches, ahead + 1))
+    while queue:
+      yield queue.popleft()
+      queue.extend(self.put_batch(b) for b in itertools.islice(batches, 1))
 
   def replicate(self, tree):
     """Places ``tree`` on every device of the mesh."""

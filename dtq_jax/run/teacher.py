@@ -104,6 +104,9 @@ _TARGET_ONLY = ('target_classes', 'shots_per_class', 'data_seed',
 # quantizers'): the full-precision teacher is the same whatever they are, and
 # leaving them out keeps the cache entries written before they existed.
 _QUANTIZER_ONLY = ('method', 'lsq_lr_scale')
+# Fields that change how fast a run goes, not what it computes: leaving them
+# out keeps the cache entries written before they existed.
+_SPEED_ONLY = ('prefetch_batches',)
 _TEACHER_FORMAT = 2  # The cache layout and key; older entries are not read.
 TEACHER_CONFIG = 'teacher_config.json'
 
@@ -123,7 +126,7 @@ def teacher_config(config):
   """
   p = config.pretrain
   tree = config.to_dict()
-  for name in _STUDENT_ONLY:
+  for name in _STUDENT_ONLY + _SPEED_ONLY:
     tree.pop(name, None)
   # Of DTQ's settings, an 'fp' run reads only whether attention is built.
   tree['dtq'] = {'attention': config.dtq.attention}

@@ -262,15 +262,20 @@ class _Run:
     self.logger.close()
 
   def train_batches(self, start_step):
-    return self.data.train_batches(
-        self.config.batch_size, seed=self.seed, start_step=start_step,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        on_device=self.data.on_device)
+    """The training batches from ``start_step`` on, already on the devices
+    (``config.prefetch_batches`` transferred ahead)."""
+    return self.runtime.prefetch(
+        self.data.train_batches(
+            self.config.batch_size, seed=self.seed, start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            on_device=self.data.on_device),
+        self.config.get('prefetch_batches', 1))
 
   def train(self, batch):
-    """Enqueues one step; returns its metrics (still on the device)."""
-    self.state, metrics = self.train_step(
-        self.state, self.runtime.put_batch(batch), self.frozen)
+    """Enqueues one step on a device batch; returns its metrics (still on
+    the device)."""
+    self.state, metrics = self.train_step(self.state, batch, self.frozen)
     self.bar.update(1)
     return metrics
 

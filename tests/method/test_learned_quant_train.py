@@ -186,6 +186,9 @@ def test_the_quantizer_shares_the_demo_teacher():
       teacher_lib.teacher_config(c), c.dataset) for c in (base, config)]
   assert keys[0] == keys[1]
   assert 'method' not in teacher_lib.teacher_config(config).quant
+  # Nor does the device prefetch (a speed setting) change the teacher.
+  config.prefetch_batches = 3
+  assert 'prefetch_batches' not in teacher_lib.teacher_config(config)
 
 
 # lsq at 2 bits runs end to end in the resume test below.

@@ -28,6 +28,7 @@ BAD_VALUES = {
     'log_every_steps': 0,
     'eval_every_epochs': 0,
     'checkpoint_every_steps': -1,
+    'prefetch_batches': -1,
     'keep_checkpoints': 0,
     'max_nonfinite_fraction': 0.0,
     'dataset.image_size': 0,
