@@ -3,8 +3,9 @@
 ``load_config`` and ``seed_dirs`` find a run's parts, ``restore_run`` its
 student and target head as trained, ``calibrate_run`` the static activation
 ranges of a run that did not collect them in training,
-``learned_export_ranges`` those of a run with learned steps. export.py builds the
-export from them; export_check.py compares an export with its run.
+``learned_export_ranges`` those of a run with learned steps. export.py
+builds the export from them; export_check.py compares an export with its
+run.
 """
 
 import os
