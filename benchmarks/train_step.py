@@ -367,13 +367,19 @@ class Variant:
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(args.seed))
     params, batch_stats = networks.init_params(nets, init_rng, image_shape,
                                                teacher_vars)
+    # Seconds a run spends starting its learned steps (None: minmax).
+    self.learned_init_s = None
     if learned_params.uses_learned_quant(config):
-      # As a run starts: the learned steps from the kernels and one batch.
-      params['backbone'] = learned_params.init_learned_quant(
-          nets.student, {'params': params['backbone'],
-                         'batch_stats': batch_stats},
-          random_batch(args.seed, args.batch, image_shape,
-                       num_classes)['image'])['params']
+      # As a run starts: the learned steps from the kernels and one batch
+      # (two compiled passes of the network: the probe and the start).
+      t0 = time.perf_counter()
+      params['backbone'] = jax.block_until_ready(
+          learned_params.init_learned_quant(
+              nets.student, {'params': params['backbone'],
+                             'batch_stats': batch_stats},
+              random_batch(args.seed, args.batch, image_shape,
+                           num_classes)['image'])['params'])
+      self.learned_init_s = time.perf_counter() - t0
     # Schedule lengths only place the learning-rate drop; any values do.
     tx, _ = step_lib.make_optimizer(
         config, params, nets.student.classifier_name, steps_per_epoch=100,
@@ -471,6 +477,8 @@ class Variant:
         'step_ms_min': round(min(self.intervals) * 1e3, 2),
         'step_ms_max': round(max(self.intervals) * 1e3, 2),
         'first_step_s': round(self.first_s, 3),
+        'learned_init_s': (None if self.learned_init_s is None else
+                           round(self.learned_init_s, 2)),
         'hlo_hash': self.hlo_hash,
         'compile_s': round(self.lower_s + self.xla_compile_s, 2),
         'lower_s': round(self.lower_s, 2),
@@ -562,7 +570,8 @@ def summary_lines(records):
           if '_' in kind and base:
             lines.append(f'- {tag}: learned steps ({r["quant_method"]}) '
                          f'cost x{r["step_ms"] / base["step_ms"]:.2f} '
-                         f'({r["variant"]} vs {base["variant"]})')
+                         f'({r["variant"]} vs {base["variant"]}); starting '
+                         f'them took {r["learned_init_s"]:.1f} s once')
       for label, kinds in sets.items():
         for kind, r in kinds.items():
           if label != 'none' and kind in sets.get('none', {}):

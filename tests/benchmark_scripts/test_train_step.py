@@ -25,6 +25,8 @@ def test_lsq_and_minmax_steps_are_measured_side_by_side(tmp_path):
       ('dtq_w4a4', 'minmax'), ('dtq_w4a4_lsq', 'lsq'),
       ('dtq_w32a32', 'minmax')]
   assert all(r['finite'] and not r['nonfinite_steps'] for r in records)
+  assert records[1]['learned_init_s'] > 0
+  assert records[0]['learned_init_s'] is None
   report = out.read_text()
   assert ('small_resnet: learned steps (lsq) cost x' in report and
           '(dtq_w4a4_lsq vs dtq_w4a4)' in report), report
