@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dtq_jax import convolution
 from dtq_jax import learned_quant
 from dtq_jax import quant
 
@@ -116,66 +117,6 @@ class QuantSettings:
     """The settings as ``QuantConv`` keyword arguments (a model's
     ``conv_kwargs``)."""
     return dataclasses.asdict(self)
-
-
-def normalize_padding(padding, ndim):
-  """'SAME'/'VALID' unchanged; an int or pairs as ((lo, hi), ...) per dim."""
-  if isinstance(padding, str):
-    return padding
-  if isinstance(padding, int):
-    return ((padding, padding),) * ndim
-  return tuple(tuple(p) for p in padding)
-
-
-def pair(value, name):
-  """An int or a 2-sequence of ints as a (height, width) tuple.
-
-  Args:
-    value: ``n`` (the same on both axes, as ``flax.linen.Conv`` accepts) or
-      ``(n_h, n_w)``.
-    name: the attribute's name, for the error message.
-
-  Returns:
-    ``(n_h, n_w)``.
-  """
-  if isinstance(value, int):
-    return (value, value)
-  value = tuple(value)
-  if len(value) != 2:
-    raise ValueError(f'{name}={value!r}: QuantConv is 2-D; give an int or two '
-                     'ints.')
-  return value
-
-
-def _depthwise_as_shifts(x, kernel, strides, pads):
-  """Depthwise convolution as a sum of shifted, scaled copies of the input.
-
-  XLA:CPU runs a grouped convolution with one channel per group far below the
-  speed of the elementwise arithmetic it amounts to; ``kh * kw`` strided
-  slices of the padded input, each times one row of the kernel, are the same
-  sum and fuse into one loop.
-
-  Args:
-    x: NHWC input.
-    kernel: (kh, kw, C) filters, one per channel.
-    strides: (sh, sw).
-    pads: ((top, bottom), (left, right)).
-
-  Returns:
-    NHWC output, as ``lax.conv_general_dilated`` with ``feature_group_count=C``.
-  """
-  kh, kw = kernel.shape[:2]
-  sh, sw = strides
-  xp = jnp.pad(x, ((0, 0),) + tuple(tuple(p) for p in pads) + ((0, 0),))
-  ho = (xp.shape[1] - kh) // sh + 1
-  wo = (xp.shape[2] - kw) // sw + 1
-  y = None
-  for i in range(kh):
-    for j in range(kw):
-      term = xp[:, i:i + (ho - 1) * sh + 1:sh,
-                j:j + (wo - 1) * sw + 1:sw, :] * kernel[i, j]
-      y = term if y is None else y + term
-  return y
 
 
 class QuantConv(nn.Module):
@@ -311,30 +252,13 @@ class QuantConv(nn.Module):
 
   def _convolve(self, x, kernel):
     """The convolution proper, by ``lax`` or by one of the rewrites."""
-    strides = pair(self.strides, 'strides')
-    input_dilation = pair(self.input_dilation, 'input_dilation')
-    kernel_dilation = pair(self.kernel_dilation, 'kernel_dilation')
-    kernel_size = kernel.shape[:2]
-    pads = normalize_padding(self.padding, 2)
-    # The rewrites cover undilated convolutions only; lax resolves 'SAME' with
-    # dilations itself.
-    if input_dilation == kernel_dilation == (1, 1):
-      if isinstance(pads, str):
-        pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel_size, strides,
-                                       pads)
-      no_padding = all(tuple(p) == (0, 0) for p in pads)
-      if (self.pointwise_as_dot and kernel_size == (1, 1) and no_padding and
-          self.feature_group_count == 1):
-        sh, sw = strides
-        return jnp.einsum('nhwc,cd->nhwd', x[:, ::sh, ::sw, :], kernel[0, 0])
-      if (self.depthwise_as_shifts and kernel.shape[2] == 1 and
-          self.feature_group_count == x.shape[-1] == self.features):
-        return _depthwise_as_shifts(x, kernel[:, :, 0, :], strides, pads)
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=strides, padding=pads,
-        lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=self.feature_group_count)
+    return convolution.convolve(
+        x, kernel, strides=self.strides, padding=self.padding,
+        input_dilation=self.input_dilation,
+        kernel_dilation=self.kernel_dilation,
+        feature_group_count=self.feature_group_count,
+        pointwise_as_dot=self.pointwise_as_dot,
+        depthwise_as_shifts=self.depthwise_as_shifts)
 
   def _learned_quantize(self, x, kernel):
     """LSQ on the kernel, LSQ or LSQ+ on the input (``method='lsq'``).

@@ -20,7 +20,7 @@ PACKAGE = ROOT / 'dtq_jax'
 # Top-level name (subpackage or module) -> its layer, bottom first.
 LAYER = {
     'infra': 0,
-    'quant': 1, 'learned_quant': 1, 'layers': 1,
+    'quant': 1, 'learned_quant': 1, 'convolution': 1, 'layers': 1,
     'models': 2,
     'data': 3,
     'method': 4,

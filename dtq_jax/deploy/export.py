@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtq_jax import convolution
 from dtq_jax.deploy import dtq_format
 from dtq_jax.deploy import int_inference
 from dtq_jax.deploy import jaxpr_onnx
@@ -47,7 +48,7 @@ def quantized_convs(student, variables, image_shape):
     if (module.bits_w == quant.FULL_PRECISION and
         module.bits_a == quant.FULL_PRECISION):
       continue
-    padding = layers.normalize_padding(module.padding, len(module.kernel_size))
+    padding = convolution.normalize_padding(module.padding, len(module.kernel_size))
     # The manifest records the stored kernel's shape; it must be the one the
     # layer computes with.
     kernel = params.get(f'{path}/kernel')
@@ -63,7 +64,7 @@ def quantized_convs(student, variables, image_shape):
         weight_range_axis=module.weight_range_axis,
         # (H, W, input channels per group, output channels), as stored.
         kernel_shape=[int(d) for d in shape],
-        strides=list(layers.pair(module.strides, 'strides')),
+        strides=list(convolution.pair(module.strides, 'strides')),
         padding=padding if isinstance(padding, str) else [
             list(p) for p in padding],
         groups=module.feature_group_count, use_bias=module.use_bias)

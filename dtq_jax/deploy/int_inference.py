@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dtq_jax import convolution
 from dtq_jax import layers
 from dtq_jax.models import create_model
 from dtq_jax.models import own_network
@@ -148,13 +149,13 @@ class IntConv(layers.QuantConv):
   @nn.compact
   def __call__(self, x):
     kernel_size = tuple(self.kernel_size)
-    strides = layers.pair(self.strides, 'strides')
-    if (layers.pair(self.input_dilation, 'input_dilation') != (1, 1) or
-        layers.pair(self.kernel_dilation, 'kernel_dilation') != (1, 1)):
+    strides = convolution.pair(self.strides, 'strides')
+    if (convolution.pair(self.input_dilation, 'input_dilation') != (1, 1) or
+        convolution.pair(self.kernel_dilation, 'kernel_dilation') != (1, 1)):
       raise ValueError(f'{self.name}: integer inference covers undilated '
                        'convolutions only.')
     groups = self.feature_group_count
-    padding = layers.normalize_padding(self.padding, len(kernel_size))
+    padding = convolution.normalize_padding(self.padding, len(kernel_size))
     shape = kernel_size + (x.shape[-1] // groups, self.features)
     bias = (self.param('bias', self.bias_init, (self.features,),
                        self.param_dtype) if self.use_bias else None)

@@ -44,6 +44,7 @@ import flax.linen as nn
 import ml_dtypes
 import numpy as np
 
+from dtq_jax import convolution
 from dtq_jax.deploy import int_inference
 from dtq_jax.infra import errors
 from dtq_jax import layers
@@ -182,15 +183,15 @@ class _Builder:
 
   def conv(self, x, path):
     module = self.modules[path]
-    if tuple(layers.pair(module.kernel_dilation, 'kernel_dilation')) != (
-        1, 1) or tuple(layers.pair(module.input_dilation,
+    if tuple(convolution.pair(module.kernel_dilation, 'kernel_dilation')) != (
+        1, 1) or tuple(convolution.pair(module.input_dilation,
                                    'input_dilation')) != (1, 1):
       raise ValueError(f'{path}: dilated convolutions are not exported.')
     if module.bits_a != quant.FULL_PRECISION:
       x = self.act_quant(x, path, module.bits_a)
     size = tuple(module.kernel_size)
-    strides = layers.pair(module.strides, 'strides')
-    pads = layers.normalize_padding(module.padding, 2)
+    strides = convolution.pair(module.strides, 'strides')
+    pads = convolution.normalize_padding(module.padding, 2)
     if pads in ('SAME', 'SAME_LOWER'):
       # XLA's SAME puts the odd pixel of padding after the image, as ONNX's
       # SAME_UPPER does (SAME_LOWER before it, in both); both follow the
