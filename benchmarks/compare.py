@@ -74,10 +74,13 @@ VARIANTS = {
     'ft_groups32': ('ft', {'eval_batch_size': 512, 'stats_group_size': 32}),
     'dtq_eval512': ('dtq', {'eval_batch_size': 512}),
     'dtq_groups32': ('dtq', {'eval_batch_size': 512, 'stats_group_size': 32}),
-    # Learned step sizes (LSQ weights, LSQ+/unsigned LSQ inputs) instead of
-    # the paper's min-max quantizer (issue #27's map).
+    # Learned quantizers instead of the paper's min-max one (issue #27's
+    # map): LSQ weights, LSQ+/unsigned LSQ inputs; with PACT, a learned
+    # clipping level for the inputs that are never negative.
     'ft_lsq': ('ft', {'quant.method': 'lsq'}),
     'dtq_lsq': ('dtq', {'quant.method': 'lsq'}),
+    'ft_pact': ('ft', {'quant.method': 'pact'}),
+    'dtq_pact': ('dtq', {'quant.method': 'pact'}),
 }
 # The default list of --methods: the paper's methods and the first ablations.
 DEFAULT_VARIANTS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq', 'dtq_no_kl',

@@ -156,9 +156,10 @@ def paper_config(dataset, arg=None):
       # or 'lsq' (opt-in, issue #27): learned steps, LSQ for weights, LSQ or
       # LSQ+ (with a learned offset, for inputs that can be negative) for
       # activations, started from the pretrained weights and the first
-      # training batch (docs/method.md, "Learned quantizers").
+      # training batch (docs/method.md, "Learned quantizers"); or 'pact':
+      # as 'lsq' with PACT's learned clipping level on non-negative inputs.
       method='minmax',
-      # lsq: the learned steps' and offsets' learning rate, times optim.lr
+      # lsq, pact: the learned parameters' learning rate, times optim.lr
       # (and its schedule); no weight decay. 1.0: LSQ's recipe, one lr for
       # weights and steps, its gradient scale balancing their updates.
       lsq_lr_scale=1.0,

@@ -33,9 +33,10 @@ from dtq_jax import quant
 RANGES = 'quant_ranges'
 ACT_RANGES = ('dynamic', 'static')
 RANGE_STATS = ('ema', 'mean', 'minmax')
-# The quantizers: the paper's min-max one, or LSQ (learned steps; LSQ+ with a
-# learned offset for inputs that can be negative).
-QUANT_METHODS = ('minmax', 'lsq')
+# The quantizers: the paper's min-max one, LSQ (learned steps; LSQ+ with a
+# learned offset for inputs that can be negative), or PACT (LSQ's weights and
+# LSQ+ inputs, a learned clipping level for inputs that are never negative).
+QUANT_METHODS = ('minmax', 'lsq', 'pact')
 # LSQ's parameters, in the ``'params'`` collection of each quantized
 # convolution: the kernel's step (a scalar, or (1, 1, 1, C_out) per output
 # channel), the input's step and, where the input can be negative, its
@@ -43,7 +44,9 @@ QUANT_METHODS = ('minmax', 'lsq')
 STEP_W = 'lsq_step_w'
 STEP_A = 'lsq_step_a'
 OFFSET_A = 'lsq_offset_a'
-LEARNED_PARAMS = (STEP_W, STEP_A, OFFSET_A)
+# PACT's clipping level of a non-negative input (a scalar), with 'pact'.
+ALPHA_A = 'pact_alpha_a'
+LEARNED_PARAMS = (STEP_W, STEP_A, OFFSET_A, ALPHA_A)
 # Collections that, when mutable, switch an LSQ convolution into one of the
 # two passes that start its parameters (method/learned_params.py): the probe
 # computes at full precision and records the input's minimum (which decides
@@ -235,7 +238,7 @@ class QuantConv(nn.Module):
     if self.method not in QUANT_METHODS:
       raise ValueError(f'{self.name}: method={self.method!r}; allowed: '
                        f'{", ".join(QUANT_METHODS)}.')
-    if self.method == 'lsq':
+    if self.method != 'minmax':
       x, kernel = self._learned_quantize(x, kernel)
     else:
       x = self._quantize_input(x)
@@ -261,7 +264,7 @@ class QuantConv(nn.Module):
         depthwise_as_shifts=self.depthwise_as_shifts)
 
   def _learned_quantize(self, x, kernel):
-    """LSQ on the kernel, LSQ or LSQ+ on the input (``method='lsq'``).
+    """LSQ on the kernel; LSQ+, unsigned LSQ or PACT on the input.
 
     Args:
       x: the NHWC input.
@@ -274,8 +277,8 @@ class QuantConv(nn.Module):
     """
     if self.act_ranges != 'dynamic':
       raise ValueError(f'{self.name}: act_ranges={self.act_ranges!r} is for '
-                       "the min-max quantizer; method='lsq' learns its "
-                       'ranges.')
+                       f'the min-max quantizer; method={self.method!r} learns '
+                       'its ranges.')
     quantize_w = self.bits_w != quant.FULL_PRECISION
     quantize_a = self.bits_a != quant.FULL_PRECISION
     per_channel = self.weight_range_axis is not None
@@ -287,7 +290,12 @@ class QuantConv(nn.Module):
         shape = (1, 1, 1, self.features) if per_channel else ()
         self.put_variable(LSQ_PROBE, STEP_W, jnp.zeros(shape, jnp.float32))
       if quantize_a:
+        # Both candidates: learned_params keeps LSQ+'s step (and adds its
+        # offset) for an input that is negative somewhere, else PACT's level
+        # with 'pact', LSQ's step with 'lsq'.
         self.put_variable(LSQ_PROBE, STEP_A, jnp.zeros((), jnp.float32))
+        if self.method == 'pact':
+          self.put_variable(LSQ_PROBE, ALPHA_A, jnp.zeros((), jnp.float32))
         self.put_variable(LSQ_PROBE, 'input_min',
                           jnp.min(jax.lax.stop_gradient(x).astype(
                               jnp.float32)))
@@ -309,7 +317,8 @@ class QuantConv(nn.Module):
     return x, kernel
 
   def _learned_input_quantize(self, x):
-    """The input with LSQ+ (an offset in the params) or unsigned LSQ."""
+    """The input with LSQ+ (an offset in the params), else PACT ('pact') or
+    unsigned LSQ ('lsq')."""
     bits = self.bits_a
     xs = jax.lax.stop_gradient(x)
     if self.has_variable('params', OFFSET_A):
@@ -321,6 +330,12 @@ class QuantConv(nn.Module):
         step = self.param(STEP_A, nn.initializers.zeros, (), jnp.float32)
         offset = self.param(OFFSET_A, nn.initializers.zeros, (), jnp.float32)
       return learned_quant.lsq_plus_fake_quant(x, step, offset, bits)
+    if self.method == 'pact':
+      # Starts at the batch's maximum: nothing clipped, the grid of the
+      # paper's quantizer on [0, max] (learned_quant.pact_init_alpha).
+      alpha = self._learned_param(
+          ALPHA_A, lambda: learned_quant.pact_init_alpha(xs).reshape(()))
+      return learned_quant.pact_fake_quant(x, alpha, bits)
     step = self._learned_param(STEP_A, lambda: learned_quant.lsq_init_step(
         xs, bits, signed=False).reshape(()))
     return learned_quant.lsq_fake_quant(x, step, bits, signed=False)

@@ -614,3 +614,21 @@ def lsq_plus_range(step, offset, bits):
   s, _ = _effective(_as_param(step, 'lsq_plus_range'))
   beta = _as_param(offset, 'lsq_plus_range').astype(jnp.float32)
   return beta, beta + qp * s
+
+
+def pact_range(alpha, bits):
+  """``(lo, hi)`` of ``pact_fake_quant``: ``0`` and ``alpha``.
+
+  Args:
+    alpha: the learned clipping level, used as ``max(|alpha|, EPS)``.
+    bits: 2..16.
+
+  Returns:
+    float32 ``(lo, hi)``: ``quant.fake_quant_range(x, bits, 0, alpha)``
+    equals ``pact_fake_quant(x, alpha, bits)`` up to float32 rounding.
+  """
+  quant.check_bits(bits)
+  if bits == quant.FULL_PRECISION:
+    raise ValueError('pact_range needs bits < 32.')
+  a, _ = _effective(_as_param(alpha, 'pact_range'))
+  return jnp.zeros_like(a), a

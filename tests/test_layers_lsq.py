@@ -1,7 +1,7 @@
-"""QuantConv with learned quantizers (quant.method='lsq', issue #27).
+"""QuantConv with learned quantizers (quant.method='lsq' or 'pact', #27).
 
 The references are written here: the expected convolution quantizes its
-operands with a NumPy LSQ / LSQ+ quantizer (docs/method.md, "Learned
+operands with a NumPy LSQ / LSQ+ / PACT quantizer (docs/method.md, "Learned
 quantizers") and convolves them with ``lax``; the starts are LSQ's and
 LSQ+'s rules applied by hand to the tensors the student computes.
 """
@@ -26,28 +26,37 @@ def _np_lsq(x, step, bits, signed, offset=0.0):
   return np.clip(np.round((x - offset) / step), qn, qp) * step + offset
 
 
+def _np_pact(x, alpha, bits):
+  """NumPy PACT: round(clip(x, 0, a) / s) * s with s = a / (2**bits - 1)."""
+  x, alpha = np.asarray(x, np.float32), np.float32(alpha)
+  s = alpha / np.float32(2**bits - 1)
+  return np.round(np.clip(x, 0, alpha) / s) * s
+
+
 def _conv(x, kernel):
   return jax.lax.conv_general_dilated(
       x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _lsq_conv(features=4, bits=4, per_channel=False, **kwargs):
+def _lsq_conv(features=4, bits=4, per_channel=False, method='lsq', **kwargs):
   return layers.QuantConv(
       features, (3, 3), use_bias=False, bits_w=bits, bits_a=bits,
-      method='lsq', weight_range_axis=-1 if per_channel else None, **kwargs)
+      method=method, weight_range_axis=-1 if per_channel else None, **kwargs)
 
 
 class _TwoConvs(nn.Module):
   """A signed input (the raw images) into conv_a, a ReLU'd one into conv_b."""
   bits: int = 4
   per_channel: bool = False
+  method: str = 'lsq'
 
   @nn.compact
   def __call__(self, x, train=False):
     del train
-    x = _lsq_conv(4, self.bits, self.per_channel, name='conv_a')(x)
-    return _lsq_conv(3, self.bits, self.per_channel, name='conv_b')(
-        nn.relu(x))
+    x = _lsq_conv(4, self.bits, self.per_channel, self.method,
+                  name='conv_a')(x)
+    return _lsq_conv(3, self.bits, self.per_channel, self.method,
+                     name='conv_b')(nn.relu(x))
 
 
 def test_minmax_is_the_default_and_has_no_learned_params():
@@ -114,16 +123,64 @@ def test_every_learned_param_gets_a_finite_nonzero_gradient():
             layers.OFFSET_A: np.float32(-0.5)}
   conv = _lsq_conv()
   grads = jax.grad(lambda p: jnp.sum(conv.apply({'params': p}, x)**2))(params)
-  for name in layers.LEARNED_PARAMS:
+  for name in (layers.STEP_W, layers.STEP_A, layers.OFFSET_A):
     assert np.isfinite(grads[name]) and grads[name] != 0, name
+  # PACT's level: its gradient is the sum over the clipped elements.
+  params = {'kernel': params['kernel'], layers.STEP_W: np.float32(0.3),
+            layers.ALPHA_A: np.float32(0.8)}
+  conv = _lsq_conv(method='pact')
+  grads = jax.grad(lambda p: jnp.sum(conv.apply({'params': p}, x)**2))(params)
+  for name in (layers.STEP_W, layers.ALPHA_A):
+    assert np.isfinite(grads[name]) and grads[name] != 0, name
+
+
+@pytest.mark.parametrize('bits', [2, 4])
+def test_pact_conv_matches_reference(bits):
+  rng = np.random.default_rng(bits)
+  x = np.abs(rng.normal(size=(2, 6, 6, 3))).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  params = {'kernel': kernel, layers.STEP_W: np.float32(0.2),
+            layers.ALPHA_A: np.float32(1.1)}  # clips part of x.
+  got = _lsq_conv(bits=bits, method='pact').apply({'params': params}, x)
+  expected = _conv(_np_pact(x, 1.1, bits),
+                   _np_lsq(kernel, 0.2, bits, signed=True))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pact_starts_at_the_inputs_maximum_and_exports_as_its_range():
+  bits = 3
+  model = _TwoConvs(bits, method='pact')
+  images = jax.random.normal(jax.random.PRNGKey(0), (4, 6, 6, 2))
+  pretrained = learned_params.without_learned(
+      model.init(jax.random.PRNGKey(1), images)['params'])
+  params = learned_params.init_learned_quant(
+      model, {'params': pretrained}, images)['params']
+  a, b = params['conv_a'], params['conv_b']
+  # The raw images are negative somewhere: LSQ+ as with 'lsq'; after the
+  # ReLU: PACT's clipping level instead of LSQ's step.
+  assert set(a) == {'kernel', layers.STEP_W, layers.STEP_A, layers.OFFSET_A}
+  assert set(b) == {'kernel', layers.STEP_W, layers.ALPHA_A}
+  step, offset = learned_quant.lsq_plus_init(images, bits)
+  hidden = np.maximum(_conv(
+      _np_lsq(images, step, bits, signed=False, offset=offset),
+      _np_lsq(a['kernel'], a[layers.STEP_W], bits, signed=True)), 0)
+  np.testing.assert_allclose(b[layers.ALPHA_A], hidden.max(), rtol=1e-5)
+  lo, hi = learned_params.learned_ranges(params, bits, bits)['conv_b'][
+      'input']
+  assert float(lo) == 0.0 and float(hi) == float(b[layers.ALPHA_A])
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (512,))) * 2
+  same = np.isclose(quant.fake_quant_range(x, bits, lo, hi),
+                    learned_quant.pact_fake_quant(x, b[layers.ALPHA_A], bits),
+                    atol=1e-5)
+  assert same.mean() >= 0.999
 
 
 def test_lsq_refuses_static_ranges_and_unknown_methods():
   x = jnp.ones((1, 5, 5, 2))
   with pytest.raises(ValueError, match='learns its ranges'):
     _lsq_conv(act_ranges='static').init(jax.random.PRNGKey(0), x)
-  with pytest.raises(ValueError, match="method='pact'"):
-    layers.QuantConv(4, (3, 3), bits_w=4, method='pact').init(
+  with pytest.raises(ValueError, match="method='bogus'"):
+    layers.QuantConv(4, (3, 3), bits_w=4, method='bogus').init(
         jax.random.PRNGKey(0), x)
 
 

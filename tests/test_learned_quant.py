@@ -745,3 +745,12 @@ def test_pact_init_alpha():
   alpha = lq.pact_init_alpha(relu)
   _, da = _pact_grads(relu, alpha, jnp.ones_like(relu), 4)
   assert da == 1.0  # Only the maximum itself is at alpha.
+
+
+def test_pact_range_is_zero_to_the_effective_level():
+  lo, hi = lq.pact_range(np.float32(-0.5), 4)
+  assert float(lo) == 0.0 and float(hi) == 0.5
+  _, hi = lq.pact_range(np.float32(0.0), 4)
+  assert float(hi) == np.float32(lq.EPS)
+  with pytest.raises(ValueError, match='bits < 32'):
+    lq.pact_range(np.float32(1.0), 32)

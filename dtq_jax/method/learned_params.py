@@ -119,9 +119,13 @@ def learned_quant_template(student, variables, images, rng=None):
     tree = dict(tree)
     if 'input_min' in tree:
       # An input that is never negative (after a ReLU) needs no offset:
-      # unsigned codes from 0 use every level.
+      # unsigned codes from 0 use every level; with PACT, its clipping level
+      # replaces the step.
       if float(tree.pop('input_min')) < 0:
         tree[layers.OFFSET_A] = np.zeros((), np.float32)
+        tree.pop(layers.ALPHA_A, None)
+      elif layers.ALPHA_A in tree:
+        del tree[layers.STEP_A]
       return tree
     return {k: structure(v) for k, v in tree.items()}
 
@@ -189,6 +193,9 @@ def learned_ranges(params, bits_w, bits_a):
     if layers.OFFSET_A in tree:
       ranges['input'] = learned_quant.lsq_plus_range(
           tree[layers.STEP_A], tree[layers.OFFSET_A], bits_a)
+    elif layers.ALPHA_A in tree:
+      ranges['input'] = learned_quant.pact_range(tree[layers.ALPHA_A],
+                                                 bits_a)
     elif layers.STEP_A in tree:
       ranges['input'] = learned_quant.lsq_range(tree[layers.STEP_A], bits_a,
                                                 signed=False)

@@ -1,4 +1,4 @@
-"""Exports of runs trained with learned steps (quant.method='lsq', #27).
+"""Exports of runs trained with learned quantizers (lsq, pact; #27).
 
 A learned quantizer is the paper's on a fixed range, so every format
 (.dtq's integer path, ONNX, StableHLO) carries the trained steps and agrees
@@ -23,10 +23,12 @@ pytest.importorskip('onnxruntime')
 
 # (variant tokens, per-channel weight steps, model): DTQ at 2 bits with one
 # step per kernel, FT-Q at 3 bits with one per output channel, and DTQ on a
-# user's own network (plain Flax, its nn.Conv layers intercepted).
+# user's own network (plain Flax, its nn.Conv layers intercepted), and FT-Q
+# with PACT's clipping levels.
 RUNS = {'dtq2': ('quick,dtq,2bit', False, None),
         'ft3': ('quick,ft,3bit', True, None),
-        'own4': ('quick,dtq', False, 'examples.networks:VGG')}
+        'own4': ('quick,dtq', False, 'examples.networks:VGG'),
+        'pact4': ('quick,ft', False, None)}
 
 
 @pytest.fixture(scope='module', params=sorted(RUNS))
@@ -35,10 +37,10 @@ def lsq_run(request, tmp_path_factory, tiny_folder):
   root, config = tiny_folder
   variant, per_channel, model = RUNS[request.param]
   c = config(root, variant)
+  c.quant.method = 'pact' if request.param.startswith('pact') else 'lsq'
   if model:
     c.model = model
     c.model_kwargs = dict(stage_widths=(4, 8, 8, 8))
-  c.quant.method = 'lsq'
   c.quant.per_channel_weights = per_channel
   workdir = str(tmp_path_factory.mktemp(f'lsq_{request.param}'))
   experiment.run(config_validation.validate(c), workdir)
@@ -49,11 +51,11 @@ def lsq_run(request, tmp_path_factory, tiny_folder):
                                         ('stablehlo', 'stablehlo')])
 def test_every_format_agrees_with_the_learned_student(lsq_run, tmp_path,
                                                       suffix, key):
-  workdir, _ = lsq_run
+  workdir, config = lsq_run
   report = commands.export_report(workdir, tmp_path / f'model.{suffix}',
                                   tmp_path)
-  assert report['activation_ranges'] == {'source': 'learned',
-                                         'method': 'lsq'}
+  assert report['activation_ranges'] == {
+      'source': 'learned', 'method': config.quant.method}
   assert report['test_images'] == 9
   assert report[f'agreement_{key}_vs_static'] == 1.0
   assert report[f'max_abs_logit_diff_{key}_vs_static'] < 1e-3
@@ -93,7 +95,13 @@ def test_the_export_holds_the_learned_steps_as_ranges(lsq_run, tmp_path):
     assert codes['lo'].size == (info['kernel_shape'][-1]
                                 if config.quant.per_channel_weights else 1)
     assert codes['codes'].max() <= 2**bits - 1
-    # Inputs: [beta, beta + (2^k - 1) s] (LSQ+) or [0, (2^k - 1) s].
+    # Inputs: [beta, beta + (2^k - 1) s] (LSQ+), [0, (2^k - 1) s] (LSQ)
+    # or [0, alpha] (PACT).
+    if layers.ALPHA_A in layer:
+      np.testing.assert_allclose(acts['lo'], 0.0)
+      np.testing.assert_allclose(acts['hi'], abs(float(layer['pact_alpha_a'])),
+                                 rtol=1e-6)
+      continue
     s_a = max(abs(float(layer['lsq_step_a'])), learned_quant.EPS)
     beta = float(layer.get('lsq_offset_a', 0.0))
     np.testing.assert_allclose(acts['lo'], beta, rtol=1e-6, atol=1e-7)

@@ -156,8 +156,10 @@ def test_config_validation_of_the_quantizer():
   config.dataset.data_dir = ''
   config_validation.validate(config, device_count=1)
   config.quant.method = 'pact'
+  config_validation.validate(config, device_count=1)
+  config.quant.method = 'bogus'
   with pytest.raises(errors.ConfigError, match=r'^config\.quant\.method='
-                     r"'pact' is invalid; allowed: minmax, lsq\.$"):
+                     r"'bogus' is invalid; allowed: minmax, lsq, pact\.$"):
     config_validation.validate(config, device_count=1)
   for field, value in (('act_ranges', 'static'), ('fused_vjp', True),
                        ('range_grad', False)):
