@@ -230,12 +230,14 @@ def make_config(model, method, bits, dtype, switches, batch, image_size,
 # One variant to measure: ``switches`` and ``cpu_convolutions`` as for
 # make_config; ``patch``, if not None, is called with no arguments for a
 # context manager that is entered while the step is built and traced
-# (accelerator_check.py patches its on-device batches in with it).
+# (accelerator_check.py patches its on-device batches in with it);
+# ``overrides``, if not None, sets further top-level config fields
+# (collectives.py: ``stats_group_size``).
 VariantSpec = collections.namedtuple(
     'VariantSpec',
     ('name', 'method', 'bits', 'switches', 'cpu_convolutions', 'patch',
-     'quantizer'),
-    defaults=(None, None, 'minmax'))
+     'quantizer', 'overrides'),
+    defaults=(None, None, 'minmax', None))
 
 
 def variant_list(args):
@@ -356,6 +358,8 @@ class Variant:
     config = make_config(model, spec.method, spec.bits, args.dtype,
                          spec.switches, args.batch, image_size, args.lr,
                          spec.cpu_convolutions, spec.quantizer)
+    for field, value in (spec.overrides or {}).items():
+      config[field] = value
     self.quantizer = config.quant.method
     self.switches = {s: bool(config.quant[s]) for s in SWITCHES}
     self.cpu_convolutions = config.cpu_convolutions
