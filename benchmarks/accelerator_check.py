@@ -205,8 +205,14 @@ def record(v, device):
   dtype, on_device = v.spec[2], v.spec[4]
   r = v.record()
   peak = peak_tflops(device.device_kind, dtype)
+  # XLA's cost analysis of an SPMD-partitioned step counts one device's
+  # program: per-device FLOPs, against one device's peak; the whole mesh
+  # computes n times that.
+  n = len(jax.devices())
   tflops = r['gflop_per_s'] / 1e3
   r.update(
+      devices=n, gflop_per_step_per_device=r['gflop_per_step'],
+      gflop_per_step_global=round(r['gflop_per_step'] * n, 2),
       on_device_augment=on_device, peak_tflops=peak,
       achieved_tflops=round(tflops, 2),
       utilisation_pct=round(100 * tflops / peak, 1) if peak else None,
@@ -247,9 +253,11 @@ COLUMNS = [
     ('img/s', 'img_per_s'),
     ('step ms', 'step_ms'),
     ('compile s', 'compile_s'),
-    ('GFLOP/step (XLA)', 'gflop_per_step'),
-    ('TFLOP/s', 'achieved_tflops'),
-    ('peak TFLOP/s', 'peak_tflops'),
+    ('devices', 'devices'),
+    ('GFLOP/step, all devices', 'gflop_per_step_global'),
+    ('GFLOP/step per device (XLA)', 'gflop_per_step_per_device'),
+    ('TFLOP/s per device', 'achieved_tflops'),
+    ('peak TFLOP/s per device', 'peak_tflops'),
     ('utilisation %', 'utilisation_pct'),
     ('XLA memory MB', 'mem_total_mb'),
     ('device peak MB so far', 'device_peak_mb_so_far'),
@@ -390,7 +398,9 @@ def _legend(total_s):
       'median time between step completions; compile s: trace + lower + XLA '
       'compile of the step (float-input steps compiled in parallel threads, '
       'no persistent cache); GFLOP: XLA cost_analysis() of the compiled '
-      'step; utilisation: achieved FLOP/s over the dense peak of '
+      'step, which counts one device\'s program (all devices: times the '
+      'device count); utilisation: one device\'s achieved FLOP/s over its '
+      'dense peak of '
       'PEAK_TFLOPS (float32 on NVIDIA: the TF32 peak); XLA memory: '
       'memory_analysis() (arguments + outputs + temporaries, donated state '
       'once); device peak: memory_stats() peak_bytes_in_use of the process '

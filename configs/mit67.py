@@ -5,7 +5,7 @@ Command (ResNet-50, 4-bit weights and activations, DTQ):
   python main.py --config=configs/mit67.py --workdir=runs/mit67
 
 Variants without editing this file: ``configs/mit67.py:mobilenet_v2,5bit``
-(network: resnet50 | mobilenet_v2; bits: 4bit | 5bit | 32bit; method: fp | ft |
+(network: resnet50 | mobilenet_v2; bits: 2bit .. 5bit | 32bit; method: fp | ft |
 l2 | l2sp | delta | dtq; ``quick`` for a few steps on tiny images), and any field
 with ``--config.FIELD=VALUE`` (e.g. ``--config.repeats=1`` for one seed
 instead of the authors' five).

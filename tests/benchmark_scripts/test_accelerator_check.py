@@ -1,9 +1,12 @@
 """benchmarks/accelerator_check.py runs where TensorFlow is not installed."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Runs a script with TensorFlow unimportable, as on an accelerator machine
@@ -31,12 +34,22 @@ def test_smoke_run_without_tensorflow(tmp_path):
       [sys.executable, '-c', _WITHOUT_TF, 'benchmarks/accelerator_check.py',
        '--smoke', f'--out={out}'],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      # Two devices: the step is partitioned, as on a multi-GPU host.
+      env=dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS='--xla_force_host_platform_device_count=2'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = out.read_text()
   assert '- tensorflow_imported: False' in report
   rows = [line for line in report.splitlines()
           if line.startswith('| small_resnet b8 float32 w4a4')]
   assert len(rows) == 2, report  # the float-input step and the uint8 one
+  # XLA counts one device's program: the mesh computes twice that.
+  records = [json.loads(line) for line in report.splitlines()
+             if line.startswith('{') and '"gflop_per_step_global"' in line]
+  assert records, report
+  for r in records:
+    assert r['devices'] == 2
+    assert r['gflop_per_step_global'] == pytest.approx(
+        2 * r['gflop_per_step_per_device'], abs=0.01)
   assert 'On-device augmentation, small_resnet batch 8' in report
   assert 'No accelerator: this run is on the CPU' in report
