@@ -13,29 +13,38 @@ def test_lsq_and_minmax_steps_are_measured_side_by_side(tmp_path):
   out = tmp_path / 'train_step.md'
   proc = subprocess.run(
       [sys.executable, 'benchmarks/train_step.py', '--model=small_resnet',
-       '--batch=4', '--steps=2', '--warmup=1', '--variants=dtq,dtq32',
+       '--batch=4', '--steps=2', '--warmup=1', '--variants=dtq',
        '--quantizers=minmax,lsq', f'--out={out}'],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = [json.loads(line) for line in proc.stdout.splitlines()
              if line.startswith('{')]
-  # dtq32 quantizes nothing: measured once, not once per quantizer.
   assert [(r['variant'], r['quant_method']) for r in records] == [
-      ('dtq_w4a4', 'minmax'), ('dtq_w4a4_lsq', 'lsq'),
-      ('dtq_w32a32', 'minmax')]
+      ('dtq_w4a4', 'minmax'), ('dtq_w4a4_lsq', 'lsq')]
   assert all(r['finite'] and not r['nonfinite_steps'] for r in records)
   assert records[1]['learned_init_s'] > 0
   assert records[0]['learned_init_s'] is None
   report = out.read_text()
   assert ('small_resnet: learned steps (lsq) cost x' in report and
           '(dtq_w4a4_lsq vs dtq_w4a4)' in report), report
-  assert 'quantization costs x' in report
+
+
+def test_a_full_precision_variant_is_listed_once_for_all_quantizers():
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import train_step  # pylint: disable=g-import-not-at-top
+  args = train_step.parse_args(['--variants=dtq,dtq32,ft',
+                                '--quantizers=minmax,lsq'])
+  # dtq32 quantizes nothing: one variant, not one per quantizer.
+  assert [(s.name, s.quantizer) for s in train_step.variant_list(args)] == [
+      ('dtq_w4a4', 'minmax'), ('dtq_w4a4_lsq', 'lsq'),
+      ('dtq_w32a32', 'minmax'), ('ft_w4a4', 'minmax'),
+      ('ft_w4a4_lsq', 'lsq')]
 
 
 def test_an_unknown_quantizer_is_a_usage_error():
   proc = subprocess.run(
-      [sys.executable, 'benchmarks/train_step.py', '--quantizers=pact'],
+      [sys.executable, 'benchmarks/train_step.py', '--quantizers=bogus'],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
-  assert "--quantizers: unknown 'pact'" in proc.stderr
+  assert "--quantizers: unknown 'bogus'" in proc.stderr

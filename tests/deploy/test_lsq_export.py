@@ -22,12 +22,11 @@ from dtq_jax.run import experiment
 pytest.importorskip('onnxruntime')
 
 # (variant tokens, per-channel weight steps, model): DTQ at 2 bits with one
-# step per kernel, FT-Q at 3 bits with one per output channel, and DTQ on a
-# user's own network (plain Flax, its nn.Conv layers intercepted), and FT-Q
-# with PACT's clipping levels.
+# step per kernel; DTQ at 3 bits with one per output channel on a user's own
+# network (plain Flax, its nn.Conv layers intercepted); FT-Q at 4 bits with
+# PACT's clipping levels.
 RUNS = {'dtq2': ('quick,dtq,2bit', False, None),
-        'ft3': ('quick,ft,3bit', True, None),
-        'own4': ('quick,dtq', False, 'examples.networks:VGG'),
+        'own3': ('quick,dtq,3bit', True, 'examples.networks:VGG'),
         'pact4': ('quick,ft', False, None)}
 
 
