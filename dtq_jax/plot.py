@@ -379,7 +379,7 @@ def bits_figure(rows, title, caption=''):
                                if r['bits'] != '32/32'))
   bits = sorted({int(r['bits'].split('/')[0]) for r in rows
                  if r['bits'] != '32/32'})
-  fig = new_figure(figsize=(3.2 * len(shots) + 0.6, 4.4),
+  fig = new_figure(figsize=(3.2 * len(shots) + 1.8, 4.4),
                    layout='constrained')
   axes = fig.subplots(1, len(shots), sharey=True, squeeze=False)[0]
   for ax, n in zip(axes, shots):
@@ -409,10 +409,10 @@ def bits_figure(rows, title, caption=''):
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
   axes[0].set_ylabel('final test accuracy (%)', fontsize=9)
-  # One legend for all panels, below them: it covers no curve.
+  # One legend for all panels, right of them: it covers no curve (nor the
+  # caption below).
   handles, labels = axes[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc='outside lower center', fontsize=8,
-             ncols=min(len(labels), 5))
+  fig.legend(handles, labels, loc='outside right upper', fontsize=8)
   fig.suptitle(title, fontsize=10)
   _caption(fig, caption)
   return fig

@@ -200,7 +200,7 @@ def test_bits_figure_one_panel_per_shots_with_the_fp_ceiling():
     # The full-precision ceiling: a horizontal line at its mean.
     ceiling, = [l for l in ax.get_lines() if l.get_linestyle() == '--']
     assert list(ceiling.get_ydata()) == [85.0 + n / 10] * 2
-  # One legend, below the panels: it covers no curve.
+  # One legend, beside the panels: it covers no curve.
   legend, = fig.legends
   assert {t.get_text() for t in legend.get_texts()} == {
       'fp (full precision)', 'ft', 'dtq_lsq'}
