@@ -371,6 +371,7 @@ class Variant:
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(args.seed))
     params, batch_stats = networks.init_params(nets, init_rng, image_shape,
                                                teacher_vars)
+    host_batch = random_batch(args.seed, args.batch, image_shape, num_classes)
     # Seconds a run spends starting its learned steps (None: minmax).
     self.learned_init_s = None
     if learned_params.uses_learned_quant(config):
@@ -381,8 +382,7 @@ class Variant:
           learned_params.init_learned_quant(
               nets.student, {'params': params['backbone'],
                              'batch_stats': batch_stats},
-              random_batch(args.seed, args.batch, image_shape,
-                           num_classes)['image'])['params'])
+              host_batch['image'])['params'])
       self.learned_init_s = time.perf_counter() - t0
     # Schedule lengths only place the learning-rate drop; any values do.
     tx, _ = step_lib.make_optimizer(
@@ -392,8 +392,7 @@ class Variant:
         config, nets, params, batch_stats, tx, state_rng, image_shape))
     self.frozen = runtime.replicate({'teacher': teacher_vars,
                                      'delta_weights': None})
-    self.batch = runtime.put_batch(
-        random_batch(args.seed, args.batch, image_shape, num_classes))
+    self.batch = runtime.put_batch(host_batch)
 
     step_fn = runtime.jit_train_step(
         step_lib.make_train_step(config, nets, tx))

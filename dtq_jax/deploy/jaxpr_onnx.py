@@ -99,11 +99,7 @@ class _Converter:
     self._consts, self._lazy, self._batch = {}, {}, None
 
   def unique(self, name):
-    out, i = name, 1
-    while out in self.used:
-      out, i = f'{name}_{i}', i + 1
-    self.used.add(out)
-    return out
+    return onnx_export.unique_name(name, self.used)
 
   def const(self, value):
     """An initializer holding ``value`` (one per distinct value)."""

@@ -91,6 +91,23 @@ def code_dtype(bits):
   return np.uint8 if bits <= 8 else np.uint16
 
 
+def unique_name(name, used):
+  """``name``, or ``name_1``, ``name_2``... the first not in ``used``.
+
+  Args:
+    name: the wanted graph name.
+    used: the names taken so far; the returned one is added.
+
+  Returns:
+    A name unique in the graph.
+  """
+  out, i = name, 1
+  while out in used:
+    out, i = f'{name}_{i}', i + 1
+  used.add(out)
+  return out
+
+
 class _Graph:
   """Accumulates nodes and initializers with unique, readable names."""
 
@@ -100,11 +117,7 @@ class _Graph:
     self._numpy_helper = require('onnx.numpy_helper')
 
   def _unique(self, name):
-    out, i = name, 1
-    while out in self._names:
-      out, i = f'{name}_{i}', i + 1
-    self._names.add(out)
-    return out
+    return unique_name(name, self._names)
 
   def const(self, name, array):
     name = self._unique(name)
