@@ -40,6 +40,7 @@ test-torch: $(TORCH_VENV)/.installed
 	$(TORCH_VENV)/bin/python -m pytest -q tests/weights/test_pretrained.py \
 	  tests/weights/test_state_dicts.py \
 	  tests/benchmark_scripts/test_torch_reference.py \
+	  tests/benchmark_scripts/test_op_profile_torch.py \
 	  tests/test_paper_smoke.py $(ARGS)
 
 $(TORCH_VENV)/.installed: $(VENV)/.installed requirements-torch.txt

@@ -38,6 +38,27 @@ def cpu_model():
   return platform.processor() or platform.machine()
 
 
+def cpu_family_model():
+  """'family F model M' from /proc/cpuinfo: tells CPU generations apart that
+  share a model name (an 'AMD EPYC' is Zen 3 at family 25 model 1 and Zen 4
+  at family 25 model 17)."""
+  fields = {}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        key = key.strip()
+        if key in ('cpu family', 'model') and key not in fields:
+          fields[key] = value.strip()
+        if not line.strip():
+          break
+  except OSError:
+    pass
+  if len(fields) < 2:
+    return 'unknown'
+  return f'family {fields["cpu family"]} model {fields["model"]}'
+
+
 def cpu_flags_summary():
   """Which of the SIMD extensions that matter for GEMM the CPU has."""
   try:
@@ -178,6 +199,7 @@ def machine_info(**extra):
       'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime(
           '%Y-%m-%d %H:%M:%S'),
       'cpu': cpu_model(),
+      'cpu_family_model': cpu_family_model(),
       'cpu_simd': cpu_flags_summary(),
       'cores_usable': usable_cores(),
       'cores_total': os.cpu_count(),
