@@ -85,6 +85,7 @@ from dtq_jax.run import config_validation  # pylint: disable=wrong-import-positi
 from dtq_jax.run import runtime as runtime_lib  # pylint: disable=wrong-import-position
 
 VARIANTS = ('dtq', 'dtq32', 'ft')
+DTYPES = ('float32', 'bfloat16')
 # The opt-in speed-ups of config.quant (same maths, other kernels).
 SWITCHES = ('pointwise_as_dot', 'depthwise_as_shifts', 'fused_vjp')
 # The product's config.cpu_convolutions (variant names mark the others).
@@ -123,8 +124,10 @@ def parse_args(argv=None):
   p.add_argument('--batch', type=int, default=16, help='global batch size')
   p.add_argument('--image_size', type=int, default=None,
                  help='default: 224 (28 for small_resnet)')
-  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
-                 help='config.compute_dtype')
+  p.add_argument('--dtype', default='float32',
+                 help='comma-separated config.compute_dtype values, each '
+                 'measured for every variant: float32, bfloat16 (the first '
+                 'is the baseline of the comparison lines)')
   p.add_argument('--speedups', default='none',
                  help='comma-separated switch sets, each measured for every '
                  'variant: none (default), all, or a +-joined subset of ' +
@@ -176,6 +179,10 @@ def parse_args(argv=None):
     p.error('--speedups: give at least one set (none: the product default)')
   args.quantizers = _choices(p, 'quantizers', args.quantizers,
                              layers.QUANT_METHODS)
+  args.dtypes = _choices(p, 'dtype', args.dtype, DTYPES)
+  # The teacher's BatchNorm calibration and scripts that build one Variant
+  # read args.dtype: the first (baseline) value.
+  args.dtype = args.dtypes[0]
   args.cpu_convolutions = _choices(p, 'cpu_convolutions',
                                    args.cpu_convolutions,
                                    config_validation.CPU_CONVOLUTIONS)
@@ -232,33 +239,37 @@ def make_config(model, method, bits, dtype, switches, batch, image_size,
 # context manager that is entered while the step is built and traced
 # (accelerator_check.py patches its on-device batches in with it);
 # ``overrides``, if not None, sets further top-level config fields
-# (collectives.py: ``stats_group_size``).
+# (collectives.py: ``stats_group_size``); ``dtype``, if not None, is the
+# variant's config.compute_dtype (None: ``args.dtype``).
 VariantSpec = collections.namedtuple(
     'VariantSpec',
     ('name', 'method', 'bits', 'switches', 'cpu_convolutions', 'patch',
-     'quantizer', 'overrides'),
-    defaults=(None, None, 'minmax', None))
+     'quantizer', 'overrides', 'dtype'),
+    defaults=(None, None, 'minmax', None, None))
 
 
 def variant_list(args):
   """The VariantSpecs to measure: every variant, quantizer, switch set and
   library."""
   out = []
-  for convs in args.cpu_convolutions:
-    for switches in args.speedups:
-      label = switch_label(switches)
-      for v in args.variants:
-        method = 'ft' if v == 'ft' else 'dtq'
-        bits = (32, 32) if v == 'dtq32' else args.bits
-        # A full-precision student has no quantizer to choose.
-        for quantizer in args.quantizers[:1] if v == 'dtq32' else (
-            args.quantizers):
-          name = f'{method}_w{bits[0]}a{bits[1]}' + (
-              '' if quantizer == 'minmax' else f'_{quantizer}') + (
-                  '' if label == 'none' else '+' + label) + (
-                      '' if convs == DEFAULT_CPU_CONVOLUTIONS else '@' + convs)
-          out.append(VariantSpec(name, method, bits, switches, convs,
-                                 quantizer=quantizer))
+  for dtype in getattr(args, 'dtypes', [args.dtype]):
+    for convs in args.cpu_convolutions:
+      for switches in args.speedups:
+        label = switch_label(switches)
+        for v in args.variants:
+          method = 'ft' if v == 'ft' else 'dtq'
+          bits = (32, 32) if v == 'dtq32' else args.bits
+          # A full-precision student has no quantizer to choose.
+          for quantizer in args.quantizers[:1] if v == 'dtq32' else (
+              args.quantizers):
+            name = f'{method}_w{bits[0]}a{bits[1]}' + (
+                '' if quantizer == 'minmax' else f'_{quantizer}') + (
+                    '' if label == 'none' else '+' + label) + (
+                        '' if convs == DEFAULT_CPU_CONVOLUTIONS else
+                        '@' + convs) + (
+                            '' if dtype == 'float32' else ' ' + dtype)
+            out.append(VariantSpec(name, method, bits, switches, convs,
+                                   quantizer=quantizer, dtype=dtype))
   return out
 
 
@@ -355,7 +366,8 @@ class Variant:
     self.model, self.name, self.method, self.bits = (
         model, spec.name, spec.method, spec.bits)
     self.args, self.image_size = args, image_size
-    config = make_config(model, spec.method, spec.bits, args.dtype,
+    self.dtype = spec.dtype or args.dtype
+    config = make_config(model, spec.method, spec.bits, self.dtype,
                          spec.switches, args.batch, image_size, args.lr,
                          spec.cpu_convolutions, spec.quantizer)
     for field, value in (spec.overrides or {}).items():
@@ -472,7 +484,7 @@ class Variant:
         'cpu_convolutions': self.cpu_convolutions,
         'batch': args.batch,
         'image_size': self.image_size,
-        'dtype': args.dtype,
+        'dtype': self.dtype,
         'backend': jax.default_backend(),
         'steps': self.timed_steps,
         'img_per_s': round(args.batch * self.timed_steps / self.timed_s, 3),
@@ -534,16 +546,18 @@ def variant_kind(record):
 def summary_lines(records):
   """The ratios the benchmark exists for, per model, library and switch set.
 
-  Per (cpu_convolutions, switch set): the cost of quantization (dtq vs dtq32)
-  and of transfer (dtq vs ft); per non-empty switch set, its speed-up over
-  'none' with the same library; per library after the first one measured,
-  its speed-up over the first with the same switches.
+  Per (cpu_convolutions and compute dtype, switch set): the cost of
+  quantization (dtq vs dtq32) and of transfer (dtq vs ft); per non-empty
+  switch set, its speed-up over 'none' with the same library; per library
+  (or dtype) after the first one measured, its speed-up over the first with
+  the same switches.
   """
   lines = []
   by_model = {}
   for r in records:
     by_model.setdefault(r['model'], {}).setdefault(
-        r.get('cpu_convolutions'), {}).setdefault(
+        (r.get('cpu_convolutions'), r.get('dtype', 'float32')),
+        {}).setdefault(
             switch_label(r), {}).setdefault(variant_kind(r), r)
 
   def speedup(tag, base, r):
@@ -556,7 +570,9 @@ def summary_lines(records):
   for model, libraries in by_model.items():
     first_lib = next(iter(libraries))
     for lib, sets in libraries.items():
-      where = '' if lib == first_lib else f' @{lib}'
+      # ' @jaxlib_default', ' bfloat16': what differs from the first.
+      where = (f' @{lib[0]}' if lib[0] != first_lib[0] else '') + (
+          f' {lib[1]}' if lib[1] != first_lib[1] else '')
       for label, kinds in sets.items():
         tag = (model if label == 'none' else f'{model} ({label})') + where
         q, fp, ft = kinds.get('dtq'), kinds.get('dtq32'), kinds.get('ft')
@@ -581,7 +597,9 @@ def summary_lines(records):
             speedup(f'{model} ({label}){where}', sets['none'][kind], r)
           base = libraries[first_lib].get(label, {}).get(kind)
           if lib != first_lib and base is not None:
-            speedup(f'{model} (cpu_convolutions={lib})', base, r)
+            what = ', '.join(f'{field}={part}' for field, part, b in zip(
+                ('cpu_convolutions', 'dtype'), lib, first_lib) if part != b)
+            speedup(f'{model} ({what})', base, r)
   return lines
 
 
@@ -666,7 +684,7 @@ def main(argv=None):
     path = args.out.replace('{backend}', jax.default_backend())
     bench_util.write_report(
         path, f'DTQ train step ({", ".join(args.model)}, batch {args.batch}, '
-        f'{args.dtype}, bits {args.bits[0]}/{args.bits[1]})',
+        f'{", ".join(args.dtypes)}, bits {args.bits[0]}/{args.bits[1]})',
         info, table, records, notes)
 
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 
@@ -48,3 +50,39 @@ def test_an_unknown_quantizer_is_a_usage_error():
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert "--quantizers: unknown 'bogus'" in proc.stderr
+
+
+def test_each_compute_dtype_is_a_variant_and_compared_with_the_first():
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import train_step  # pylint: disable=g-import-not-at-top
+  args = train_step.parse_args(['--variants=dtq,dtq32',
+                                '--dtype=float32,bfloat16'])
+  assert args.dtype == 'float32'  # the teacher's calibration uses the first
+  assert [(s.name, s.dtype) for s in train_step.variant_list(args)] == [
+      ('dtq_w4a4', 'float32'), ('dtq_w32a32', 'float32'),
+      ('dtq_w4a4 bfloat16', 'bfloat16'), ('dtq_w32a32 bfloat16', 'bfloat16')]
+  record = lambda name, bits, dtype, ms: {
+      'model': 'resnet50', 'variant': name, 'method': 'dtq', 'bits_w': bits,
+      'bits_a': bits, 'cpu_convolutions': 'eigen', 'dtype': dtype,
+      'step_ms': ms, 'hlo_hash': name}
+  lines = train_step.summary_lines([
+      record('dtq_w4a4', 4, 'float32', 300.0),
+      record('dtq_w32a32', 32, 'float32', 200.0),
+      record('dtq_w4a4 bfloat16', 4, 'bfloat16', 150.0),
+      record('dtq_w32a32 bfloat16', 32, 'bfloat16', 120.0)])
+  assert lines == [
+      '- resnet50: quantization costs x1.50 (dtq_w4a4 vs dtq_w32a32)',
+      '- resnet50 bfloat16: quantization costs x1.25 (dtq_w4a4 bfloat16 vs '
+      'dtq_w32a32 bfloat16)',
+      '- resnet50 (dtype=bfloat16): speeds dtq_w4a4 up x2.00 '
+      '(dtq_w4a4 bfloat16)',
+      '- resnet50 (dtype=bfloat16): speeds dtq_w32a32 up x1.67 '
+      '(dtq_w32a32 bfloat16)']
+
+
+def test_an_unknown_dtype_is_a_usage_error():
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import train_step  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as e:
+    train_step.parse_args(['--dtype=float16'])
+  assert e.value.code == 2
