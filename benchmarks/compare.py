@@ -81,6 +81,10 @@ VARIANTS = {
     'dtq_lsq': ('dtq', {'quant.method': 'lsq'}),
     'ft_pact': ('ft', {'quant.method': 'pact'}),
     'dtq_pact': ('dtq', {'quant.method': 'pact'}),
+    # bfloat16 compute (issue #28): the same recipe with the networks'
+    # activations and convolutions in bfloat16 (float32 parameters).
+    'ft_bf16': ('ft', {'compute_dtype': 'bfloat16'}),
+    'dtq_bf16': ('dtq', {'compute_dtype': 'bfloat16'}),
 }
 # The default list of --methods: the paper's methods and the first ablations.
 DEFAULT_VARIANTS = ('fp', 'ft', 'l2', 'l2sp', 'delta', 'dtq', 'dtq_no_kl',
