@@ -12,7 +12,7 @@ runs them by default, and summed with their counts:
   BatchNorm     each student BatchNorm in training mode, forward + backward;
   quantization  the min-max fake quantization of each quantized
                 convolution's input and kernel, forward + backward;
-  the rest      the whole step (timed too) minus the pieces: ReLU, residual
+  the rest      the whole step (timed first) minus the pieces: ReLU, residual
                 adds, pooling, the teacher's BatchNorm, attention, losses and
                 the optimizer, less what XLA saves by fusing the pieces into
                 their neighbours (a negative rest means fusion saves more
@@ -34,7 +34,7 @@ PyTorch's autograd computes a convolution's dx and dw in one call
       --model=resnet50 --batch=16 --json=/tmp/op_torch.json
   .venv/bin/python benchmarks/op_profile.py \\
       --merge=/tmp/op_jax.json,/tmp/op_torch.json \\
-      --out=results/op_profile_cpu_resnet50_b16.md
+      --out=results/op_profile_cpu_resnet50_b16_zen3.md
 """
 
 import argparse
@@ -166,7 +166,33 @@ def jax_profile(args):
         e.params['feature_group_count'], lhs[dn.lhs_spec[2]],
         lhs[dn.lhs_spec[1]], rhs[dn.rhs_spec[0]])
     pieces.append(((sig, i == 0), (lhs, rhs, out, dn.out_spec[1], e.params)))
+  # The whole step first, in a fresh process: timed after the pieces, the
+  # ResNet-50 step took 13.1 s against 6.0 s alone (Zen 3 AMD EPYC).
+  step_ms = None
+  if args.steps:
+    # Five warm-up steps: the first steps dispatched while another is in
+    # flight fault in further sets of the step's buffers (on a Zen 3 AMD
+    # EPYC two such steps each took 8 s more, about 930,000 page faults);
+    # the allocator keeps them, and later steps fault none.
+    step_args = train_step.parse_args([
+        f'--model={args.model}', f'--batch={args.batch}',
+        f'--image_size={args.image_size}',
+        f'--bits={args.bits[0]}/{args.bits[1]}', '--warmup=5'])
+    teacher = train_step.make_teacher(step_args, args.model, args.image_size,
+                                      3, 257, 1000)
+    spec = train_step.VariantSpec(args.method, args.method, args.bits, {},
+                                  config.cpu_convolutions, None)
+    var = train_step.Variant(step_args, args.model, spec, teacher,
+                             args.image_size, 3, 257, 1000)
+    var.warm_up()
+    var.time_steps(args.steps)
+    step_ms = [1e3 * t for t in var.intervals]
+    var.release()
+    del var, teacher
   record = {'framework': 'jax', 'convs': [], 'bns': [], 'quants': []}
+  if step_ms is not None:
+    record['step_ms'] = float(np.median(step_ms))
+    record['step_ms_each'] = step_ms
   quant_shapes = []
   for (sig, stem), (lhs, rhs, out, out_c, params), count in group(pieces):
     print(f'# jax {sig}', file=sys.stderr, flush=True)
@@ -213,20 +239,6 @@ def jax_profile(args):
     ms = 1e3 * time_call(lambda: run(x, ct), args.reps, sync)
     record['quants'].append({'what': what, 'shape': list(shape_),
                              'count': count, 'ms': ms})
-  if args.steps:
-    step_args = train_step.parse_args([
-        f'--model={args.model}', f'--batch={args.batch}',
-        f'--image_size={args.image_size}',
-        f'--bits={args.bits[0]}/{args.bits[1]}', '--warmup=2'])
-    teacher = train_step.make_teacher(step_args, args.model, args.image_size,
-                                      3, 257, 1000)
-    spec = train_step.VariantSpec(args.method, args.method, args.bits, {},
-                                  config.cpu_convolutions, None)
-    var = train_step.Variant(step_args, args.model, spec, teacher,
-                             args.image_size, 3, 257, 1000)
-    var.warm_up()
-    var.time_steps(args.steps)
-    record['step_ms'] = 1e3 * float(np.median(var.intervals))
   record['info'] = bench_util.machine_info(
       jax=jax.__version__, backend=jax.default_backend(),
       cpu_convolutions=config.cpu_convolutions, allocator='keep')
@@ -264,7 +276,28 @@ def torch_profile(args):
     sig = conv_signature(kh, kw, m.stride[0], m.groups, in_shape[2],
                          m.in_channels, m.out_channels)
     pieces.append(((sig, i == 0), (m, in_shape)))
+  # The whole step first, as on the JAX side.
+  step_ms = None
+  if args.steps:
+    step_args = torch_reference.parse_args([
+        f'--model={args.model}', f'--batch={args.batch}',
+        f'--image_size={args.image_size}',
+        f'--bits={args.bits[0]}/{args.bits[1]}', '--warmup=2', '--no_flops'])
+    torch.manual_seed(step_args.seed + 1)
+    batch = torch_reference.random_batch(step_args)
+    teacher = torch_reference.calibrated_teacher_state(
+        args.model, step_args.num_source_classes, batch[0])
+    var = torch_reference.Variant(step_args, args.model, args.method,
+                                  args.method, args.bits, teacher, batch,
+                                  torch.device('cpu'))
+    var.warm_up()
+    var.time_steps(args.steps)
+    step_ms = [1e3 * t for t in var.intervals]
+    del var, teacher, batch
   record = {'framework': 'torch', 'convs': [], 'bns': [], 'quants': []}
+  if step_ms is not None:
+    record['step_ms'] = float(np.median(step_ms))
+    record['step_ms_each'] = step_ms
   quant_shapes, bn_shapes = [], []
   sync = lambda _: None  # eager CPU ops return when done
   for (sig, stem), (m, in_shape), count in group(pieces):
@@ -318,21 +351,6 @@ def torch_profile(args):
               else shape_[2:] + shape_[1:2] + shape_[:1])
     record['quants'].append({'what': what, 'shape': shape_, 'count': count,
                              'ms': ms})
-  if args.steps:
-    step_args = torch_reference.parse_args([
-        f'--model={args.model}', f'--batch={args.batch}',
-        f'--image_size={args.image_size}',
-        f'--bits={args.bits[0]}/{args.bits[1]}', '--warmup=2', '--no_flops'])
-    torch.manual_seed(step_args.seed + 1)
-    batch = torch_reference.random_batch(step_args)
-    teacher = torch_reference.calibrated_teacher_state(
-        args.model, step_args.num_source_classes, batch[0])
-    var = torch_reference.Variant(step_args, args.model, args.method,
-                                  args.method, args.bits, teacher, batch,
-                                  torch.device('cpu'))
-    var.warm_up()
-    var.time_steps(args.steps)
-    record['step_ms'] = 1e3 * bench_util.median(var.intervals)
   record['info'] = bench_util.machine_info(
       torch=torch.__version__, torch_threads=torch.get_num_threads(),
       allocator='default')
