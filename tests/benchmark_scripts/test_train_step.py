@@ -86,3 +86,32 @@ def test_an_unknown_dtype_is_a_usage_error():
   with pytest.raises(SystemExit) as e:
     train_step.parse_args(['--dtype=float16'])
   assert e.value.code == 2
+
+
+def test_warm_up_goes_on_until_steps_in_flight_fault_no_pages(monkeypatch):
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import types  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
+  # Faults counted before and after each settling pair: the first two pairs
+  # fault in new buffers (930,000 pages each), the third none.
+  counts = iter([0, 930_000, 930_000, 1_860_000, 1_860_000, 1_860_005])
+  monkeypatch.setattr(train_step, 'minor_faults', lambda: next(counts))
+  fake = types.SimpleNamespace(args=types.SimpleNamespace(warmup=3),
+                               state=0, metrics=0, steps=0)
+
+  def step():
+    fake.steps += 1
+    return fake.metrics
+  fake._step = step  # pylint: disable=protected-access
+  train_step.Variant.warm_up(fake)
+  assert fake.settle_steps == 6 and fake.steps == 3 + 6
+  # Never more than MAX_SETTLE_PAIRS pairs, however many pages fault.
+  monkeypatch.setattr(train_step, 'minor_faults',
+                      iter(range(0, 10**9, 10**6)).__next__)
+  fake.steps = 0
+  train_step.Variant.warm_up(fake)
+  assert fake.settle_steps == 2 * train_step.MAX_SETTLE_PAIRS
+  # --warmup=0 times the first steps as they come.
+  fake.args.warmup, fake.steps = 0, 0
+  train_step.Variant.warm_up(fake)
+  assert fake.settle_steps == 0 and fake.steps == 1
