@@ -128,7 +128,16 @@ def _walk_eqns(jaxpr):
 
 
 def jax_profile(args):
-  """Measures the JAX side; returns its JSON record."""
+  """Measures the JAX side.
+
+  Args:
+    args: parsed flags (model, batch, image_size, bits, method, reps, steps).
+
+  Returns:
+    The JSON record: ``convs`` (signature, stem, count, fwd/dx/dw ms),
+    ``bns`` and ``quants`` (shape, count, ms), ``step_ms`` (median) and
+    ``step_ms_each`` if --steps, and ``info`` (machine and libraries).
+  """
   bench_util.configure_allocator('keep')  # as main.py
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -250,7 +259,15 @@ def jax_profile(args):
 
 
 def torch_profile(args):
-  """Measures the PyTorch side; returns its JSON record."""
+  """Measures the PyTorch side.
+
+  Args:
+    args: parsed flags, as for ``jax_profile``.
+
+  Returns:
+    The JSON record, with ``jax_profile``'s fields; shapes are written in
+    JAX's layout (NHWC inputs, HWIO kernels) so that the two sides match.
+  """
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
@@ -362,7 +379,15 @@ def torch_profile(args):
 
 
 def totals(record, method):
-  """{category: ms per step} of one side's record."""
+  """Milliseconds per step of each piece of one side's record.
+
+  Args:
+    record: a side's JSON record.
+    method: 'dtq' (the teacher's forward convolutions counted) or 'ft'.
+
+  Returns:
+    {piece: ms}, with 'the rest' and 'whole step' when the step was timed.
+  """
   convs = record['convs']
   out = {
       'conv fwd (student)': sum(c['count'] * c['fwd_ms'] for c in convs),
@@ -386,7 +411,17 @@ def _ratio(a, b):
 
 
 def report(jax_rec, torch_rec, method):
-  """The Markdown tables: per category, then per convolution shape."""
+  """The side-by-side Markdown tables.
+
+  Args:
+    jax_rec: the JAX side's record.
+    torch_rec: the PyTorch side's record.
+    method: as for ``totals``.
+
+  Returns:
+    ``(markdown, jax_totals, torch_totals)``: the table per piece, then the
+    table per convolution shape (heaviest in JAX first).
+  """
   tj, tt = totals(jax_rec, method), totals(torch_rec, method)
   step = tj.get('whole step')
   rows = ['| piece | JAX ms | PyTorch ms | PyTorch / JAX | share of the JAX '
