@@ -22,11 +22,18 @@ each quantity's float32 conditioning, not by one machine's bits:
   about 1e-3 of the weights' size, each difference carrying a thousandfold
   relative error. Both get ``RTOL_ILL_CONDITIONED`` = 1e-4.
 
-Measured (``XLA_FLAGS=--xla_cpu_max_isa=...`` on the AMD EPYC, and one Intel
-Sapphire Rapids run): the largest relative departure is 9e-6 (KL, AVX) and
-1.4e-6 (L2-SP, SSE4.2); every other quantity stays within 1.5e-7. The
+The evaluation loss after the three steps is not a float-conditioning
+question: the evaluation quantizes every activation, and weights that differ
+by an ulp can move an activation across a rounding boundary, which changes
+it by a whole quantization step. It gets ``RTOL_QUANTIZED_EVAL`` = 1e-2: on an
+AMD EPYC Zen 3 (AVX2, no AVX-512) FT-Q's evaluation loss departed by 8.4e-4
+while every training loss of the same run matched to 1e-7.
+
+Measured (``XLA_FLAGS=--xla_cpu_max_isa=...`` on the AMD EPYC Zen 4, and one
+Intel Sapphire Rapids run): the largest relative departure is 9e-6 (KL, AVX)
+and 1.4e-6 (L2-SP, SSE4.2); every other quantity stays within 1.5e-7. The
 deliberate changes in ``test_deliberate_changes_are_caught`` move at least
-one quantity by 1e-3 or more, ten times the loosest tolerance.
+one training loss by 1e-3 or more, ten times its tolerance.
 """
 
 import jax
@@ -66,9 +73,12 @@ RECORDED = {
 RTOL = 1e-5
 RTOL_ILL_CONDITIONED = 1e-4
 ILL_CONDITIONED = ('loss_kl', 'loss_l2sp')
+RTOL_QUANTIZED_EVAL = 1e-2
 
 
 def _rtol(key):
+  if key == 'eval/loss':
+    return RTOL_QUANTIZED_EVAL
   return RTOL_ILL_CONDITIONED if key in ILL_CONDITIONED else RTOL
 
 
