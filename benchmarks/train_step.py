@@ -21,15 +21,17 @@ each once per quantizer (``--quantizers``: minmax, the paper's, and lsq,
 learned steps started as a run starts them; dtq32 quantizes nothing and is
 measured once, a variant with lsq is named ``dtq_w4a4_lsq``), once per value
 of ``config.cpu_convolutions`` (``--cpu_convolutions``)
-and per set of the product's opt-in speed-ups (``--speedups``: a
-comma-separated list of switch sets, each 'none', 'all' or a '+'-joined subset
-of the ``config.quant`` switches pointwise_as_dot, depthwise_as_shifts and
-fused_vjp; same maths, other kernels). A variant's name carries its set
-(``dtq_w4a4``, ``dtq_w4a4+all``, ``dtq_w4a4+pointwise_as_dot+fused_vjp``)
+and per set of the product's speed-up switches (``--speedups``: a
+comma-separated list of switch sets, each 'default' (the product's: fused_vjp
+on), 'none', 'all' or a '+'-joined subset of the ``config.quant`` switches
+pointwise_as_dot, depthwise_as_shifts and fused_vjp; same maths, other
+kernels). A variant's name carries its set unless it is the product's
+(``dtq_w4a4``, ``dtq_w4a4+none``, ``dtq_w4a4+all``,
+``dtq_w4a4+pointwise_as_dot+fused_vjp``)
 and its JSON line the value of every switch. The summary gives, per set, the
 cost of quantization (dtq vs dtq32), of transfer (dtq vs ft) and of learned
 steps (lsq vs minmax), and per
-non-empty set the speed-up of each variant over the same variant with none
+set but 'none' the speed-up of each variant over the same variant with none
 (when 'none' is measured too).
 
 Per variant: one JSON line with the compile time, the median step time, images
@@ -86,11 +88,13 @@ from dtq_jax.run import runtime as runtime_lib  # pylint: disable=wrong-import-p
 
 VARIANTS = ('dtq', 'dtq32', 'ft')
 DTYPES = ('float32', 'bfloat16')
-# The opt-in speed-ups of config.quant (same maths, other kernels).
+# The speed-up switches of config.quant (same maths, other kernels).
 SWITCHES = ('pointwise_as_dot', 'depthwise_as_shifts', 'fused_vjp')
+_PRODUCT_CONFIG = common.paper_config(dict(name='image_folder', root='unused'))
 # The product's config.cpu_convolutions (variant names mark the others).
-DEFAULT_CPU_CONVOLUTIONS = common.paper_config(
-    dict(name='image_folder', root='unused')).cpu_convolutions
+DEFAULT_CPU_CONVOLUTIONS = _PRODUCT_CONFIG.cpu_convolutions
+# The product's values of SWITCHES (--speedups=default).
+DEFAULT_SWITCHES = {s: bool(_PRODUCT_CONFIG.quant[s]) for s in SWITCHES}
 MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
           'mobilenet_v2', 'small_resnet')
 
@@ -111,20 +115,27 @@ def minor_faults():
 
 
 def parse_switch_set(text):
-  """'none', 'all' or 'a+b' (names in SWITCHES) -> {switch: bool, ...}."""
+  """'default', 'none', 'all' or 'a+b' (names in SWITCHES) -> {switch: bool,
+  ...}; 'default' is the product's set (DEFAULT_SWITCHES)."""
   text = text.strip()
+  if text == 'default':
+    return dict(DEFAULT_SWITCHES)
   if text in ('none', 'all'):
     return {s: text == 'all' for s in SWITCHES}
   names = [n.strip() for n in text.split('+')]
   for n in names:
     if n not in SWITCHES:
-      raise ValueError(f'unknown speed-up {n!r} in {text!r}; use none, all, '
-                       f'or a +-joined subset of {", ".join(SWITCHES)}')
+      raise ValueError(f'unknown speed-up {n!r} in {text!r}; use default, '
+                       'none, all, or a +-joined subset of '
+                       f'{", ".join(SWITCHES)}')
   return {s: s in names for s in SWITCHES}
 
 
 def switch_label(switches):
-  """'none', 'all' or the '+'-joined switches that are on (SWITCHES order)."""
+  """'default' (the product's set), 'none', 'all' or the '+'-joined switches
+  that are on (SWITCHES order)."""
+  if {s: bool(switches.get(s)) for s in SWITCHES} == DEFAULT_SWITCHES:
+    return 'default'
   on = [s for s in SWITCHES if switches.get(s)]
   if not on:
     return 'none'
@@ -143,10 +154,12 @@ def parse_args(argv=None):
                  help='comma-separated config.compute_dtype values, each '
                  'measured for every variant: float32, bfloat16 (the first '
                  'is the baseline of the comparison lines)')
-  p.add_argument('--speedups', default='none',
+  p.add_argument('--speedups', default='default',
                  help='comma-separated switch sets, each measured for every '
-                 'variant: none (default), all, or a +-joined subset of ' +
-                 ', '.join(SWITCHES) + ' (config.quant switches)')
+                 'variant: default (the product\'s: ' +
+                 switch_label(DEFAULT_SWITCHES) + '), none, all, or a '
+                 '+-joined subset of ' + ', '.join(SWITCHES) +
+                 ' (config.quant switches)')
   p.add_argument('--quantizers', default='minmax',
                  help='comma-separated config.quant.method values, each '
                  'measured for every quantized variant: ' +
@@ -191,7 +204,7 @@ def parse_args(argv=None):
       p.error(f'--speedups: {switch_label(switches)} is given twice')
     args.speedups.append(switches)
   if not args.speedups:
-    p.error('--speedups: give at least one set (none: the product default)')
+    p.error('--speedups: give at least one set (default: the product\'s)')
   args.quantizers = _choices(p, 'quantizers', args.quantizers,
                              layers.QUANT_METHODS)
   args.dtypes = _choices(p, 'dtype', args.dtype, DTYPES)
@@ -279,7 +292,7 @@ def variant_list(args):
               args.quantizers):
             name = f'{method}_w{bits[0]}a{bits[1]}' + (
                 '' if quantizer == 'minmax' else f'_{quantizer}') + (
-                    '' if label == 'none' else '+' + label) + (
+                    '' if label == 'default' else '+' + label) + (
                         '' if convs == DEFAULT_CPU_CONVOLUTIONS else
                         '@' + convs) + (
                             '' if dtype == 'float32' else ' ' + dtype)
@@ -584,7 +597,7 @@ def summary_lines(records):
   """The ratios the benchmark exists for, per model, library and switch set.
 
   Per (cpu_convolutions and compute dtype, switch set): the cost of
-  quantization (dtq vs dtq32) and of transfer (dtq vs ft); per non-empty
+  quantization (dtq vs dtq32) and of transfer (dtq vs ft); per other
   switch set, its speed-up over 'none' with the same library; per library
   (or dtype) after the first one measured, its speed-up over the first with
   the same switches.
@@ -611,7 +624,7 @@ def summary_lines(records):
       where = (f' @{lib[0]}' if lib[0] != first_lib[0] else '') + (
           f' {lib[1]}' if lib[1] != first_lib[1] else '')
       for label, kinds in sets.items():
-        tag = (model if label == 'none' else f'{model} ({label})') + where
+        tag = (model if label == 'default' else f'{model} ({label})') + where
         q, fp, ft = kinds.get('dtq'), kinds.get('dtq32'), kinds.get('ft')
         if q and fp:
           lines.append(f'- {tag}: quantization costs x'

@@ -165,13 +165,15 @@ def paper_config(dataset, arg=None):
       lsq_lr_scale=1.0,
       per_channel_weights=False,  # opt-in: one range per output channel.
       range_grad=True,  # paper: gradient reaches the range ends.
-      # Opt-in speed-ups with the same maths (each measured in benchmarks/;
-      # all three pay off on XLA:CPU): 1x1 convolutions as matrix products,
-      # depthwise ones as shifted multiply-adds, and the quantizer's
-      # hand-derived backward pass instead of autodiff through min/max.
+      # Speed-ups with the same maths (each measured in benchmarks/): 1x1
+      # convolutions as matrix products and depthwise ones as shifted
+      # multiply-adds (opt-in, for XLA:CPU), and the quantizer's
+      # hand-derived backward pass instead of autodiff through min/max (on:
+      # the paper's gradient in closed form, fewer passes over each tensor;
+      # docs/speed.md, "Quantization's memory price").
       pointwise_as_dot=False,
       depthwise_as_shifts=False,
-      fused_vjp=False,
+      fused_vjp=True,
       # 'dynamic' (paper): activation ranges from each batch, in training
       # and evaluation. 'static' (opt-in): training is unchanged but also
       # keeps running input ranges per quantized convolution (quant_ranges,

@@ -407,8 +407,9 @@ def _check_quant_method(config):
                       f'with quant.method={method!r} leave it False.')
   # Settings of the min-max quantizer that a learned one has no use for:
   # silently ignoring them would run something else than the config says.
-  for field, paper in (('act_ranges', 'dynamic'), ('range_grad', True),
-                       ('fused_vjp', False)):
+  # (quant.fused_vjp, a choice of kernel for the min-max quantizer's
+  # gradient, not of maths, is on by default and simply unused here.)
+  for field, paper in (('act_ranges', 'dynamic'), ('range_grad', True)):
     value = config.quant.get(field, paper)
     if value != paper:
       raise ConfigError(f'quant.{field}', value,

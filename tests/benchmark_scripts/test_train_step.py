@@ -64,7 +64,7 @@ def test_each_compute_dtype_is_a_variant_and_compared_with_the_first():
   record = lambda name, bits, dtype, ms: {
       'model': 'resnet50', 'variant': name, 'method': 'dtq', 'bits_w': bits,
       'bits_a': bits, 'cpu_convolutions': 'eigen', 'dtype': dtype,
-      'step_ms': ms, 'hlo_hash': name}
+      'step_ms': ms, 'hlo_hash': name, **train_step.DEFAULT_SWITCHES}
   lines = train_step.summary_lines([
       record('dtq_w4a4', 4, 'float32', 300.0),
       record('dtq_w32a32', 32, 'float32', 200.0),
@@ -115,3 +115,20 @@ def test_warm_up_goes_on_until_steps_in_flight_fault_no_pages(monkeypatch):
   fake.args.warmup, fake.steps = 0, 0
   train_step.Variant.warm_up(fake)
   assert fake.settle_steps == 0 and fake.steps == 1
+
+
+def test_the_product_switch_set_is_the_default_and_unmarked():
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  import train_step  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  quant = common.paper_config(dict(name='image_folder', root='x')).quant
+  product = {s: bool(quant[s]) for s in train_step.SWITCHES}
+  assert train_step.parse_args([]).speedups == [product]
+  args = train_step.parse_args(['--variants=dtq', '--speedups=default,none'])
+  assert [(s.name, s.switches) for s in train_step.variant_list(args)] == [
+      ('dtq_w4a4', product),
+      ('dtq_w4a4+none', {s: False for s in train_step.SWITCHES})]
+  # The same set named twice (here: by name and by its switches) is refused.
+  on = '+'.join(s for s in train_step.SWITCHES if product[s]) or 'none'
+  with pytest.raises(SystemExit):
+    train_step.parse_args([f'--speedups=default,{on}'])

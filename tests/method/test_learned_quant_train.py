@@ -161,8 +161,12 @@ def test_config_validation_of_the_quantizer():
   with pytest.raises(errors.ConfigError, match=r'^config\.quant\.method='
                      r"'bogus' is invalid; allowed: minmax, lsq, pact\.$"):
     config_validation.validate(config, device_count=1)
-  for field, value in (('act_ranges', 'static'), ('fused_vjp', True),
-                       ('range_grad', False)):
+  for fused in (True, False):
+    # A kernel choice of the min-max quantizer's gradient, unused here.
+    config = _config('dtq')
+    config.quant.fused_vjp = fused
+    config_validation.validate(config, device_count=1)
+  for field, value in (('act_ranges', 'static'), ('range_grad', False)):
     config = _config('dtq')
     config.quant[field] = value
     with pytest.raises(errors.ConfigError, match=f'quant.{field}'):
