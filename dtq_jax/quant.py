@@ -253,7 +253,14 @@ def _fused_bwd(bits, residuals, g):
   is_hi = (xf == hi).astype(jnp.float32)
   is_lo = (xf == lo).astype(jnp.float32)
   c = jnp.where(degenerate, 0.0, t / (2**bits - 1))
-  dx = gf + c * (is_hi / jnp.sum(is_hi) - is_lo / jnp.sum(is_lo))
+  # At least one element equals hi (and lo) by construction, but XLA:CPU may
+  # recompute x's producers (BatchNorm, ReLU) inside this pass and round them
+  # otherwise than in the forward's max (seen with
+  # --xla_backend_optimization_level=0, where autodiff's tie masks fail
+  # alike): then no element matches, and 0 / 0 would make the whole step's
+  # gradient NaN. A count of at least 1 drops that end's range term instead.
+  dx = gf + c * (is_hi / jnp.maximum(jnp.sum(is_hi), 1.0) -
+                 is_lo / jnp.maximum(jnp.sum(is_lo), 1.0))
   return (dx.astype(g.dtype),)
 
 

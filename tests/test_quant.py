@@ -434,6 +434,23 @@ def test_fused_vjp_by_hand_with_ties():
   np.testing.assert_array_equal(extra[[2, 5, 7]], 0.0)
 
 
+def test_fused_vjp_range_end_matched_by_no_element_is_dropped_not_nan():
+  # The backward pass given a residual max that no element of x equals (as
+  # when XLA recomputes x with other rounding than the forward's max): the
+  # max's share of the range term is dropped, the min's kept, nothing NaN.
+  x = _np([-1.0, 0.37, 2.71, 1.13])
+  g = _np([0.2, 1.3, 0.9, -0.3])
+  lo, hi = -1.0, 2.71 + 1e-3
+  scale = (hi - lo) / 15
+  residuals = (jnp.asarray(x), jnp.float32(lo), jnp.float32(hi),
+               jnp.float32(scale), jnp.asarray(False))
+  (dx,) = quant._fused_bwd(4, residuals, jnp.asarray(g))  # pylint: disable=protected-access
+  u = (x.astype(np.float64) - lo) / scale
+  c = np.sum(g * (np.round(u) - u)) / 15
+  np.testing.assert_allclose(dx, g - c * np.array([1.0, 0, 0, 0]), rtol=1e-5,
+                             atol=1e-7)
+
+
 def test_fused_vjp_constant_tensor_and_bfloat16():
   x = jnp.full((3, 4), 0.7, jnp.float32)
   g = jnp.arange(12.0).reshape(3, 4)
