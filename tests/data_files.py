@@ -1,15 +1,19 @@
-"""Small images, folders, idx files and mock TFDS data for the data tests.
+"""Small images, folders, idx files, mock TFDS data and damaged checkpoints.
 
-Shared by test_sources, test_splits and test_input_pipeline; everything is
-written by the tests themselves, offline.
+Shared by the data tests (test_sources, test_splits, test_input_pipeline) and
+the checkpoint readers' tests; everything is written by the tests
+themselves, offline.
 """
 
-import glob
 import gzip
 import os
+import shutil
 import struct
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorflow as tf
 
 from dtq_jax.data import sources
@@ -133,19 +137,25 @@ def write_fashion(folder, per_class=(6, 3), seed=0):
   return arrays
 
 
-def flip_checkpoint_bytes(step_dir):
-  """Flips 3 bytes inside the largest array data file of a checkpoint step.
+def change_checkpoint_value(step_dir):
+  """Adds 1 to one value of a checkpoint step's state, keeping its meta.
 
-  The file still decodes: only the checksum saved with the state shows it.
+  The step still decodes: only the checksum saved in its meta shows it.
+  (Flipping bytes of the array files does not: they are zstd-compressed, and
+  whether the result still decodes depends on the bytes hit.)
+
+  Args:
+    step_dir: a checkpoint step folder (``<step>/state`` and ``<step>/meta``).
   """
-  data = [f for f in glob.glob(os.path.join(step_dir, 'state', '**', '*'),
-                               recursive=True)
-          if os.path.isfile(f) and os.sep + 'd' + os.sep in f]
-  path = max(data, key=os.path.getsize)
-  size = os.path.getsize(path)
-  with open(path, 'r+b') as f:
-    for offset in (size // 4, size // 2, 3 * size // 4):
-      f.seek(offset)
-      byte = f.read(1)[0]
-      f.seek(offset)
-      f.write(bytes([byte ^ 0x55]))
+  state_dir = os.path.join(step_dir, 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  leaves, treedef = jax.tree.flatten(checkpointer.restore(state_dir))
+  floats = [i for i, leaf in enumerate(leaves)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  largest = max(floats, key=lambda i: leaves[i].size)
+  changed = np.array(leaves[largest])
+  changed.flat[0] += 1
+  leaves[largest] = changed
+  shutil.rmtree(state_dir)
+  checkpointer.save(state_dir, jax.tree.unflatten(treedef, leaves))
+  checkpointer.wait_until_finished()

@@ -476,12 +476,12 @@ def test_garbage_newest_checkpoint_falls_back_and_says_so(tiny_run, tmp_path,
   assert manifest['source']['step'] == last
 
 
-def test_flipped_bytes_in_the_newest_checkpoint_are_caught(tiny_run, tmp_path,
-                                                         capsys):
-  # Bytes that still decode: only the checksum saved with the state finds
-  # them. Export names the step and exports the intact one before it.
+def test_changed_value_in_the_newest_checkpoint_is_caught(tiny_run, tmp_path,
+                                                          capsys):
+  # A value that still decodes: only the checksum saved with the state
+  # finds it. Export names the step and exports the intact one before it.
   workdir, damaged, last = _damaged_newest_step(
-      tiny_run, tmp_path, data_files.flip_checkpoint_bytes)
+      tiny_run, tmp_path, data_files.change_checkpoint_value)
   out = str(tmp_path / 'm.dtq')
   assert export_cli.main(['--workdir', workdir, '--out', out]) == 0
   said = capsys.readouterr().out

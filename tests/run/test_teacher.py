@@ -151,13 +151,13 @@ def test_damaged_cached_teacher_falls_back_or_names_the_folder(
     teacher_lib.train_source_teacher(config, teacher['data'])
   files.write_text(stored, text)
 
-  data_files.flip_checkpoint_bytes(os.path.join(folder, '4'))
+  data_files.change_checkpoint_value(os.path.join(folder, '4'))
   variables = teacher_lib.train_source_teacher(config, teacher['data'])
   assert f'checkpoint {folder}/4 is unreadable' in capsys.readouterr().out
   jax.tree.map(np.testing.assert_array_equal, variables['batch_stats'],
                older['batch_stats'])
 
-  data_files.flip_checkpoint_bytes(os.path.join(folder, '2'))
+  data_files.change_checkpoint_value(os.path.join(folder, '2'))
   with pytest.raises(errors.UserError) as e:
     teacher_lib.train_source_teacher(config, teacher['data'])
   message = str(e.value)
