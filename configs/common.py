@@ -225,7 +225,9 @@ def paper_config(dataset, arg=None):
   # fails (exit 1) after writing its result.json: its accuracy is not that
   # of a trained network.
   c.max_nonfinite_fraction = 0.1
-  c.cache_dir = ''  # '' = $XDG_CACHE_HOME/dtq_jax or ~/.cache/dtq_jax.
+  # '' = $XDG_CACHE_HOME/dtq_jax or ~/.cache/dtq_jax. Compiled programs go
+  # to its xla/, or to $JAX_COMPILATION_CACHE_DIR where that is set.
+  c.cache_dir = ''
   c.compare_methods = ()  # non-empty: run each method, print one table.
 
   if 'quick' in tokens:

@@ -22,22 +22,47 @@ from dtq_jax.data import sources
 _CHECK_REACHABLE = sources._check_reachable  # pylint: disable=protected-access
 
 
-@pytest.fixture(autouse=True, scope='session')
-def _compilation_cache(tmp_path_factory):
-  """One persistent XLA cache for the session's in-process runs.
+# The shared compilation cache's limit: far above what the suite writes; any
+# limit at all makes JAX lock the folder (see _session_caches).
+_CACHE_MAX_BYTES = 8 << 30
 
-  Many tests run the same tiny programs again (a run, then its resume);
-  each ``jax.jit`` of a new closure would compile them anew.
+
+@pytest.fixture(autouse=True, scope='session')
+def _session_caches(tmp_path_factory):
+  """One cache root and one persistent XLA cache for the session's processes.
+
+  Runs whose config names no ``cache_dir`` keep decoded images and trained
+  teachers under ``$XDG_CACHE_HOME/dtq_jax``: pointed into the session's
+  temporary folder, tests neither write to the user's home nor find an
+  earlier session's teachers there. Many tests compile the same tiny
+  programs again (a run, then its resume; the same step in another file's
+  worker or in a main.py subprocess); each ``jax.jit`` of a new closure, and
+  each new process, would compile them anew. Under pytest-xdist the workers
+  share folders beside their own temporary folders, and the environment
+  carries them to subprocesses (main.py's ``caches.enable_compilation_cache``
+  honours ``JAX_COMPILATION_CACHE_DIR``). A maximum size turns on JAX's file
+  lock around each cache entry's read and write, so no process reads an
+  entry that another is still writing.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  previous = (jax.config.jax_compilation_cache_dir,
-              jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update('jax_compilation_cache_dir',
-                    str(tmp_path_factory.mktemp('xla_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-  yield
-  jax.config.update('jax_compilation_cache_dir', previous[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', previous[1])
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent
+  xla = base / 'xla_cache'
+  xla.mkdir(exist_ok=True)
+  settings = {'jax_compilation_cache_dir': str(xla),
+              'jax_compilation_cache_max_size': _CACHE_MAX_BYTES,
+              'jax_persistent_cache_min_compile_time_secs': 0.5}
+  previous = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('XDG_CACHE_HOME', str(base / 'xdg_cache'))
+    patch.setenv('JAX_COMPILATION_CACHE_DIR', str(xla))
+    patch.setenv('JAX_COMPILATION_CACHE_MAX_SIZE', str(_CACHE_MAX_BYTES))
+    yield
+  for name, value in previous.items():
+    jax.config.update(name, value)
 
 
 @pytest.fixture(autouse=True)
