@@ -26,22 +26,51 @@ FULL_PRECISION = 32
 ALLOWED_BITS = tuple(range(2, 17)) + (FULL_PRECISION,)
 
 
+def round_half_even(x):
+  """``jnp.round(x)`` (half to even), bit for bit, from fusible operations.
+
+  XLA:CPU compiles ``round-nearest-even`` as a kernel of its own, so the
+  quantizer's ``(x - lo) / s`` is written to memory, read back and rounded
+  in a separate pass; ``floor``, compares and selects fuse into the
+  surrounding elementwise loop. ``x - floor(x)`` is exact (Sterbenz) except
+  for ``-1 < x < 0``, where its rounding can only land on ``0.5`` or above
+  and the result (a zero) is still right. A zero result takes the sign of
+  ``x * 0``, as ``jnp.round``'s does (``round(-0.3) == -0.0``): a multiply
+  rather than ``copysign``, whose sign-bit test has no ONNX translation.
+  Infinities and NaN pass through. Tested against NumPy's rounding, bit for
+  bit, in tests/test_quant.py.
+
+  Args:
+    x: floating-point array.
+
+  Returns:
+    ``jnp.round(x)``.
+  """
+  r = jnp.floor(x)
+  frac = x - r
+  r_is_odd = r - 2 * jnp.floor(r * 0.5) == 1
+  up = (frac > 0.5) | ((frac == 0.5) & r_is_odd)
+  rounded = jnp.where(up, r + 1, r)
+  return jnp.where(rounded == 0, x * 0, rounded)
+
+
 @jax.custom_vjp
 def round_ste(x):
   """Rounds half to even, with the identity as its gradient.
 
   Args:
-    x: array.
+    x: floating-point array.
 
   Returns:
-    ``jnp.round(x)``; its vector-Jacobian product passes the cotangent through
-    unchanged (straight-through estimator).
+    ``jnp.round(x)`` (computed by ``round_half_even``); its vector-Jacobian
+    product passes the cotangent through unchanged (straight-through
+    estimator).
   """
-  return jnp.round(x)
+  return round_half_even(x)
 
 
 def _round_ste_fwd(x):
-  return jnp.round(x), None
+  return round_half_even(x), None
 
 
 def _round_ste_bwd(_, g):
@@ -209,7 +238,7 @@ def _fused_fwd(x, bits):
   degenerate = scale <= 0
   safe_scale = jnp.where(degenerate, 1.0, scale)
   # x lies in [lo, hi] by construction: no clip needed.
-  q = jnp.where(degenerate, xf, jnp.round((xf - lo) / safe_scale) *
+  q = jnp.where(degenerate, xf, round_half_even((xf - lo) / safe_scale) *
                 safe_scale + lo)
   return q.astype(x.dtype), (x, lo, hi, safe_scale, degenerate)
 
@@ -218,7 +247,7 @@ def _fused_bwd(bits, residuals, g):
   x, lo, hi, safe_scale, degenerate = residuals
   xf, gf = x.astype(jnp.float32), g.astype(jnp.float32)
   u = (xf - lo) / safe_scale
-  t = jnp.sum(gf * (jnp.round(u) - u))
+  t = jnp.sum(gf * (round_half_even(u) - u))
   # Three separate sums. One sum over the three terms stacked wrote and read
   # less, but inside a training step on jaxlib 0.10's XLA:CPU it counted no
   # element equal to hi where a separate sum counted one (the gradient became
@@ -300,7 +329,7 @@ def quantize(x, bits, lo, hi):
   scale = range_scale(lo, hi, bits)
   safe_scale = jnp.where(scale <= 0, 1.0, scale)
   u = (jnp.clip(x.astype(jnp.float32), lo, hi) - lo) / safe_scale
-  return jnp.clip(jnp.round(u), 0, 2**bits - 1).astype(jnp.int32)
+  return jnp.clip(round_half_even(u), 0, 2**bits - 1).astype(jnp.int32)
 
 
 def dequantize(codes, bits, lo, hi):

@@ -368,6 +368,38 @@ def test_round_ste_is_custom_vjp_with_identity_grad():
   np.testing.assert_array_equal(grad, g)
 
 
+def _rounding_cases(dtype):
+  """Ties, their neighbours one ulp away, signed zeros, large and special
+  values, and random values of both signs, in ``dtype``."""
+  halves = np.arange(-40.0, 40.5, 0.5)
+  rng = np.random.default_rng(0)
+  info = np.finfo(dtype)
+  values = np.concatenate([
+      halves, rng.uniform(-300.0, 300.0, 20000), rng.uniform(-1, 1, 5000),
+      [0.0, -0.0, np.inf, -np.inf, np.nan, float(info.max),
+       -float(info.max), float(info.tiny), -float(info.tiny)],
+      [v for v in (2.0**22 + 0.5, 2.0**23 - 0.5, 2.0**24)
+       if v < float(info.max)]]).astype(dtype)
+  neighbours = [np.nextafter(halves.astype(dtype), to).astype(dtype)
+                for to in (np.asarray(np.inf, dtype), np.asarray(-np.inf,
+                                                                 dtype))]
+  return np.concatenate([values] + neighbours)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'float16'])
+def test_round_half_even_is_numpy_round_bit_for_bit(dtype):
+  # Bits compared, so that the sign of a zero (round(-0.3) == -0.0) and NaN
+  # count; NumPy's rounding (half to even) is the reference.
+  np_dtype = jnp.dtype(dtype)
+  x = _rounding_cases(np_dtype)
+  want = np.round(x.astype(np.float64)).astype(np_dtype)
+  bits = lambda a: np.asarray(a).view(f'uint{8 * np_dtype.itemsize}')
+  for fn in (quant.round_half_even, jax.jit(quant.round_half_even)):
+    got = fn(jnp.asarray(x))
+    assert got.dtype == np_dtype
+    np.testing.assert_array_equal(bits(got), bits(want))
+
+
 # --------------------------------------------------------------------------
 # fused_vjp: the hand-derived backward pass (opt-in speed-up).
 # --------------------------------------------------------------------------
