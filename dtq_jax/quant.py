@@ -253,17 +253,10 @@ def _fused_bwd(bits, residuals, g):
   # element equal to hi where a separate sum counted one (the gradient became
   # NaN); not explained (the reduction, or x recomputed in that fusion with
   # other rounding), so not used.
-  is_hi = (xf == hi).astype(jnp.float32)
-  is_lo = (xf == lo).astype(jnp.float32)
+  is_hi, n_hi = _ties(xf, hi, None)
+  is_lo, n_lo = _ties(xf, lo, None)
   c = jnp.where(degenerate, 0.0, t / (2**bits - 1))
-  # At least one element equals hi (and lo) by construction, but XLA:CPU may
-  # recompute x's producers (BatchNorm, ReLU) inside this pass and round them
-  # otherwise than in the forward's max (seen with
-  # --xla_backend_optimization_level=0, where autodiff's tie masks fail
-  # alike): then no element matches, and 0 / 0 would make the whole step's
-  # gradient NaN. A count of at least 1 drops that end's range term instead.
-  dx = gf + c * (is_hi / jnp.maximum(jnp.sum(is_hi), 1.0) -
-                 is_lo / jnp.maximum(jnp.sum(is_lo), 1.0))
+  dx = gf + c * (is_hi / n_hi - is_lo / n_lo)
   return (dx.astype(g.dtype),)
 
 
@@ -293,8 +286,49 @@ def tensor_range(x, axis=None):
   else:
     keep = {a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)}
     reduce_axes = tuple(a for a in range(x.ndim) if a not in keep)
-  return (jnp.min(xf, axis=reduce_axes, keepdims=True),
-          jnp.max(xf, axis=reduce_axes, keepdims=True))
+  return (_extreme(xf, reduce_axes, False), _extreme(xf, reduce_axes, True))
+
+
+def _ties(x, end, axes):
+  """Where ``x`` equals its reduction ``end``, and how often (at least 1).
+
+  At least one element equals its min (max) by construction, but XLA:CPU may
+  recompute ``x``'s producers (BatchNorm, ReLU) inside a backward pass and
+  round them otherwise than in the forward's reduction (seen with
+  --xla_backend_optimization_level=0): then no element matches, and a count
+  of 0 would make the whole step's gradient NaN. A count of at least 1 drops
+  that end's range term instead.
+
+  Args:
+    x: float32 array.
+    end: its min or max over ``axes``, keepdims.
+    axes: the reduced axes (``None``: all).
+
+  Returns:
+    ``(mask, count)``: float32 ``x == end`` and its sum over ``axes``
+    (keepdims), floored at 1.
+  """
+  mask = (x == end).astype(jnp.float32)
+  return mask, jnp.maximum(jnp.sum(mask, axis=axes, keepdims=True), 1.0)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _extreme(x, axes, largest):
+  """``jnp.max`` (``largest``) or ``jnp.min`` of ``x`` over ``axes``, keepdims.
+
+  Its derivative is JAX's own for ``max``/``min`` (the tangent shared evenly
+  among the elements equal to the result; same operations, same values),
+  except that no match gives 0 where JAX divides by a count of 0 (``_ties``).
+  """
+  return (jnp.max if largest else jnp.min)(x, axis=axes, keepdims=True)
+
+
+@_extreme.defjvp
+def _extreme_jvp(axes, largest, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  end = _extreme(x, axes, largest)
+  mask, count = _ties(x, end, axes)
+  return end, jnp.sum(dx * mask, axis=axes, keepdims=True) / count
 
 
 def range_scale(lo, hi, bits):

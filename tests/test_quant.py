@@ -451,6 +451,43 @@ def test_fused_vjp_range_end_matched_by_no_element_is_dropped_not_nan():
                              atol=1e-7)
 
 
+@pytest.mark.parametrize('axis', [None, -1, (0, 3)])
+def test_range_gradient_is_jax_min_max_rule_bit_for_bit(axis):
+  # tensor_range's min and max carry their own JVP (for the guard below);
+  # where elements match, it is jnp.min's and jnp.max's: the tangent shared
+  # evenly among ties (many here), the same values bit for bit.
+  x = np.random.default_rng(0).integers(-3, 4, (3, 4, 5, 6))
+  x = jnp.asarray(x * 0.7, jnp.float32)
+  keep = () if axis is None else {a % 4 for a in np.atleast_1d(axis)}
+  reduce_axes = tuple(a for a in range(4) if a not in keep)
+
+  def loss(lo, hi):
+    return jnp.sum(jnp.sin(lo) * 3.0 + jnp.cos(hi) * 2.0)
+
+  def ours(x):
+    return loss(*quant.tensor_range(x, axis))
+
+  def reference(x):
+    return loss(jnp.min(x, axis=reduce_axes, keepdims=True),
+                jnp.max(x, axis=reduce_axes, keepdims=True))
+
+  for transform in (lambda f: f, jax.jit):
+    np.testing.assert_array_equal(transform(jax.grad(ours))(x),
+                                  transform(jax.grad(reference))(x))
+
+
+def test_range_end_matched_by_no_element_counts_one_not_zero():
+  # The autodiff path's guard (as the fused one's, above): a min or max that
+  # no element equals once XLA recomputes x gets no tangent, not 0 / 0.
+  x = jnp.asarray([[-1.0, 0.37], [2.71, 2.71]])
+  mask, count = quant._ties(x, jnp.float32(3.0), None)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(mask, np.zeros((2, 2)))
+  np.testing.assert_array_equal(count, [[1.0]])
+  mask, count = quant._ties(x, jnp.max(x, axis=1, keepdims=True), 1)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(mask, [[0.0, 1.0], [1.0, 1.0]])
+  np.testing.assert_array_equal(count, [[1.0], [2.0]])
+
+
 def test_fused_vjp_constant_tensor_and_bfloat16():
   x = jnp.full((3, 4), 0.7, jnp.float32)
   g = jnp.arange(12.0).reshape(3, 4)
