@@ -35,8 +35,9 @@ def test_smoke_run_without_tensorflow(tmp_path):
        '--smoke', f'--out={out}'],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       # Two devices: the step is partitioned, as on a multi-GPU host.
-      env=dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+      env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+          os.environ.get('XLA_FLAGS', '') +
+          ' --xla_force_host_platform_device_count=2').strip()))
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = out.read_text()
   assert '- tensorflow_imported: False' in report

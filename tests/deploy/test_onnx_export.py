@@ -1,5 +1,6 @@
 """ONNX export: the graph against the JAX static-range fake-quant network."""
 
+import functools
 import json
 import os
 import stat
@@ -119,8 +120,13 @@ def _random_export(name, bits, image_size, per_channel=False, **kwargs):
       conv_kwargs=dict(weight_range_axis=-1 if per_channel else None),
       **kwargs)
   shape = (image_size, image_size, 3)
-  variables = student.init(jax.random.PRNGKey(0),
-                           jnp.zeros((1,) + shape), train=False)
+  # Compiled: op by op, init would compile each operation of each shape on
+  # its own, most of the test's time. The calibration and the reference
+  # below stay op by op, as ONNX Runtime computes: compiled, XLA's fused
+  # arithmetic rounds otherwise, and over MobileNetV2's 52 4-bit quantizers
+  # a value that crosses a rounding boundary moves logits by up to 12%.
+  variables = jax.jit(functools.partial(student.init, train=False))(
+      jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
   # Non-trivial BatchNorm statistics, as a trained network has.
   stats = jax.tree.map(
       lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape) if v.ndim and
@@ -135,8 +141,6 @@ def _random_export(name, bits, image_size, per_channel=False, **kwargs):
   head_params = head.init(jax.random.PRNGKey(1),
                           jnp.zeros(feats['pooled'].shape))['params']
   images = rng.normal(size=(6,) + shape).astype(np.float32)
-  # Eager (op by op), as the reference below: compiling these networks
-  # would take most of the test's time.
   collecting = static_ranges.with_act_ranges(student, 'dynamic', 'minmax')
   _, state = collecting.apply(
       dict(variables, **{layers.RANGES: static_ranges.empty_ranges(

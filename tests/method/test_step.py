@@ -162,8 +162,10 @@ def test_eight_devices_match_one_device():
                    out[1][1], out[8][1])
       print('OK', out[1][0])
   ''')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  # The suite's XLA flags (the Makefile's), then 8 host devices.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+      os.environ.get('XLA_FLAGS', '') +
+      ' --xla_force_host_platform_device_count=8').strip())
   proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

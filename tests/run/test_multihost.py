@@ -114,7 +114,8 @@ def _start(tmp, name, devices, extra_args=()):
       ('JAX_COORDINATOR', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_',
        'OMPI_', 'PMI_', 'TPU_WORKER'))}
   env.update(JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_'
+                        f'platform_device_count={devices}').strip(),
              DTQ_TEST_DUMP=str(tmp / f'{name}.npz'))
   log = open(tmp / f'{name}.log', 'w')
   # Own process group, so that cleanup also ends any child it started.
