@@ -45,11 +45,8 @@ tensorboard: setup
 # disk once ran out with two full copies).
 TORCH_VENV ?= .venv-torch
 PURELIB := 'import sysconfig; print(sysconfig.get_path("purelib"))'
-# Tests, not files, shared out (worksteal): the two full-resolution paper
-# settings, most of the time, are in one file.
 test-torch: $(TORCH_VENV)/.installed
-	$(TORCH_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal \
-	  tests/weights/test_pretrained.py \
+	$(TORCH_VENV)/bin/python -m pytest -q tests/weights/test_pretrained.py \
 	  tests/weights/test_state_dicts.py \
 	  tests/benchmark_scripts/test_torch_reference.py \
 	  tests/benchmark_scripts/test_op_profile_torch.py \
