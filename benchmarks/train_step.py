@@ -280,7 +280,7 @@ def variant_list(args):
   """The VariantSpecs to measure: every variant, quantizer, switch set and
   library."""
   out = []
-  for dtype in getattr(args, 'dtypes', [args.dtype]):
+  for dtype in args.dtypes:
     for convs in args.cpu_convolutions:
       for switches in args.speedups:
         label = switch_label(switches)

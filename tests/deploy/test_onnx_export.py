@@ -121,10 +121,11 @@ def _random_export(name, bits, image_size, per_channel=False, **kwargs):
       **kwargs)
   shape = (image_size, image_size, 3)
   # Compiled: op by op, init would compile each operation of each shape on
-  # its own, most of the test's time. The calibration and the reference
-  # below stay op by op, as ONNX Runtime computes: compiled, XLA's fused
-  # arithmetic rounds otherwise, and over MobileNetV2's 52 4-bit quantizers
-  # a value that crosses a rounding boundary moves logits by up to 12%.
+  # its own, most of the test's time; so is the calibration, whose ranges
+  # both sides read. The reference below stays op by op, as ONNX Runtime
+  # computes: compiled, XLA's fused arithmetic rounds otherwise, and over
+  # MobileNetV2's 52 4-bit quantizers a value that crosses a rounding
+  # boundary moves logits by up to 12%.
   variables = jax.jit(functools.partial(student.init, train=False))(
       jax.random.PRNGKey(0), jnp.zeros((1,) + shape))
   # Non-trivial BatchNorm statistics, as a trained network has.
@@ -142,10 +143,10 @@ def _random_export(name, bits, image_size, per_channel=False, **kwargs):
                           jnp.zeros(feats['pooled'].shape))['params']
   images = rng.normal(size=(6,) + shape).astype(np.float32)
   collecting = static_ranges.with_act_ranges(student, 'dynamic', 'minmax')
-  _, state = collecting.apply(
-      dict(variables, **{layers.RANGES: static_ranges.empty_ranges(
-          student, variables, shape)}), images, train=False,
-      mutable=[layers.RANGES])
+  _, state = jax.jit(functools.partial(
+      collecting.apply, train=False, mutable=[layers.RANGES]))(
+          dict(variables, **{layers.RANGES: static_ranges.empty_ranges(
+              student, variables, shape)}), images)
   ranges = state[layers.RANGES]
   tensors, manifest = export.make_export(
       student, variables, head_params, ranges, shape, name=name,
