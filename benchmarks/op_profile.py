@@ -11,7 +11,9 @@ runs them by default, and summed with their counts:
   conv dw       its kernel gradient;
   BatchNorm     each student BatchNorm in training mode, forward + backward;
   quantization  the min-max fake quantization of each quantized
-                convolution's input and kernel, forward + backward;
+                convolution's input and kernel, forward + backward, as
+                the config's student computes it (``quant.fused_vjp``:
+                the fused backward pass, the default);
   the rest      the whole step (timed first) minus the pieces: ReLU, residual
                 adds, pooling, the teacher's BatchNorm, attention, losses and
                 the optimizer, less what XLA saves by fusing the pieces into
@@ -143,6 +145,7 @@ def jax_profile(args):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import train_step  # pylint: disable=g-import-not-at-top
+  from dtq_jax import layers  # pylint: disable=g-import-not-at-top
   from dtq_jax import quant  # pylint: disable=g-import-not-at-top
   from dtq_jax.method import networks  # pylint: disable=g-import-not-at-top
   from dtq_jax.run import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
@@ -241,16 +244,24 @@ def jax_profile(args):
                          sync)
     record['bns'].append({'shape': list(shape_), 'count': count, 'ms': ms})
   bits = {'input': args.bits[1], 'kernel': args.bits[0]}
+  # The quantizer as the student's convolutions call it, with the config's
+  # settings (the fused backward pass by default, quant.fused_vjp).
+  settings = layers.QuantSettings.from_config(config.quant)
+  axis = {'input': None, 'kernel': settings.weight_range_axis}
   for (what, shape_), _, count in group([(k, None) for k in quant_shapes]):
     x, ct = normal(shape_), normal(shape_)
-    run = jit(lambda x, ct, b=bits[what]: jax.vjp(
-        lambda x: quant.fake_quant(x, b), x)[1](ct)[0])
+    run = jit(lambda x, ct, b=bits[what], axis=axis[what]: jax.vjp(
+        lambda x: quant.fake_quant(x, b, axis=axis,
+                                   range_grad=settings.range_grad,
+                                   fused_vjp=settings.fused_vjp),
+        x)[1](ct)[0])
     ms = 1e3 * time_call(lambda: run(x, ct), args.reps, sync)
     record['quants'].append({'what': what, 'shape': list(shape_),
                              'count': count, 'ms': ms})
   record['info'] = bench_util.machine_info(
       jax=jax.__version__, backend=jax.default_backend(),
-      cpu_convolutions=config.cpu_convolutions, allocator='keep')
+      cpu_convolutions=config.cpu_convolutions, allocator='keep',
+      fused_vjp=settings.fused_vjp)
   return record
 
 
@@ -389,10 +400,11 @@ def totals(record, method):
     {piece: ms}, with 'the rest' and 'whole step' when the step was timed.
   """
   convs = record['convs']
+  # The teacher's convolutions have the student's shapes (timed once).
+  forward = sum(c['count'] * c['fwd_ms'] for c in convs)
   out = {
-      'conv fwd (student)': sum(c['count'] * c['fwd_ms'] for c in convs),
-      'conv fwd (teacher)': (sum(c['count'] * c['fwd_ms'] for c in convs)
-                             if method == 'dtq' else 0.0),
+      'conv fwd (student)': forward,
+      'conv fwd (teacher)': forward if method == 'dtq' else 0.0,
       'conv dx': sum(c['count'] * c['dx_ms'] for c in convs
                      if not c['stem']),
       'conv dw': sum(c['count'] * c['dw_ms'] for c in convs),

@@ -103,6 +103,8 @@ def test_jax_side_finds_every_convolution_of_resnet18(tmp_path):
   quants = {w: sum(q['count'] for q in rec['quants'] if q['what'] == w)
             for w in ('input', 'kernel')}
   assert quants == {'input': 19, 'kernel': 19}
+  # Timed as the default student quantizes: the fused backward pass.
+  assert rec['info']['fused_vjp'] is True
   for c in convs:
     assert min(c['fwd_ms'], c['dx_ms'], c['dw_ms']) > 0
   assert 'step_ms' not in rec  # --steps=0
