@@ -6,7 +6,9 @@ are timed alone instead, at the step's exact shapes, in each framework as it
 runs them by default, and summed with their counts:
 
   conv fwd      each convolution of the student (and, for DTQ, of the
-                teacher: the same shapes in inference) on its own;
+                teacher: the same shapes in inference) on its own, a
+                depthwise one as the config computes it
+                (``quant.depthwise_as_shifts``);
   conv dx       its input gradient (not the stem's: images get none);
   conv dw       its kernel gradient;
   BatchNorm     each student BatchNorm in training mode, forward + backward;
@@ -145,6 +147,7 @@ def jax_profile(args):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import train_step  # pylint: disable=g-import-not-at-top
+  from dtq_jax import convolution  # pylint: disable=g-import-not-at-top
   from dtq_jax import layers  # pylint: disable=g-import-not-at-top
   from dtq_jax import quant  # pylint: disable=g-import-not-at-top
   from dtq_jax.method import networks  # pylint: disable=g-import-not-at-top
@@ -206,10 +209,22 @@ def jax_profile(args):
     record['step_ms'] = float(np.median(step_ms))
     record['step_ms_each'] = step_ms
   quant_shapes = []
+  # The config's quantizer and kernel choices, as the student's
+  # convolutions take them.
+  settings = layers.QuantSettings.from_config(config.quant)
   for (sig, stem), (lhs, rhs, out, out_c, params), count in group(pieces):
     print(f'# jax {sig}', file=sys.stderr, flush=True)
     conv = lambda x, w, params=params: jax.lax.conv_general_dilated_p.bind(
         x, w, **params)
+    dn = params['dimension_numbers']
+    if params['feature_group_count'] > 1 and rhs[dn.rhs_spec[1]] == 1:
+      # A depthwise convolution (NHWC, HWIO), computed as the student
+      # computes it (quant.depthwise_as_shifts: the shifts on a CPU by
+      # default).
+      conv = lambda x, w, params=params: convolution.convolve(
+          x, w, strides=params['window_strides'], padding=params['padding'],
+          feature_group_count=params['feature_group_count'],
+          depthwise_as_shifts=settings.depthwise_as_shifts)
     x, w, ct = normal(lhs), normal(rhs), normal(out)
     fwd = jit(conv)
     dx = jit(lambda x, w, ct, conv=conv: jax.vjp(
@@ -244,9 +259,8 @@ def jax_profile(args):
                          sync)
     record['bns'].append({'shape': list(shape_), 'count': count, 'ms': ms})
   bits = {'input': args.bits[1], 'kernel': args.bits[0]}
-  # The quantizer as the student's convolutions call it, with the config's
-  # settings (the fused backward pass by default, quant.fused_vjp).
-  settings = layers.QuantSettings.from_config(config.quant)
+  # The quantizer as the student's convolutions call it (the fused backward
+  # pass by default, quant.fused_vjp).
   axis = {'input': None, 'kernel': settings.weight_range_axis}
   for (what, shape_), _, count in group([(k, None) for k in quant_shapes]):
     x, ct = normal(shape_), normal(shape_)
@@ -261,7 +275,8 @@ def jax_profile(args):
   record['info'] = bench_util.machine_info(
       jax=jax.__version__, backend=jax.default_backend(),
       cpu_convolutions=config.cpu_convolutions, allocator='keep',
-      fused_vjp=settings.fused_vjp)
+      fused_vjp=settings.fused_vjp,
+      depthwise_as_shifts=settings.depthwise_as_shifts)
   return record
 
 

@@ -23,7 +23,7 @@ measured once, a variant with lsq is named ``dtq_w4a4_lsq``), once per value
 of ``config.cpu_convolutions`` (``--cpu_convolutions``)
 and per set of the product's speed-up switches (``--speedups``: a
 comma-separated list of switch sets, each 'default' (the product's: fused_vjp
-on), 'none', 'all' or a '+'-joined subset of the ``config.quant`` switches
+on, depthwise_as_shifts on a CPU), 'none', 'all' or a '+'-joined subset of the ``config.quant`` switches
 pointwise_as_dot, depthwise_as_shifts and fused_vjp; same maths, other
 kernels). A variant's name carries its set unless it is the product's
 (``dtq_w4a4``, ``dtq_w4a4+none``, ``dtq_w4a4+all``,
@@ -93,8 +93,9 @@ SWITCHES = ('pointwise_as_dot', 'depthwise_as_shifts', 'fused_vjp')
 _PRODUCT_CONFIG = common.paper_config(dict(name='image_folder', root='unused'))
 # The product's config.cpu_convolutions (variant names mark the others).
 DEFAULT_CPU_CONVOLUTIONS = _PRODUCT_CONFIG.cpu_convolutions
-# The product's values of SWITCHES (--speedups=default).
-DEFAULT_SWITCHES = {s: bool(_PRODUCT_CONFIG.quant[s]) for s in SWITCHES}
+# The product's values of SWITCHES (--speedups=default); None (for
+# depthwise_as_shifts) is the platform's choice, on for a CPU.
+DEFAULT_SWITCHES = {s: _PRODUCT_CONFIG.quant[s] for s in SWITCHES}
 MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
           'mobilenet_v2', 'small_resnet')
 
@@ -116,7 +117,8 @@ def minor_faults():
 
 def parse_switch_set(text):
   """'default', 'none', 'all' or 'a+b' (names in SWITCHES) -> {switch: bool,
-  ...}; 'default' is the product's set (DEFAULT_SWITCHES)."""
+  ...}; 'default' is the product's set (DEFAULT_SWITCHES, where None is the
+  platform's choice); the others name each switch on or off."""
   text = text.strip()
   if text == 'default':
     return dict(DEFAULT_SWITCHES)
@@ -134,7 +136,7 @@ def parse_switch_set(text):
 def switch_label(switches):
   """'default' (the product's set), 'none', 'all' or the '+'-joined switches
   that are on (SWITCHES order)."""
-  if {s: bool(switches.get(s)) for s in SWITCHES} == DEFAULT_SWITCHES:
+  if {s: switches.get(s) for s in SWITCHES} == DEFAULT_SWITCHES:
     return 'default'
   on = [s for s in SWITCHES if switches.get(s)]
   if not on:
@@ -232,8 +234,8 @@ def make_config(model, method, bits, dtype, switches, batch, image_size,
                 lr=None, cpu_convolutions=None, quantizer='minmax'):
   """The run config main.py would use, with the benchmark's overrides.
 
-  ``switches``: {name: bool} for config.quant's speed-ups (SWITCHES); those
-  not named keep the config's default (off). ``cpu_convolutions``: None keeps
+  ``switches``: {name: bool or None} for config.quant's speed-ups
+  (SWITCHES); those not named keep the config's default. ``cpu_convolutions``: None keeps
   the config's. ``quantizer``: ``config.quant.method``.
   """
   if model == 'small_resnet':
@@ -252,7 +254,7 @@ def make_config(model, method, bits, dtype, switches, batch, image_size,
     if name not in SWITCHES:
       raise ValueError(f'unknown quant switch {name!r}; known: '
                        f'{", ".join(SWITCHES)}')
-    config.quant[name] = bool(on)
+    config.quant[name] = None if on is None else bool(on)
   config.batch_size = batch
   config.dataset.image_size = image_size
   if lr is not None:
@@ -401,7 +403,7 @@ class Variant:
     for field, value in (spec.overrides or {}).items():
       config[field] = value
     self.quantizer = config.quant.method
-    self.switches = {s: bool(config.quant[s]) for s in SWITCHES}
+    self.switches = {s: config.quant[s] for s in SWITCHES}
     self.cpu_convolutions = config.cpu_convolutions
     # As train.train_and_evaluate: the config's compiler options.
     runtime = runtime_lib.Runtime(

@@ -166,13 +166,15 @@ def paper_config(dataset, arg=None):
       per_channel_weights=False,  # opt-in: one range per output channel.
       range_grad=True,  # paper: gradient reaches the range ends.
       # Speed-ups with the same maths (each measured in benchmarks/): 1x1
-      # convolutions as matrix products and depthwise ones as shifted
-      # multiply-adds (opt-in, for XLA:CPU), and the quantizer's
-      # hand-derived backward pass instead of autodiff through min/max (on:
-      # the paper's gradient in closed form, fewer passes over each tensor;
-      # docs/speed.md, "Quantization's memory price").
+      # convolutions as matrix products (opt-in, for XLA:CPU); depthwise
+      # ones as shifted multiply-adds (None: where the program runs on a
+      # CPU, whose grouped convolution is several times slower, and lax's
+      # convolution on GPUs and TPUs; True or False: everywhere); and the
+      # quantizer's hand-derived backward pass instead of autodiff through
+      # min/max (on: the paper's gradient in closed form, fewer passes over
+      # each tensor; docs/speed.md, "Quantization's memory price").
       pointwise_as_dot=False,
-      depthwise_as_shifts=False,
+      depthwise_as_shifts=ml_collections.config_dict.placeholder(bool),
       fused_vjp=True,
       # 'dynamic' (paper): activation ranges from each batch, in training
       # and evaluation. 'static' (opt-in): training is unchanged but also

@@ -1,10 +1,11 @@
 """The 2-D convolution a ``QuantConv`` computes: lax's, or the same maths
 rewritten for XLA:CPU.
 
-``convolve`` is ``lax.conv_general_dilated`` in NHWC/HWIO unless an opt-in
-rewrite applies (``pointwise_as_dot``: a 1x1 convolution as a matrix
-product; ``depthwise_as_shifts``: a depthwise one as a sum of shifted
-copies), each the same sum in another kernel. ``pair`` and
+``convolve`` is ``lax.conv_general_dilated`` in NHWC/HWIO unless a rewrite
+applies (``pointwise_as_dot``: a 1x1 convolution as a matrix product;
+``depthwise_as_shifts``: a depthwise one as a sum of shifted copies, or, with
+``None``, that on a CPU and lax's elsewhere), each the same sum in another
+kernel. ``pair`` and
 ``normalize_padding`` read Flax's convolution attributes for it and for the
 exporters.
 """
@@ -89,11 +90,19 @@ def convolve(x, kernel, *, strides, padding, input_dilation=1,
     pointwise_as_dot: a 1x1, unpadded, ungrouped convolution as a matrix
       product.
     depthwise_as_shifts: a depthwise convolution (one channel per group,
-      as many outputs) as ``depthwise_by_shifts``.
+      as many outputs) as ``depthwise_by_shifts`` (True), by lax (False), or
+      the platform's choice (None): the shifts where the program runs on a
+      CPU, where XLA's grouped convolution is far slower, lax's on GPUs and
+      TPUs. The choice is made when the program is lowered for its
+      platform (``jax.lax.platform_dependent``), so a ``jax.export`` for an
+      accelerator from a CPU host gets lax's convolution.
 
   Returns:
     The NHWC output.
   """
+  if depthwise_as_shifts not in (True, False, None):
+    raise ValueError(f'depthwise_as_shifts={depthwise_as_shifts!r}; allowed: '
+                     'True, False, None (on a CPU only).')
   strides = pair(strides, 'strides')
   input_dilation = pair(input_dilation, 'input_dilation')
   kernel_dilation = pair(kernel_dilation, 'kernel_dilation')
@@ -109,9 +118,23 @@ def convolve(x, kernel, *, strides, padding, input_dilation=1,
         feature_group_count == 1):
       sh, sw = strides
       return jnp.einsum('nhwc,cd->nhwd', x[:, ::sh, ::sw, :], kernel[0, 0])
-    if (depthwise_as_shifts and kernel.shape[2] == 1 and
+    if (depthwise_as_shifts is not False and kernel.shape[2] == 1 and
         feature_group_count == x.shape[-1] == kernel.shape[-1]):
-      return depthwise_by_shifts(x, kernel[:, :, 0, :], strides, pads)
+      shifts = lambda x, kernel: depthwise_by_shifts(
+          x, kernel[:, :, 0, :], strides, pads)
+      if depthwise_as_shifts:
+        return shifts(x, kernel)
+      return jax.lax.platform_dependent(
+          x, kernel, cpu=shifts,
+          default=lambda x, kernel: _lax_convolve(
+              x, kernel, strides, pads, input_dilation, kernel_dilation,
+              feature_group_count))
+  return _lax_convolve(x, kernel, strides, pads, input_dilation,
+                       kernel_dilation, feature_group_count)
+
+
+def _lax_convolve(x, kernel, strides, pads, input_dilation, kernel_dilation,
+                  feature_group_count):
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=strides, padding=pads,
       lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,

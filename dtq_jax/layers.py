@@ -71,7 +71,7 @@ class QuantSettings:
   weight_range_axis: Optional[int] = None
   range_grad: bool = True
   pointwise_as_dot: bool = False
-  depthwise_as_shifts: bool = False
+  depthwise_as_shifts: Optional[bool] = False
   fused_vjp: bool = False
   act_ranges: str = 'dynamic'
   range_stat: str = 'ema'
@@ -155,8 +155,12 @@ class QuantConv(nn.Module):
       faster (see benchmarks/). Off by default.
     depthwise_as_shifts: compute depthwise convolutions (one filter per
       input channel, as in MobileNetV2) as ``kh * kw`` shifted elementwise
-      multiply-adds. Same maths; on XLA:CPU much faster than its grouped
-      convolution (see benchmarks/). Off by default.
+      multiply-adds (True), with lax's grouped convolution (False), or as
+      suits the platform the program is lowered for (None: the shifts on a
+      CPU, lax's convolution on GPUs and TPUs; ``convolution.convolve``).
+      Same maths; on XLA:CPU several times faster than its grouped
+      convolution (docs/speed.md). False here; the run configs' default is
+      None.
     fused_vjp: fake-quantize with ``quant.fake_quant_fused``'s hand-derived
       backward pass (same values and gradient). Off by default.
     act_ranges: 'dynamic' (paper: the input's range is its min and max over
@@ -201,7 +205,7 @@ class QuantConv(nn.Module):
   weight_range_axis: Optional[int] = None
   range_grad: bool = True
   pointwise_as_dot: bool = False
-  depthwise_as_shifts: bool = False
+  depthwise_as_shifts: Optional[bool] = False
   fused_vjp: bool = False
   act_ranges: str = 'dynamic'
   range_stat: str = 'ema'

@@ -1,9 +1,11 @@
 """Tests for dtq_jax.layers.QuantConv against references written here."""
 
+import re
 import warnings
 
 import flax.linen as nn
 import jax
+from jax import export as jax_export
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -320,6 +322,45 @@ def test_depthwise_as_shifts_leaves_other_convs_alone(features, groups):
                             **kwargs)
   variables, y = _init_apply(conv, x)
   np.testing.assert_array_equal(shifts.apply(variables, x), y)
+
+
+def _grouped_convolutions(module, x, platform):
+  """Grouped convolutions in the student's training step lowered for
+  ``platform`` (forward and both gradients), by ``jax.export``."""
+  variables, _ = _init_apply(module, x)
+  step = jax.jit(jax.grad(lambda v, x: jnp.sum(module.apply(v, x) ** 2),
+                          argnums=(0, 1)))
+  text = jax_export.export(step, platforms=(platform,))(
+      variables, x).mlir_module()
+  return len(re.findall(r'feature_group_count = [2-9]', text))
+
+
+def test_depthwise_platform_choice_is_the_shifts_on_a_cpu_only():
+  x = _inputs((2, 9, 9, 6))
+  kwargs = dict(strides=2, padding=1, feature_group_count=6, bits_w=4,
+                bits_a=4)
+  auto = layers.QuantConv(6, (3, 3), depthwise_as_shifts=None, **kwargs)
+  # The same function as lax's grouped convolution, gradients included.
+  _assert_same_function(layers.QuantConv(6, (3, 3), **kwargs), auto, x)
+  # Lowered for a CPU: no grouped convolution is left (the shifts); for a
+  # GPU or a TPU: lax's, forward and input gradient (the kernel gradient
+  # is a convolution grouped over the batch).
+  assert _grouped_convolutions(auto, x, 'cpu') == 0
+  lax_count = _grouped_convolutions(layers.QuantConv(6, (3, 3), **kwargs), x,
+                                    'cuda')
+  assert lax_count >= 2
+  for platform in ('cuda', 'tpu'):
+    assert _grouped_convolutions(auto, x, platform) == lax_count
+  assert _grouped_convolutions(
+      layers.QuantConv(6, (3, 3), depthwise_as_shifts=True, **kwargs), x,
+      'cuda') == 0
+
+
+def test_depthwise_as_shifts_takes_true_false_or_none():
+  with pytest.raises(ValueError, match=r"depthwise_as_shifts='auto'"):
+    _init_apply(layers.QuantConv(6, (3, 3), feature_group_count=6,
+                                 depthwise_as_shifts='auto'),
+                _inputs((2, 9, 9, 6)))
 
 
 def test_fused_vjp_conv_matches_autodiff():

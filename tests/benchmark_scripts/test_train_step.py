@@ -122,13 +122,20 @@ def test_the_product_switch_set_is_the_default_and_unmarked():
   import train_step  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
   quant = common.paper_config(dict(name='image_folder', root='x')).quant
-  product = {s: bool(quant[s]) for s in train_step.SWITCHES}
+  product = {s: quant[s] for s in train_step.SWITCHES}
+  # The product leaves depthwise_as_shifts to the platform (None).
+  assert product['depthwise_as_shifts'] is None
   assert train_step.parse_args([]).speedups == [product]
   args = train_step.parse_args(['--variants=dtq', '--speedups=default,none'])
   assert [(s.name, s.switches) for s in train_step.variant_list(args)] == [
       ('dtq_w4a4', product),
       ('dtq_w4a4+none', {s: False for s in train_step.SWITCHES})]
-  # The same set named twice (here: by name and by its switches) is refused.
-  on = '+'.join(s for s in train_step.SWITCHES if product[s]) or 'none'
+  # Naming the switches that are on sets the others off, the platform's
+  # choice included: another set than the product's, and named so.
+  on = '+'.join(s for s in train_step.SWITCHES if product[s])
+  assert train_step.switch_label(train_step.parse_switch_set(on)) == on
+  # The same set named twice is refused.
   with pytest.raises(SystemExit):
-    train_step.parse_args([f'--speedups=default,{on}'])
+    train_step.parse_args([f'--speedups=default,{on},default'])
+  with pytest.raises(SystemExit):
+    train_step.parse_args([f'--speedups={on},{on}'])
