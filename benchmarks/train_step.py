@@ -23,11 +23,11 @@ measured once, a variant with lsq is named ``dtq_w4a4_lsq``), once per value
 of ``config.cpu_convolutions`` (``--cpu_convolutions``)
 and per set of the product's speed-up switches (``--speedups``: a
 comma-separated list of switch sets, each 'default' (the product's: fused_vjp
-on, depthwise_as_shifts on a CPU), 'none', 'all' or a '+'-joined subset of the ``config.quant`` switches
-pointwise_as_dot, depthwise_as_shifts and fused_vjp; same maths, other
-kernels). A variant's name carries its set unless it is the product's
-(``dtq_w4a4``, ``dtq_w4a4+none``, ``dtq_w4a4+all``,
-``dtq_w4a4+pointwise_as_dot+fused_vjp``)
+on, depthwise_as_shifts on a CPU), 'none', 'all' or a '+'-joined subset of
+the ``config.quant`` switches pointwise_as_dot, depthwise_as_shifts and
+fused_vjp; same maths, other kernels). A variant's name carries its set
+unless it is the product's (``dtq_w4a4``, ``dtq_w4a4+none``,
+``dtq_w4a4+all``, ``dtq_w4a4+pointwise_as_dot+fused_vjp``)
 and its JSON line the value of every switch. The summary gives, per set, the
 cost of quantization (dtq vs dtq32), of transfer (dtq vs ft) and of learned
 steps (lsq vs minmax), and per
@@ -235,8 +235,9 @@ def make_config(model, method, bits, dtype, switches, batch, image_size,
   """The run config main.py would use, with the benchmark's overrides.
 
   ``switches``: {name: bool or None} for config.quant's speed-ups
-  (SWITCHES); those not named keep the config's default. ``cpu_convolutions``: None keeps
-  the config's. ``quantizer``: ``config.quant.method``.
+  (SWITCHES); those not named keep the config's default.
+  ``cpu_convolutions``: None keeps the config's. ``quantizer``:
+  ``config.quant.method``.
   """
   if model == 'small_resnet':
     config = fmnist.get_config()

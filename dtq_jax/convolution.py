@@ -102,7 +102,8 @@ def convolve(x, kernel, *, strides, padding, input_dilation=1,
   """
   if depthwise_as_shifts not in (True, False, None):
     raise ValueError(f'depthwise_as_shifts={depthwise_as_shifts!r}; allowed: '
-                     'True, False, None (on a CPU only).')
+                     'True (shifts), False (lax) or None (shifts on a CPU '
+                     'only).')
   strides = pair(strides, 'strides')
   input_dilation = pair(input_dilation, 'input_dilation')
   kernel_dilation = pair(kernel_dilation, 'kernel_dilation')
