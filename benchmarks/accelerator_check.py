@@ -2,16 +2,18 @@
 
 Run from a fresh checkout on a machine with jax (with CUDA or TPU support),
 flax, optax and orbax; neither TensorFlow nor a network is needed (the train
-step path never imports TensorFlow). The one further package it needs,
-ml_collections (pure Python), can be brought along as a wheel:
+step path never imports TensorFlow). The two further packages it needs,
+ml_collections and tensorboardX (pure Python; the run's metrics log imports
+the latter), can be brought along as wheels:
 
   # on a machine with internet:
-  pip download --no-deps --only-binary=:all: -d wheels 'ml-collections>=1.1,<2'
-  # on the accelerator machine (absl-py and PyYAML come with orbax):
-  pip install --no-index --no-deps wheels/ml_collections-*.whl
-  # or, without installing: PYTHONPATH=wheels/ml_collections-1.1.0-py3-none-any.whl
+  pip download --no-deps --only-binary=:all: -d wheels \
+      'ml-collections>=1.1,<2' 'tensorboardX>=2.6.2,<3'
+  # on the accelerator machine (absl-py, PyYAML and protobuf come with
+  # orbax; the training loop also needs tqdm):
+  pip install --no-index --no-deps wheels/*.whl
 
-  python benchmarks/accelerator_check.py            # the grid below, ~8 min
+  python benchmarks/accelerator_check.py            # the grid below, ~10 min
   python benchmarks/accelerator_check.py --smoke    # tiny, on CPU, ~1 min
 
 The grid: ResNet-50 and MobileNetV2 DTQ steps (224 px, 257 classes, random
@@ -24,6 +26,11 @@ Then the on-device augmentation (``dtq_jax/data/augment.py``): the same step fed
 uint8 256 px images that it crops, flips and normalises itself, the
 augmentation alone, and the host-to-device copy of a float32 224 px batch
 against a uint8 256 px one.
+
+Then the real training loop (``train_loop.py``, ``--loop``): ResNet-50 at
+batch 128 in bfloat16, ``train.train_and_evaluate`` fed by its input pipeline
+(tf.data where TensorFlow is installed, else the same uint8 rows gathered with
+NumPy), its images/s against the step alone of the same spec.
 
 Variants are compiled in parallel threads (XLA compiles without the GIL),
 then timed in turn (``--rounds``). ``--budget_s`` stops starting new work when
@@ -45,16 +52,19 @@ import bench_util
 
 bench_util.add_repo_to_path()
 
-try:
-  import ml_collections  # pylint: disable=g-import-not-at-top,unused-import  # noqa: F401
-except ImportError:
-  sys.exit('accelerator_check: ml_collections is missing; bring its wheel '
-           'along (see this script\'s docstring: pip download --no-deps '
-           'ml-collections, then pip install --no-index --no-deps the .whl)')
+for _module, _package in (('ml_collections', 'ml-collections'),
+                          ('tensorboardX', 'tensorboardX')):
+  try:
+    __import__(_module)
+  except ImportError:
+    sys.exit(f'accelerator_check: {_module} is missing; bring its wheel '
+             f'along (see this script\'s docstring: pip download --no-deps '
+             f'{_package}, then pip install --no-index --no-deps the .whl)')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+import train_loop  # pylint: disable=wrong-import-position
 import train_step  # pylint: disable=wrong-import-position
 from dtq_jax.data import augment  # pylint: disable=wrong-import-position
 
@@ -102,6 +112,14 @@ def parse_args(argv=None):
                  help='model:batch:dtype steps also measured with uint8 '
                  'input and on-device augmentation (comma-separated; 4/4 '
                  'bits; "" for none)')
+  p.add_argument('--loop', default='resnet50:128:bfloat16',
+                 help='model:batch:dtype runs of the real training loop fed '
+                 'by its input pipeline (train_loop.py; 4/4 bits), after '
+                 'the grid (comma-separated; "" for none)')
+  p.add_argument('--loop_steps', type=int, default=30,
+                 help='steps of each loop run (the first log interval, '
+                 'which compiles, is not timed)')
+  p.add_argument('--loop_log_every', type=int, default=10)
   p.add_argument('--steps', type=int, default=10, help='timed steps a round')
   p.add_argument('--rounds', type=int, default=2)
   p.add_argument('--warmup', type=int, default=2)
@@ -115,48 +133,19 @@ def parse_args(argv=None):
   if args.smoke:
     args.models, args.batches, args.dtypes, args.bits = (
         'small_resnet', '8', 'float32', '4')
-    args.augment = 'small_resnet:8:float32'
+    args.augment = args.loop = 'small_resnet:8:float32'
     args.steps, args.rounds, args.warmup = 2, 1, 1
+    args.loop_steps, args.loop_log_every = 4, 2
   args.models = [m for m in args.models.split(',') if m]
   args.batches = [int(b) for b in args.batches.split(',') if b]
   args.dtypes = [d for d in args.dtypes.split(',') if d]
   args.bits = [int(b) for b in args.bits.split(',') if b]
   args.augment = [tuple(a.split(':')) for a in args.augment.split(',') if a]
-  for m in args.models + [a[0] for a in args.augment]:
+  args.loop = [tuple(a.split(':')) for a in args.loop.split(',') if a]
+  for m in args.models + [a[0] for a in args.augment + args.loop]:
     if m not in train_step.MODELS:
       p.error(f'unknown model {m!r}; allowed: {", ".join(train_step.MODELS)}')
   return args
-
-
-def _task(model):
-  """(image_size, channels, classes, source classes) of the benchmark."""
-  if model == 'small_resnet':
-    return 28, 1, 5, 5
-  return 224, 3, 257, 1000
-
-
-def _pre_crop_size(model, image_size):
-  config = train_step.make_config(model, 'dtq', (4, 4), 'float32', {}, 1,
-                                  image_size)
-  return config.dataset.resize_to or image_size
-
-
-@contextlib.contextmanager
-def _uint8_batches(pre_crop):
-  """Makes train_step's Variant build uint8 pre-crop batches."""
-  original = train_step.random_batch
-
-  def uint8_batch(seed, batch, image_shape, num_classes):
-    rs = np.random.RandomState(seed)
-    shape = (batch, pre_crop, pre_crop, image_shape[-1])
-    return {'image': rs.randint(0, 256, shape).astype(np.uint8),
-            'label': rs.randint(0, num_classes, (batch,)).astype(np.int32)}
-
-  train_step.random_batch = uint8_batch
-  try:
-    yield
-  finally:
-    train_step.random_batch = original
 
 
 def variant_plan(args):
@@ -182,12 +171,12 @@ def _variant_args(args, batch, dtype):
 def build(args, spec, teachers):
   """Compiles and warms up one variant; returns it (or the error)."""
   model, batch, dtype, bits, on_device = spec
-  image_size, channels, classes, source = _task(model)
+  image_size, channels, classes, source = train_step.task(model)
   name = (f'{model} b{batch} {dtype} w{bits}a{bits}' +
           (' +device aug' if on_device else ''))
   vspec = train_step.VariantSpec(
       name, 'dtq', (bits, bits), {}, None,
-      (lambda: _uint8_batches(_pre_crop_size(model, image_size)))
+      (lambda: train_step.uint8_batches(train_step.pre_crop_size(model)))
       if on_device else None)
   t = time.perf_counter()
   with vspec.patch() if vspec.patch else contextlib.nullcontext():
@@ -302,8 +291,9 @@ def main(argv=None):
                  'or TPU numbers (and no peak to compare with).')
 
   teachers = {}
-  for model in dict.fromkeys(m for m, *_ in variant_plan(args)):
-    image_size, channels, classes, source = _task(model)
+  for model in dict.fromkeys([m for m, *_ in variant_plan(args)] +
+                             [m for m, *_ in args.loop]):
+    image_size, channels, classes, source = train_step.task(model)
     teachers[model] = train_step.make_teacher(
         _variant_args(args, args.batches[0], 'float32'), model, image_size,
         channels, classes, source)
@@ -354,11 +344,62 @@ def main(argv=None):
     aug_notes = augment_notes(variants, records, alone)
     report(info, records, notes + failed + skipped + aug_notes + [
         _legend(time.perf_counter() - start)], path)
+  by_spec = {v.spec: rec for v, rec in zip(variants, records)}
+  # The loop builds its own state and step: the grid's go first.
+  for v in variants:
+    v.release()
+  loop_notes = []
+  for model, batch, dtype in args.loop:
+    if time.perf_counter() - start > args.budget_s + 60:
+      loop_notes.append(f'- Training loop {model} batch {batch} {dtype}: not '
+                        f'run (--budget_s {args.budget_s} reached)')
+      continue
+    loop_notes.append(loop_note(args, model, int(batch), dtype,
+                                teachers[model], by_spec))
+    report(info, records, notes + failed + skipped + aug_notes + loop_notes +
+           [_legend(time.perf_counter() - start)], path)
   for rec in records:
     bench_util.emit(rec)
   print()
   print(report(info, records, (), None))
-  print('\n'.join(notes + failed + skipped + aug_notes))
+  print('\n'.join(notes + failed + skipped + aug_notes + loop_notes))
+
+
+def loop_note(args, model, batch, dtype, teacher, by_spec):
+  """Times the training loop of one spec (train_loop.py); a report line.
+
+  Its images/s are set against the grid's step of the same model, batch,
+  dtype and input (uint8 with on-device augmentation, else float32).
+  """
+  what = f'Training loop {model} batch {batch} {dtype} w4a4'
+  try:
+    # The smoke run on a CPU augments on the device as an accelerator would.
+    config = train_loop.loop_config(model, batch, dtype, args.loop_steps,
+                                    args.loop_log_every,
+                                    'on' if args.smoke else 'auto')
+    feed = train_loop.resolve_feed('auto')
+    _, channels, classes, _ = train_step.task(model)
+    data = train_loop.make_data(config, 4 * batch, classes, channels, feed,
+                                args.seed)
+    loop = train_loop.time_loop(config, data, teacher, args.seed)
+  except Exception as e:  # pylint: disable=broad-except
+    return (f'- {what}: failed: {type(e).__name__}: '
+            f'{" ".join(str(e).split())[:300]}')
+  bench_util.emit(dict(loop, what=what, feed=feed))
+  step = by_spec.get((model, batch, dtype, 4, loop['on_device']))
+  against = ('no step of the same model, batch, dtype and input in the '
+             'grid to compare with' if step is None else
+             f'the step alone {step["img_per_s"]:.1f} img/s, so the loop '
+             f'runs at x{loop["loop_img_per_s"] / step["img_per_s"]:.3f} '
+             'of it')
+  return (
+      f'- {what} (`train.train_and_evaluate`; feed: {feed}; on-device '
+      f'augmentation: {"on" if loop["on_device"] else "off"}; '
+      f'prefetch_batches {loop["prefetch_batches"]}): '
+      f'{loop["loop_img_per_s"]:.1f} img/s, the median of the loop\'s own '
+      f'rate over log intervals of {args.loop_log_every} steps after the '
+      f'first, which compiles ({loop["loop_intervals_img_per_s"]}); '
+      f'{against}.')
 
 
 def augment_notes(variants, records, alone):
@@ -374,8 +415,8 @@ def augment_notes(variants, records, alone):
     base = by_spec.get((model, batch, dtype, bits, False))
     if not on_device or base is None:
       continue
-    image_size, channels, *_ = _task(model)
-    pre_crop = _pre_crop_size(model, image_size)
+    image_size, channels, *_ = train_step.task(model)
+    pre_crop = train_step.pre_crop_size(model)
     if spec not in alone:
       alone[spec] = augment_alone(batch, pre_crop, image_size, channels, 20)
     aug_ms, copies = alone[spec]

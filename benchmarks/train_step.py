@@ -350,6 +350,43 @@ def random_batch(seed, batch, image_shape, num_classes):
           'label': rs.randint(0, num_classes, (batch,)).astype(np.int32)}
 
 
+def task(model):
+  """(image_size, channels, classes, source classes) of the benchmarks'
+  tasks: the demo's 28 px Fashion-MNIST for small_resnet, else the paper's
+  224 px Caltech-256 against ImageNet."""
+  if model == 'small_resnet':
+    return 28, 1, 5, 5
+  return 224, 3, 257, 1000
+
+
+def pre_crop_size(model):
+  """Side of the uint8 images that ``model``'s step augmenting on the device
+  gets: its config's resize (the paper's 256 px) or its image size."""
+  d = make_config(model, 'dtq', (4, 4), 'float32', {}, 1,
+                  task(model)[0]).dataset
+  return d.resize_to or d.image_size
+
+
+@contextlib.contextmanager
+def uint8_batches(pre_crop):
+  """Makes Variant build uint8 pre-crop batches (for a step that augments
+  them on the device) instead of ``random_batch``'s float images."""
+  global random_batch
+  original = random_batch
+
+  def uint8_batch(seed, batch, image_shape, num_classes):
+    rs = np.random.RandomState(seed)
+    shape = (batch, pre_crop, pre_crop, image_shape[-1])
+    return {'image': rs.randint(0, 256, shape).astype(np.uint8),
+            'label': rs.randint(0, num_classes, (batch,)).astype(np.int32)}
+
+  random_batch = uint8_batch
+  try:
+    yield
+  finally:
+    random_batch = original
+
+
 # BatchNorm momentum of the models (models/resnet.py batch_norm: PyTorch's
 # 0.1 is 0.9 here); used to solve the running-average update for the batch
 # statistics.
@@ -665,11 +702,10 @@ def measure_model(args, model, specs):
   Each record is printed as a JSON line; ``time_ratio`` is relative to the
   first spec.
   """
-  small = model == 'small_resnet'
-  image_size = args.image_size or (28 if small else 224)
-  channels = 1 if small else 3
-  num_classes = args.num_classes or (5 if small else 257)
-  num_source = args.num_source_classes or (5 if small else 1000)
+  size, channels, classes, source = task(model)
+  image_size = args.image_size or size
+  num_classes = args.num_classes or classes
+  num_source = args.num_source_classes or source
   teacher_vars = make_teacher(args, model, image_size, channels, num_classes,
                               num_source)
   variants = []

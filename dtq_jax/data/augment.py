@@ -14,16 +14,44 @@ PRNG key:
   host path's exact offsets and values.
 
 ``step_inputs`` is the step's hook: float batches (host-preprocessed) pass
-through unchanged, uint8 ones are preprocessed here.
+through unchanged, uint8 ones are preprocessed here. ``runs_on_device``
+resolves ``config.dataset.augment_on_device`` for the process's platform.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtq_jax.infra import errors
+
 # Folded into the step's dropout key, so that the augmentation draws are
 # independent of the dropout draws made from the same key.
 _KEY_TAG = 0x61756720  # 'aug '
+
+
+def runs_on_device(dataset):
+  """Whether a run's steps crop, flip and normalise its images themselves.
+
+  Args:
+    dataset: ``config.dataset`` (its ``augment_on_device``: 'on', 'off', or
+      'auto': on where JAX's default backend is an accelerator).
+
+  Returns:
+    True where the host pipeline delivers uint8 pre-crop images.
+
+  Raises:
+    ConfigError: another value of ``augment_on_device``.
+  """
+  setting = dataset.get('augment_on_device', 'off')
+  if setting not in ('auto', 'on', 'off'):
+    raise errors.ConfigError('dataset.augment_on_device', setting,
+                             'allowed: auto, on, off.')
+  if setting == 'auto':
+    # On a CPU the step's own crop gains nothing over the host's; on an
+    # accelerator it takes the per-pixel work off the host and sends a
+    # quarter of the bytes (results/input_pipeline_cpu.md).
+    return jax.default_backend() != 'cpu'
+  return setting == 'on'
 
 
 def normalization(mean, std, channels):

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import jax
 
+from dtq_jax.data import augment
 from dtq_jax.data import image_cache
 from dtq_jax.data import input_pipeline
 from dtq_jax.data import sources
@@ -232,17 +233,8 @@ def _speed_settings(config):
     # Processes on one host (one per GPU) would each hold a copy in memory;
     # a memory-mapped file is one copy in the page cache that all share.
     cache = 'disk'
-  on_device = d.get('augment_on_device', 'off')
-  if on_device not in ('auto', 'on', 'off'):
-    raise errors.ConfigError('dataset.augment_on_device', on_device,
-                             'allowed: auto, on, off.')
-  if on_device == 'auto':
-    # On a CPU the step's own crop gains nothing over the host's; on an
-    # accelerator it takes the per-pixel work off the host and sends a
-    # quarter of the bytes (results/input_pipeline_cpu.md).
-    on_device = 'off' if jax.default_backend() == 'cpu' else 'on'
   cache_dir = d.get('cache_dir') or os.path.join(caches.root(config), 'images')
-  return cache, cache_dir, on_device == 'on'
+  return cache, cache_dir, augment.runs_on_device(d)
 
 
 def _load(d):

@@ -53,4 +53,10 @@ def test_smoke_run_without_tensorflow(tmp_path):
     assert r['gflop_per_step_global'] == pytest.approx(
         2 * r['gflop_per_step_per_device'], abs=0.01)
   assert 'On-device augmentation, small_resnet batch 8' in report
+  # The training loop, fed with NumPy where TensorFlow is missing, against
+  # the grid's uint8 step.
+  assert ('- Training loop small_resnet batch 8 float32 w4a4 '
+          '(`train.train_and_evaluate`; feed: numpy; on-device augmentation: '
+          'on; prefetch_batches 1): ') in report, report
+  assert 'so the loop runs at x' in report, report
   assert 'No accelerator: this run is on the CPU' in report

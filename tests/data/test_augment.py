@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import data_files
 from configs import fmnist
 from dtq_jax.data import augment
 from dtq_jax.data import input_pipeline as ip
 from dtq_jax.data import sources
+from dtq_jax.infra import errors
 from dtq_jax.method import networks
 from dtq_jax.method import step as step_lib
 from dtq_jax.models import create_model
@@ -171,3 +173,22 @@ def test_steps_preprocess_uint8_batches_and_compile_once():
       state.params, state.batch_stats, dict(batch, image=centre))
   chex.assert_trees_all_close(out, expected, rtol=1e-5)
   assert float(out['count']) == 6
+
+
+@pytest.mark.parametrize('setting, backend, expected', [
+    ('on', 'cpu', True), ('off', 'gpu', False), ('auto', 'cpu', False),
+    ('auto', 'gpu', True), ('auto', 'tpu', True)])
+def test_runs_on_device_resolves_the_setting_per_platform(
+    monkeypatch, setting, backend, expected):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  dataset = fmnist.get_config().dataset
+  dataset.augment_on_device = setting
+  assert augment.runs_on_device(dataset) is expected
+
+
+def test_runs_on_device_names_the_field_of_a_bad_setting():
+  dataset = fmnist.get_config().dataset
+  dataset.augment_on_device = 'gpu'
+  with pytest.raises(errors.ConfigError) as e:
+    augment.runs_on_device(dataset)
+  data_files.assert_one_line(e, 'dataset.augment_on_device', 'auto, on, off')
