@@ -341,10 +341,10 @@ def main(argv=None):
     for v in variants:
       v.time_steps(args.steps)
     records = [record(v, device) for v in variants]
-    aug_notes = augment_notes(variants, records, alone)
+    by_spec = {v.spec: rec for v, rec in zip(variants, records)}
+    aug_notes = augment_notes(by_spec, alone)
     report(info, records, notes + failed + skipped + aug_notes + [
         _legend(time.perf_counter() - start)], path)
-  by_spec = {v.spec: rec for v, rec in zip(variants, records)}
   # The loop builds its own state and step: the grid's go first.
   for v in variants:
     v.release()
@@ -402,13 +402,13 @@ def loop_note(args, model, batch, dtype, teacher, by_spec):
       f'{against}.')
 
 
-def augment_notes(variants, records, alone):
+def augment_notes(by_spec, alone):
   """What the on-device augmentation costs, per uint8 variant.
 
-  ``alone`` keeps the timings of the augmentation by itself and of the
-  host-to-device copies (measured once per variant) between calls.
+  ``by_spec`` maps each variant's spec to its record; ``alone`` keeps the
+  timings of the augmentation by itself and of the host-to-device copies
+  (measured once per variant) between calls.
   """
-  by_spec = {v.spec: rec for v, rec in zip(variants, records)}
   out = []
   for spec, rec in by_spec.items():
     model, batch, dtype, bits, on_device = spec

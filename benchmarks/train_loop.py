@@ -172,7 +172,7 @@ def make_data(config, num_train, num_classes, channels, feed, seed=0):
     ValueError: the numpy feed without on-device augmentation.
   """
   d = config.dataset
-  side = d.resize_to or d.image_size
+  side = train_step.pre_crop_side(d)
   rs = np.random.RandomState(seed)
   num_test = config.eval_batch_size
 

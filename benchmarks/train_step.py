@@ -359,12 +359,16 @@ def task(model):
   return 224, 3, 257, 1000
 
 
+def pre_crop_side(dataset):
+  """Side of the uint8 images that a step augmenting on the device gets:
+  ``config.dataset``'s resize (the paper's 256 px) or its image size."""
+  return dataset.resize_to or dataset.image_size
+
+
 def pre_crop_size(model):
-  """Side of the uint8 images that ``model``'s step augmenting on the device
-  gets: its config's resize (the paper's 256 px) or its image size."""
-  d = make_config(model, 'dtq', (4, 4), 'float32', {}, 1,
-                  task(model)[0]).dataset
-  return d.resize_to or d.image_size
+  """``pre_crop_side`` of ``model``'s benchmark config."""
+  return pre_crop_side(make_config(model, 'dtq', (4, 4), 'float32', {}, 1,
+                                   task(model)[0]).dataset)
 
 
 @contextlib.contextmanager
